@@ -1,0 +1,123 @@
+"""The ``graftfl`` command: ``sim``, ``deploy-local`` and the protocols' own commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from graftfl.config import GROUPS, ConfigError, compose_config, expand_sweep
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def resolve_job_config(overrides: list[str]):
+    """Compose one job's config; ``resume=runs/<id>`` reuses that run's stored config.
+
+    Plain ``key=value`` overrides given with ``resume`` still apply on top (e.g.
+    ``rounds=10`` to extend a finished run); config-group choices do not.
+    """
+    cfg = compose_config(overrides)
+    if not cfg.resume:
+        return cfg
+    stored = Path(cfg.resume) / "config.yaml"
+    if not stored.exists():
+        raise ConfigError(f"resume={cfg.resume}: no config.yaml there (not a graftfl run directory)")
+    plain = [o for o in overrides if o.split("=", 1)[0] not in (*GROUPS, "resume")]
+    resumed = OmegaConf.merge(OmegaConf.load(stored), OmegaConf.from_dotlist(plain))
+    resumed.resume = cfg.resume
+    return resumed
+
+
+def simulate(cfg) -> Path:
+    """Run one composed config in Flower's simulation runtime (Ray), or directly when not federated."""
+    from graftfl.server_app.app import make_server_app, protocol_module, run_dir_of, run_protocol, with_run_id
+
+    cfg = with_run_id(cfg)
+    if not getattr(protocol_module(cfg.protocol.name), "FEDERATED", True):
+        return run_protocol(None, cfg)
+    from flwr.simulation import run_simulation
+
+    from graftfl.clients.app import app as client_app
+
+    # Ray workers must import this checkout's graftfl, whatever their working directory.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project_root()), os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.client_resources.num_cpus, "num_gpus": cfg.client_resources.num_gpus},
+        "init_args": {"include_dashboard": False, "log_to_driver": True},
+    }
+    run_simulation(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, backend_config=backend_config)
+    run_dir = run_dir_of(cfg)
+    if not (run_dir / "summary.json").exists():
+        raise RuntimeError(f"the simulation ended without finishing the run (no {run_dir}/summary.json); see the log above")
+    return run_dir
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    jobs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
+    for number, overrides in enumerate(jobs):
+        if args.multirun:
+            print(f"[multirun] job {number}: {' '.join(overrides)}", flush=True)
+        run_dir = simulate(resolve_job_config(overrides))
+        print(f"run: {run_dir}", flush=True)
+    return 0
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    from graftfl.deploy import deploy_local
+
+    cfg = resolve_job_config(args.overrides)
+    run_dir = deploy_local(cfg, args.overrides, tls=args.tls or args.auth, auth=args.auth)
+    print(f"run: {run_dir}", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graftfl", description="Split and privacy-preserving federated learning on Flower.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sim = commands.add_parser("sim", help="run in Flower's simulation runtime", description="Hydra overrides, e.g. protocol=split dataset=digits rounds=5")
+    sim.add_argument("-m", "--multirun", action="store_true", help="expand sweeps: a=1,2 b=x,y (and an experiment's `sweep:`)")
+    sim.add_argument("overrides", nargs="*")
+    sim.set_defaults(handler=cmd_sim)
+    deploy = commands.add_parser("deploy-local", help="run on a real flower-superlink + flower-supernodes on loopback")
+    deploy.add_argument("--tls", action="store_true", help="throwaway CA and certificates; TLS on every connection")
+    deploy.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (implies --tls)")
+    deploy.add_argument("overrides", nargs="*")
+    deploy.set_defaults(handler=cmd_deploy_local)
+    for module in extra_command_modules():
+        module.add_commands(commands)
+    return parser
+
+
+def extra_command_modules():
+    """Protocols may add commands (e.g. ``serve``) through ``graftfl/server_app/*_cli.py`` modules."""
+    import importlib
+    import pkgutil
+
+    import graftfl.server_app as server_app_package
+
+    for info in pkgutil.iter_modules(server_app_package.__path__):
+        if info.name.endswith("_cli"):
+            yield importlib.import_module(f"graftfl.server_app.{info.name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as err:
+        print(f"graftfl: config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("graftfl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

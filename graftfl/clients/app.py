@@ -1,0 +1,39 @@
+"""The one ClientApp: routes ``<category>.<protocol>`` messages to per-protocol handlers.
+
+Each module ``graftfl/clients/<protocol>.py`` declares ``PROTOCOL`` and any of
+``train``, ``evaluate`` and ``query`` handlers; they are discovered here, so
+adding a protocol touches no other protocol.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from flwr.clientapp import ClientApp
+
+import graftfl.clients as clients_package
+
+CATEGORIES = ("train", "evaluate", "query")
+NOT_PROTOCOLS = {"app", "utils"}
+
+
+def protocol_handler_modules():
+    for info in pkgutil.iter_modules(clients_package.__path__):
+        if info.name not in NOT_PROTOCOLS:
+            module = importlib.import_module(f"graftfl.clients.{info.name}")
+            if hasattr(module, "PROTOCOL"):
+                yield module
+
+
+def build_client_app() -> ClientApp:
+    client_app = ClientApp()
+    for module in protocol_handler_modules():
+        for category in CATEGORIES:
+            handler = getattr(module, category, None)
+            if handler is not None:
+                getattr(client_app, category)(module.PROTOCOL)(handler)
+    return client_app
+
+
+app = build_client_app()

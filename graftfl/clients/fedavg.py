@@ -1,0 +1,22 @@
+"""FedAvg client: load the global model, train locally, return the whole model."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from graftfl.clients.utils import config_of, local_data, local_train, new_model, num_classes_of, partition_id_of, round_seed
+
+PROTOCOL = "fedavg"
+
+
+def train(message: Message, context: Context) -> Message:
+    cfg = config_of(message)
+    server_round = int(message.content["config"]["server-round"])
+    x, y = local_data(cfg, context)
+    model = new_model(cfg, x.shape[1:], num_classes_of(cfg))
+    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    partition_id, _ = partition_id_of(context)
+    metrics = local_train(model, x, y, cfg, context, seed=round_seed(cfg, server_round, partition_id))
+    metrics["partition-id"] = partition_id
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=message)

@@ -1,0 +1,188 @@
+"""Compose, sweep and validate the Hydra config.
+
+The CLI, the simulation and the deployed ServerApp all go through
+:func:`compose_config`, so every path ends in the same resolved config.
+Errors name the valid choices before any training starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+GROUPS = ("protocol", "dataset", "model", "privacy", "partition", "experiment")
+
+
+class ConfigError(ValueError):
+    """A config value or override is invalid; the message says what is valid."""
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` tree: ``$GRAFTFL_CONF``, else beside the package (also inside a FAB)."""
+    env = os.environ.get("GRAFTFL_CONF")
+    if env:
+        return Path(env)
+    package = Path(__file__).resolve().parent
+    beside = package.parent / "conf"  # a checkout, or a FAB
+    return beside if beside.is_dir() else package / "_conf"  # a wheel install
+
+
+def group_options(group: str) -> list[str]:
+    folder = conf_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _parse(overrides: Iterable[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as err:
+        raise ConfigError(str(err)) from err
+
+
+def _check_group_choices(overrides: Iterable[str]) -> None:
+    """Reject an unknown protocol/dataset/... with the list of valid choices."""
+    for override in _parse(overrides):
+        key = override.key_or_group
+        if key in GROUPS:
+            values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+            for value in values:
+                if value is not None and str(value) not in group_options(key):
+                    raise ConfigError(f"unknown {key} '{value}'; valid {key} choices: {group_options(key)}")
+
+
+def _check_override_keys(overrides: Iterable[str], base: DictConfig) -> None:
+    """Reject unknown keys with a message that lists the valid keys at that level."""
+    for override in _parse(overrides):
+        key = override.key_or_group
+        if override.is_add() or override.is_force_add() or key in GROUPS:
+            continue  # '+key=value' deliberately adds a key
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(base, parent) if parent else base
+        if not isinstance(node, DictConfig) or leaf not in node:
+            valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
+            where = f"'{parent}'" if parent else "the top level"
+            raise ConfigError(f"unknown config key '{key}'; valid keys at {where}: {valid}")
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    except HydraException as err:
+        raise ConfigError(str(err)) from err
+
+
+def compose_config(overrides: Iterable[str] = (), validate_values: bool = True) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra ``overrides`` and validate the result."""
+    overrides = list(overrides)
+    _check_group_choices(overrides)
+    groups_only = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
+    _check_override_keys(overrides, _compose(groups_only))
+    cfg = _compose(overrides)
+    if validate_values:
+        validate(cfg)
+    return cfg
+
+
+def expand_sweep(overrides: Iterable[str]) -> list[list[str]]:
+    """Expand Hydra sweep syntax (``a=1,2 b=x,y``) into one override list per job.
+
+    Sweeps declared by the composed config's ``sweep`` mapping (set by an
+    ``experiment/`` overlay) are expanded too, after the command-line ones.
+    """
+    overrides = list(overrides)
+    parsed = _parse(overrides)
+    declared = compose_config([o for o, p in zip(overrides, parsed) if not p.is_sweep_override()], validate_values=False).sweep
+    axes: list[list[str]] = []
+    for text, override in zip(overrides, parsed):
+        if override.is_sweep_override():
+            prefix = text.split("=", 1)[0]
+            axes.append([f"{prefix}={value}" for value in override.sweep_string_iterator()])
+        else:
+            axes.append([text])
+    swept = {p.key_or_group for p in parsed}
+    for key, values in (declared or {}).items():
+        if key not in swept:
+            axes.append([f"{key}={value.strip()}" for value in str(values).split(",")])
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks shared by every protocol, then the protocol's own checks."""
+    _require(cfg.num_clients >= 1, f"num_clients must be >= 1, got {cfg.num_clients}")
+    _require(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
+    _require(cfg.train.lr > 0, f"train.lr must be > 0, got {cfg.train.lr}")
+    _require(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    _require(cfg.train.local_epochs >= 1, f"train.local_epochs must be >= 1, got {cfg.train.local_epochs}")
+    _require(cfg.train.local_steps is None or cfg.train.local_steps >= 1, "train.local_steps must be >= 1 or null")
+    _require(cfg.train.optimizer in ("sgd", "adam"), f"train.optimizer must be one of ['adam', 'sgd'], got '{cfg.train.optimizer}'")
+    _require(
+        cfg.device == "auto" or str(cfg.device).split(":")[0] in ("cpu", "cuda"),
+        f"device must be auto, cpu, cuda or cuda:N, got '{cfg.device}'",
+    )
+    for key, value in _fractions(cfg):
+        _require(0 < value <= 1, f"{key} must be in (0, 1], got {value}")
+    if cfg.privacy.name == "dpsgd":
+        _require(cfg.privacy.max_grad_norm > 0, "privacy.max_grad_norm must be > 0")
+        _require(0 < cfg.privacy.delta < 1, "privacy.delta must be in (0, 1)")
+        _require(
+            cfg.privacy.target_epsilon is not None or (cfg.privacy.noise_multiplier or 0) > 0,
+            "privacy=dpsgd needs privacy.noise_multiplier > 0 or privacy.target_epsilon",
+        )
+    from graftfl.core.data import PARTITIONERS
+    from graftfl.core.models import MODELS
+
+    _require(cfg.partition.name in PARTITIONERS, f"unknown partition '{cfg.partition.name}'; valid: {list(PARTITIONERS)}")
+    _require(cfg.model.name in MODELS, f"unknown model '{cfg.model.name}'; valid models: {sorted(MODELS)}")
+    _require(cfg.protocol.name in group_options("protocol"), f"unknown protocol '{cfg.protocol.name}'; valid: {group_options('protocol')}")
+    protocol_checks = getattr(_protocol_module(cfg.protocol.name), "validate_config", None)
+    if protocol_checks is not None:
+        try:
+            protocol_checks(cfg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+
+def _fractions(cfg: DictConfig):
+    """Every ``fraction_*`` / ``theta_*`` value of the protocol group."""
+    for key, value in cfg.protocol.items():
+        if (key.startswith("fraction") or key.startswith("theta")) and value is not None:
+            yield f"protocol.{key}", float(value)
+
+
+def _protocol_module(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(f"graftfl.strategies.{name}")
+    except ModuleNotFoundError:
+        return None
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def from_container(data: dict) -> DictConfig:
+    return OmegaConf.create(data)

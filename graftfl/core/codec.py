@@ -1,0 +1,80 @@
+"""Tensors <-> bytes with the dtype on the wire, and byte counting.
+
+A tensor travels as raw little-endian bytes plus its shape and wire dtype name;
+``bfloat16`` has no NumPy type, so it is moved as its 16-bit pattern.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+}
+
+
+def wire_dtype(name: str) -> torch.dtype:
+    if name not in WIRE_DTYPES:
+        raise ValueError(f"unknown wire dtype '{name}'; valid: {sorted(WIRE_DTYPES)}")
+    return WIRE_DTYPES[name]
+
+
+def tensor_to_bytes(tensor: torch.Tensor, dtype_name: str = "float32") -> bytes:
+    """Raw bytes of ``tensor`` cast to the wire dtype ``dtype_name``."""
+    cast = tensor.detach().to("cpu", wire_dtype(dtype_name)).contiguous()
+    if cast.dtype == torch.bfloat16:
+        cast = cast.view(torch.int16)
+    return cast.numpy().tobytes()
+
+
+def tensor_from_bytes(data: bytes, shape: Iterable[int], dtype_name: str, out_dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`tensor_to_bytes`; raises ``ValueError`` if the size does not match."""
+    dtype = wire_dtype(dtype_name)
+    shape = tuple(int(d) for d in shape)
+    expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+    if len(data) != expected:
+        raise ValueError(f"payload has {len(data)} bytes, shape {shape} in {dtype_name} needs {expected}")
+    storage = torch.int16 if dtype == torch.bfloat16 else dtype
+    tensor = torch.frombuffer(bytearray(data), dtype=storage).reshape(shape)
+    if dtype == torch.bfloat16:
+        tensor = tensor.view(torch.bfloat16)
+    return tensor.to(out_dtype) if out_dtype is not None and dtype.is_floating_point else tensor
+
+
+def nbytes_of_arrays(arrays: Mapping[str, np.ndarray] | Iterable[np.ndarray]) -> int:
+    """Total payload bytes of a collection of NumPy arrays."""
+    values = arrays.values() if isinstance(arrays, Mapping) else arrays
+    return int(sum(np.asarray(a).nbytes for a in values))
+
+
+def state_dict_to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {name: tensor.detach().cpu().numpy().copy() for name, tensor in state.items()}
+
+
+def numpy_to_state_dict(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.array(array, copy=True)) for name, array in arrays.items()}
+
+
+def flatten_parameters(model: torch.nn.Module) -> torch.Tensor:
+    """All trainable parameters as one flat vector (in ``named_parameters`` order)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def assign_flat_parameters(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Write a flat vector (from :func:`flatten_parameters`) back into ``model``."""
+    offset = 0
+    with torch.no_grad():
+        for param in model.parameters():
+            count = param.numel()
+            param.copy_(flat[offset : offset + count].view_as(param))
+            offset += count
+    if offset != flat.numel():
+        raise ValueError(f"flat vector has {flat.numel()} values, model has {offset} parameters")

@@ -1,0 +1,135 @@
+"""Metrics: client FLOPs, per-round records and the run directory writer.
+
+``RunRecorder`` writes the run-directory contract of design.md ("Outputs"):
+``config.yaml``, ``metrics.jsonl``, ``summary.json`` and PNG plots. It knows
+nothing of Flower, so centralized baselines write the same format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+SUMMED_FIELDS = ("bytes_up", "bytes_down", "client_flops", "wall_s")
+
+
+def count_train_flops(model: nn.Module, example_input: torch.Tensor, loss_fn: Callable | None = None, targets: torch.Tensor | None = None) -> int:
+    """FLOPs of one forward + backward pass of ``model`` on ``example_input``.
+
+    With ``loss_fn`` and ``targets`` the loss is part of the pass; otherwise the
+    backward pass starts from a gradient of ones on the output (the split
+    learning bottom's view: it receives the gradient of its activations).
+    """
+    model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        output = model(example_input)
+        if loss_fn is not None and targets is not None:
+            loss_fn(output, targets).backward()
+        else:
+            output.backward(torch.ones_like(output))
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    return value
+
+
+class RunRecorder:
+    """Append per-round metrics and write the summary and plots of one run.
+
+    Parameters
+    ----------
+    run_dir : Path
+        ``runs/<run-id>``; created if missing.
+    resume : bool
+        Keep existing ``metrics.jsonl`` rows (a resumed run appends to them).
+    """
+
+    def __init__(self, run_dir: Path, resume: bool = False):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.rows: list[dict] = []
+        if resume and self.metrics_path.exists():
+            self.rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()
+        self._started = time.monotonic()
+
+    def write_config(self, config_yaml: str) -> None:
+        (self.run_dir / "config.yaml").write_text(config_yaml)
+
+    def log_round(self, row: dict) -> dict:
+        """Append one round/turn (must carry ``round``) to ``metrics.jsonl`` and return it."""
+        row = _jsonable(dict(row))
+        self.rows.append(row)
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        return row
+
+    @property
+    def last_round(self) -> int:
+        return int(self.rows[-1]["round"]) if self.rows else 0
+
+    def totals(self) -> dict[str, float]:
+        return {field: float(sum(row.get(field) or 0 for row in self.rows)) for field in SUMMED_FIELDS}
+
+    def write_summary(self, **fields: Any) -> dict:
+        """Write ``summary.json``: final accuracy, totals of the summed fields, and ``fields``."""
+        final = self.rows[-1] if self.rows else {}
+        summary = {"accuracy": final.get("accuracy"), "loss": final.get("loss"), **self.totals()}
+        if any("epsilon" in row for row in self.rows):
+            summary["epsilon"] = max((row.get("epsilon") or 0.0) for row in self.rows)
+        summary.update(fields)
+        summary = _jsonable(summary)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def plot(self, title: str = "") -> list[Path]:
+        """Accuracy per round and accuracy vs cumulative bytes (up + down), as PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [row for row in self.rows if row.get("accuracy") is not None]
+        if not rows:
+            return []
+        rounds = [row["round"] for row in rows]
+        accuracy = [row["accuracy"] for row in rows]
+        cumulative, total = [], 0.0
+        for row in self.rows:
+            total += (row.get("bytes_up") or 0) + (row.get("bytes_down") or 0)
+            if row.get("accuracy") is not None:
+                cumulative.append(total / 1e6)
+        paths = []
+        for name, xs, xlabel in (("accuracy.png", rounds, "round"), ("accuracy_vs_bytes.png", cumulative, "cumulative MB (up + down)")):
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ax.plot(xs, accuracy, marker="o")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test accuracy")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            path = self.run_dir / name
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            paths.append(path)
+        return paths

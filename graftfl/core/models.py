@@ -1,0 +1,156 @@
+"""Model zoo. Every model is an ordered sequence of named stages.
+
+A *stage* is the smallest unit a protocol may cut at. ``cut_model`` splits a
+:class:`StagedModel` after the named stages, so split learning (bottom/top),
+U-shaped learning (bottom/middle/head) and any later protocol share one API.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torchvision import models as tv_models
+
+
+class StagedModel(nn.Sequential):
+    """An ``nn.Sequential`` whose children are the model's named stages."""
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self._modules.keys())
+
+
+def cut_model(model: StagedModel, cut_after: Sequence[str]) -> list[StagedModel]:
+    """Cut ``model`` after each stage in ``cut_after`` (in model order).
+
+    The returned parts share parameters with ``model`` (no copy), so running
+    them in sequence is the same computation as running the whole model.
+
+    Parameters
+    ----------
+    model : StagedModel
+        The model to cut.
+    cut_after : Sequence[str]
+        Names of the stages after which a cut is made. ``["conv1"]`` gives
+        ``[bottom, top]``; ``["conv1", "fc2"]`` gives ``[bottom, middle, top]``.
+    """
+    names = model.stage_names
+    unknown = [name for name in cut_after if name not in names]
+    if unknown:
+        raise ValueError(f"unknown cut stage(s) {unknown}; stages of this model: {names}")
+    positions = [names.index(name) + 1 for name in cut_after]
+    if positions != sorted(set(positions)):
+        raise ValueError(f"cut stages must be distinct and in model order; got {list(cut_after)}")
+    if positions[-1] >= len(names):
+        raise ValueError(f"cannot cut after the last stage '{names[-1]}': the top would be empty")
+    bounds = [0, *positions, len(names)]
+    stages = list(model.named_children())
+    return [StagedModel(OrderedDict(stages[lo:hi])) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _conv_block(in_ch: int, out_ch: int, kernel: int = 5) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool2d(2))
+
+
+def _flat_size(stages: nn.Module, input_shape: Sequence[int]) -> int:
+    with torch.no_grad():
+        return int(stages(torch.zeros(1, *input_shape)).numel())
+
+
+def lenet(input_shape: Sequence[int], num_classes: int) -> StagedModel:
+    """LeNet-5 style network (two 5x5 conv blocks, three dense layers)."""
+    channels = input_shape[0]
+    convs = OrderedDict(conv1=_conv_block(channels, 6), conv2=_conv_block(6, 16), flatten=nn.Flatten())
+    flat = _flat_size(nn.Sequential(convs), input_shape)
+    return StagedModel(
+        OrderedDict(
+            **convs,
+            fc1=nn.Sequential(nn.Linear(flat, 120), nn.ReLU()),
+            fc2=nn.Sequential(nn.Linear(120, 84), nn.ReLU()),
+            head=nn.Linear(84, num_classes),
+        )
+    )
+
+
+def cnn(input_shape: Sequence[int], num_classes: int) -> StagedModel:
+    """Small CNN for 32x32 colour images (the shape used by Shokri & Shmatikov and Ko)."""
+    channels = input_shape[0]
+    convs = OrderedDict(conv1=_conv_block(channels, 32), conv2=_conv_block(32, 64), flatten=nn.Flatten())
+    flat = _flat_size(nn.Sequential(convs), input_shape)
+    return StagedModel(
+        OrderedDict(**convs, fc1=nn.Sequential(nn.Linear(flat, 200), nn.ReLU()), head=nn.Linear(200, num_classes))
+    )
+
+
+def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256, 128, 64)) -> StagedModel:
+    """Multilayer perceptron on flattened input (also the feature-protocol classifier)."""
+    stages: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    width = int(torch.tensor(input_shape).prod())
+    for i, units in enumerate(hidden, start=1):
+        stages[f"fc{i}"] = nn.Sequential(nn.Linear(width, units), nn.ReLU())
+        width = units
+    stages["head"] = nn.Linear(width, num_classes)
+    return StagedModel(stages)
+
+
+def vgg11(input_shape: Sequence[int], num_classes: int) -> StagedModel:
+    """torchvision VGG11 (with batch norm) adapted to small inputs.
+
+    Each max-pool ends a stage; the 4096-wide classifier is replaced by a 512-wide
+    one, as is usual for 32x32 inputs.
+    """
+    features = tv_models.vgg11_bn(weights=None).features
+    if input_shape[0] != 3:
+        features[0] = nn.Conv2d(input_shape[0], 64, 3, padding=1)
+    stages: OrderedDict[str, nn.Module] = OrderedDict()
+    block: list[nn.Module] = []
+    for layer in features:
+        block.append(layer)
+        if isinstance(layer, nn.MaxPool2d):
+            stages[f"block{len(stages) + 1}"] = nn.Sequential(*block)
+            block = []
+    stages["pool"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    stages["fc1"] = nn.Sequential(nn.Linear(512, 512), nn.ReLU())
+    stages["head"] = nn.Linear(512, num_classes)
+    return StagedModel(stages)
+
+
+def resnet18(input_shape: Sequence[int], num_classes: int) -> StagedModel:
+    """torchvision ResNet-18 with the CIFAR stem (3x3 conv, no max-pool)."""
+    net = tv_models.resnet18(weights=None, num_classes=num_classes)
+    stem = nn.Sequential(nn.Conv2d(input_shape[0], 64, 3, padding=1, bias=False), net.bn1, net.relu)
+    return StagedModel(
+        OrderedDict(
+            stem=stem,
+            layer1=net.layer1,
+            layer2=net.layer2,
+            layer3=net.layer3,
+            layer4=net.layer4,
+            pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+            head=net.fc,
+        )
+    )
+
+
+MODELS: dict[str, Callable[..., StagedModel]] = {
+    "lenet": lenet,
+    "cnn": cnn,
+    "mlp": mlp,
+    "vgg11": vgg11,
+    "resnet18": resnet18,
+}
+
+
+def register_model(name: str, builder: Callable[..., StagedModel]) -> None:
+    """Add a model builder ``builder(input_shape, num_classes, **kwargs)`` to the zoo."""
+    MODELS[name] = builder
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs) -> StagedModel:
+    """Build a zoo model by name; the error names the valid choices."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; valid models: {sorted(MODELS)}")
+    return MODELS[name](tuple(input_shape), num_classes, **kwargs)

@@ -1,0 +1,158 @@
+"""Differential privacy: Opacus DP-SGD with a cumulative accountant, and the Laplace mechanism.
+
+Flower's examples/opacus call ``make_private`` afresh every round, so the epsilon
+they report is per round. Here the RDP accountant's history — a list of
+``(noise_multiplier, sample_rate, steps)`` — is handed in and out as plain JSON,
+so a client can keep it in its persistent state and the reported epsilon is the
+cumulative one over every round the client has trained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+History = list[tuple[float, float, int]]
+
+
+@dataclass
+class DpSgdConfig:
+    """DP-SGD settings (the ``privacy=dpsgd`` config group).
+
+    Parameters
+    ----------
+    max_grad_norm : float
+        Per-sample gradient clipping bound C.
+    delta : float
+        Target delta of the (epsilon, delta) guarantee.
+    noise_multiplier : float | None
+        Gaussian noise standard deviation relative to C. Exactly one of this and
+        ``target_epsilon`` is set.
+    target_epsilon : float | None
+        Epsilon to reach after ``planned_epochs`` epochs; the noise multiplier is
+        derived from it once, so every round uses the same noise.
+    planned_epochs : float
+        Epochs of local training over the whole run (rounds x local epochs).
+    """
+
+    max_grad_norm: float
+    delta: float
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    planned_epochs: float = 1.0
+
+    def __post_init__(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy: set exactly one of noise_multiplier and target_epsilon")
+        if self.max_grad_norm <= 0 or not 0 < self.delta < 1:
+            raise ValueError("privacy: max_grad_norm must be > 0 and delta in (0, 1)")
+
+    def resolve_noise_multiplier(self, sample_rate: float) -> float:
+        if self.noise_multiplier is not None:
+            return float(self.noise_multiplier)
+        from opacus.accountants.utils import get_noise_multiplier
+
+        return float(
+            get_noise_multiplier(
+                target_epsilon=self.target_epsilon,
+                target_delta=self.delta,
+                sample_rate=sample_rate,
+                epochs=self.planned_epochs,
+                accountant="rdp",
+            )
+        )
+
+
+class PrivateTraining:
+    """Small facade over Opacus: make one round of local training DP-SGD.
+
+    Use ``attach`` before the round and ``history``/``epsilon`` after it.
+    """
+
+    def __init__(self, config: DpSgdConfig, history: History | None = None):
+        from opacus import PrivacyEngine
+
+        self.config = config
+        self.engine = PrivacyEngine(accountant="rdp")
+        self.engine.accountant.history = [tuple(step) for step in (history or [])]
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader):
+        """Return ``(private_model, private_optimizer, private_loader)`` (Poisson sampling)."""
+        sample_rate = 1.0 / max(len(loader), 1)
+        return self.engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=self.config.resolve_noise_multiplier(sample_rate),
+            max_grad_norm=self.config.max_grad_norm,
+            poisson_sampling=True,
+        )
+
+    @property
+    def history(self) -> History:
+        return [tuple(step) for step in self.engine.accountant.history]
+
+    def epsilon(self) -> float:
+        return epsilon_of(self.history, self.config.delta)
+
+
+def epsilon_of(history: History, delta: float) -> float:
+    """Cumulative epsilon of an RDP accountant history at ``delta``."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [tuple(step) for step in history]
+    return float(accountant.get_epsilon(delta)) if history else 0.0
+
+
+def history_to_json(history: History) -> str:
+    return json.dumps([list(step) for step in history])
+
+
+def history_from_json(text: str | None) -> History:
+    return [tuple(step) for step in json.loads(text)] if text else []
+
+
+def dpsgd_config_from(privacy_cfg, planned_epochs: float) -> DpSgdConfig | None:
+    """The ``privacy`` config group as a :class:`DpSgdConfig`, or None when DP-SGD is off."""
+    if privacy_cfg.name != "dpsgd":
+        return None
+    return DpSgdConfig(
+        max_grad_norm=float(privacy_cfg.max_grad_norm),
+        delta=float(privacy_cfg.delta),
+        noise_multiplier=privacy_cfg.get("noise_multiplier"),
+        target_epsilon=privacy_cfg.get("target_epsilon"),
+        planned_epochs=planned_epochs,
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside Opacus's GradSampleModule (or the module itself)."""
+    return getattr(model, "_module", model)
+
+
+# ------------------------------------------------------- Laplace mechanism ---
+
+
+def laplace_scale(epsilon: float, sensitivity: float) -> float:
+    """Scale b = sensitivity / epsilon of the Laplace mechanism."""
+    if epsilon <= 0 or sensitivity <= 0:
+        raise ValueError("Laplace mechanism needs epsilon > 0 and sensitivity > 0")
+    return sensitivity / epsilon
+
+
+def add_laplace_noise(values: torch.Tensor, epsilon: float, sensitivity: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``values`` plus i.i.d. Laplace(0, sensitivity / epsilon) noise."""
+    scale = laplace_scale(epsilon, sensitivity)
+    uniform = torch.rand(values.shape, generator=generator, dtype=torch.float64) - 0.5
+    noise = -scale * torch.sign(uniform) * torch.log1p(-2 * uniform.abs())
+    return values + noise.to(values.dtype)
+
+
+def compose_laplace_epsilon(per_upload_epsilons: list[float]) -> float:
+    """Basic sequential composition: epsilons of pure-DP releases add up."""
+    return float(math.fsum(per_upload_epsilons))

@@ -1,0 +1,95 @@
+"""Train and evaluate loops shared by every protocol, device choice and seeding."""
+
+from __future__ import annotations
+
+import random
+import sys
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic`` ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    """SGD or Adam by name (the two the source papers use)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer '{name}'; valid optimizers: ['adam', 'sgd']")
+
+
+def progress(iterable, *, desc: str, enabled: bool, total: int | None = None):
+    """Wrap a long loop in a progress bar (stderr) when ``enabled``."""
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False, file=sys.stderr)
+
+
+def train(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    loss_fn: Callable = nn.functional.cross_entropy,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """Train ``model`` for ``epochs`` passes over ``loader`` (or ``max_steps`` steps).
+
+    Returns the mean training loss, the number of optimizer steps and of samples.
+    """
+    model.to(device).train()
+    steps, samples, loss_sum = 0, 0, 0.0
+    for epoch in range(epochs):
+        for x, y in progress(loader, desc=f"train epoch {epoch + 1}", enabled=show_progress):
+            if max_steps is not None and steps >= max_steps:
+                break
+            if len(y) == 0:  # Poisson sampling (DP-SGD) can draw an empty batch
+                continue
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            samples += len(y)
+            loss_sum += float(loss) * len(y)
+    return {"loss": loss_sum / max(samples, 1), "steps": steps, "samples": samples}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device, batch_size: int = 1024, num_classes: int | None = None) -> dict:
+    """Loss, accuracy and per-class accuracy of ``model`` on ``(x, y)``."""
+    model.to(device).eval()
+    loss_sum, predictions = 0.0, []
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
+        logits = model(xb)
+        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        predictions.append(logits.argmax(dim=1).cpu())
+    predicted = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    correct = predicted == y
+    classes = num_classes or int(y.max()) + 1
+    per_class = [float(correct[y == c].float().mean()) if (y == c).any() else float("nan") for c in range(classes)]
+    return {"loss": loss_sum / max(len(y), 1), "accuracy": float(correct.float().mean()), "per_class_accuracy": per_class}

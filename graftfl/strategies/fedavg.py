@@ -1,0 +1,106 @@
+"""FedAvg, the reference baseline: Flower's own strategy plus graftfl's metrics."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from graftfl.strategies.utils import ServerRun, arrays_nbytes, wait_for_nodes
+
+PROTOCOL = "fedavg"
+
+
+class FedAvgWithMetrics(FedAvg):
+    """Flower's FedAvg, routed to ``train.fedavg`` and recording per-client traffic.
+
+    Parameters
+    ----------
+    run : ServerRun
+        The run whose recorder receives one row per round.
+    **fedavg_kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg` unchanged.
+    """
+
+    def __init__(self, run: ServerRun, **fedavg_kwargs):
+        super().__init__(**fedavg_kwargs)
+        self.run = run
+        self.client_rows: list[dict] = []
+        self.bytes_down = 0
+
+    def _construct_messages(self, record, node_ids, message_type) -> Iterable[Message]:
+        # Flower sends plain "train"; the graftfl ClientApp routes "<category>.<protocol>".
+        self.bytes_down = arrays_nbytes(record[self.arrayrecord_key]) * len(node_ids)
+        return super()._construct_messages(record, node_ids, f"{message_type}.{PROTOCOL}")
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        self.client_rows = [
+            {**dict(reply.content["metrics"]), "bytes_up": arrays_nbytes(reply.content[self.arrayrecord_key])}
+            for reply in replies
+            if not reply.has_error()
+        ]
+        return super().aggregate_train(server_round, replies)
+
+
+def round_row(server_round: int, evaluation: dict, client_rows: list[dict], bytes_down: int, wall_s: float) -> dict:
+    """One metrics.jsonl row from the server evaluation and the clients' replies."""
+    by_client = sorted(client_rows, key=lambda r: r.get("partition-id", 0))
+    row = {
+        "round": server_round,
+        "accuracy": evaluation["accuracy"],
+        "loss": evaluation["loss"],
+        "bytes_up": sum(r["bytes_up"] for r in by_client),
+        "bytes_down": bytes_down,
+        "client_flops": sum(r.get("client_flops", 0) for r in by_client),
+        "wall_s": wall_s,
+        "clients": [int(r.get("partition-id", -1)) for r in by_client],
+        "client_train_loss": [r.get("train_loss") for r in by_client],
+        "client_bytes_up": [r["bytes_up"] for r in by_client],
+    }
+    epsilons = [r["epsilon"] for r in by_client if "epsilon" in r]
+    if epsilons:
+        row["epsilon"] = max(epsilons)
+        row["client_epsilon"] = epsilons
+    return row
+
+
+def run(grid: Grid, run: ServerRun) -> dict:
+    """Run FedAvg for the remaining rounds; returns extra summary fields."""
+    cfg = run.cfg
+    model = run.new_model()
+    offset = run.first_round - 1
+    wait_for_nodes(grid, cfg.num_clients, cfg.timeout_s)
+    strategy = FedAvgWithMetrics(
+        run,
+        fraction_train=cfg.protocol.fraction_train,
+        fraction_evaluate=0.0,  # the server evaluates the global model on its test set
+        min_train_nodes=1,
+        min_available_nodes=cfg.num_clients,
+    )
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            run.round_seconds()
+            return None
+        model.load_state_dict(arrays.to_torch_state_dict())
+        evaluation = run.evaluate(model)
+        row = round_row(offset + server_round, evaluation, strategy.client_rows, strategy.bytes_down, run.round_seconds())
+        run.recorder.log_round(row)
+        run.checkpoint(offset + server_round, model)
+        print(f"[fedavg] round {offset + server_round}/{cfg.rounds} accuracy {evaluation['accuracy']:.4f}", flush=True)
+        return MetricRecord({"accuracy": evaluation["accuracy"], "loss": evaluation["loss"]})
+
+    remaining = cfg.rounds - offset
+    if remaining > 0:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=remaining,
+            timeout=cfg.timeout_s,
+            train_config=run.config_record(),
+            evaluate_fn=evaluate_global,
+        )
+    return {}
