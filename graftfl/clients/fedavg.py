@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from graftfl.clients.utils import config_of, local_data, local_train, new_model, num_classes_of, partition_id_of, round_seed
+from graftfl.clients.utils import (
+    config_of,
+    local_data,
+    local_train,
+    new_model,
+    num_classes_of,
+    partition_id_of,
+    privacy_history_of,
+    restored_history_for,
+    round_seed,
+)
 
 PROTOCOL = "fedavg"
 
@@ -16,7 +26,11 @@ def train(message: Message, context: Context) -> Message:
     model = new_model(cfg, x.shape[1:], num_classes_of(cfg))
     model.load_state_dict(message.content["arrays"].to_torch_state_dict())
     partition_id, _ = partition_id_of(context)
-    metrics = local_train(model, x, y, cfg, context, seed=round_seed(cfg, server_round, partition_id))
+    seed = round_seed(cfg, server_round, partition_id)
+    metrics = local_train(model, x, y, cfg, context, seed, restored_history_for(message, partition_id))
     metrics["partition-id"] = partition_id
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    history = privacy_history_of(context)
+    if history is not None:  # (noise, sample rate, steps) only: lets the server checkpoint the accountant
+        content["privacy"] = ConfigRecord({"history": history})
     return Message(content=content, reply_to=message)

@@ -84,11 +84,21 @@ def flops_per_sample(cfg: DictConfig, model: torch.nn.Module, example: torch.Ten
     return _FLOPS_PER_SAMPLE[key]
 
 
-def local_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, context: Context, seed: int) -> dict[str, float]:
+def local_train(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: DictConfig,
+    context: Context,
+    seed: int,
+    restored_history: str | None = None,
+) -> dict[str, float]:
     """One round of local training with the shared core loop, DP-SGD when configured.
 
     With ``privacy=dpsgd`` the accountant history is read from and written back to
-    ``context.state`` so the returned ``epsilon`` is cumulative over rounds.
+    ``context.state`` so the returned ``epsilon`` is cumulative over rounds. A
+    fresh client process of a resumed run has no state yet: ``restored_history``
+    (the history the server checkpointed for this site) is used then.
     """
     torch.manual_seed(seed)
     device = client_device(cfg, context)
@@ -101,13 +111,25 @@ def local_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: D
         result = train(model, loader, optimizer, device=device, epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps, show_progress=cfg.progress)
     else:
         state = context.state.get(PRIVACY_STATE_KEY, ConfigRecord())
-        private = PrivateTraining(dp_config, history_from_json(state.get("history")))
+        private = PrivateTraining(dp_config, history_from_json(state.get("history", restored_history)))
         dp_model, dp_optimizer, dp_loader = private.attach(model, optimizer, loader)
         result = train(dp_model, dp_loader, dp_optimizer, device=device, epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps)
         context.state[PRIVACY_STATE_KEY] = ConfigRecord({"history": history_to_json(private.history)})
         metrics["epsilon"] = private.epsilon()
     metrics.update(train_loss=result["loss"], steps=result["steps"], client_flops=flops * result["samples"], **{"num-examples": len(y)})
     return metrics
+
+
+def privacy_history_of(context: Context) -> str | None:
+    """This site's accountant history (JSON), to hand back to the server for checkpoints."""
+    state = context.state.get(PRIVACY_STATE_KEY)
+    return state.get("history") if state is not None else None
+
+
+def restored_history_for(message: Message, partition_id: int) -> str | None:
+    """The history the server checkpointed for ``partition_id`` (sent on resume), if any."""
+    histories = json.loads(message.content["config"].get("privacy-histories", "{}"))
+    return histories.get(str(partition_id))
 
 
 def state_from(record: ArrayRecord) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -29,6 +30,7 @@ class FedAvgWithMetrics(FedAvg):
         self.run = run
         self.client_rows: list[dict] = []
         self.bytes_down = 0
+        self.privacy_histories: dict[str, str] = dict((run.resume_state or {}).get("extra", {}).get("privacy_histories", {}))
 
     def _construct_messages(self, record, node_ids, message_type) -> Iterable[Message]:
         # Flower sends plain "train"; the graftfl ClientApp routes "<category>.<protocol>".
@@ -42,6 +44,10 @@ class FedAvgWithMetrics(FedAvg):
             for reply in replies
             if not reply.has_error()
         ]
+        for reply in replies:
+            if not reply.has_error() and "privacy" in reply.content:
+                partition_id = int(reply.content["metrics"]["partition-id"])
+                self.privacy_histories[str(partition_id)] = reply.content["privacy"]["history"]
         return super().aggregate_train(server_round, replies)
 
 
@@ -89,7 +95,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
         evaluation = run.evaluate(model)
         row = round_row(offset + server_round, evaluation, strategy.client_rows, strategy.bytes_down, run.round_seconds())
         run.recorder.log_round(row)
-        run.checkpoint(offset + server_round, model)
+        run.checkpoint(offset + server_round, model, {"privacy_histories": strategy.privacy_histories})
         print(f"[fedavg] round {offset + server_round}/{cfg.rounds} accuracy {evaluation['accuracy']:.4f}", flush=True)
         return MetricRecord({"accuracy": evaluation["accuracy"], "loss": evaluation["loss"]})
 
@@ -100,7 +106,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=remaining,
             timeout=cfg.timeout_s,
-            train_config=run.config_record(),
+            train_config=run.config_record(**{"privacy-histories": json.dumps(strategy.privacy_histories)}),
             evaluate_fn=evaluate_global,
         )
     return {}
