@@ -74,7 +74,7 @@ def train(
             optimizer.step()
             steps += 1
             samples += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += loss.detach().item() * len(y)
     return {"loss": loss_sum / max(samples, 1), "steps": steps, "samples": samples}
 
 
