@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -97,9 +98,34 @@ def toml_string(text: str) -> str:
     return json.dumps(text)
 
 
+def hydra_quote(value: object) -> str:
+    """``value`` as a quoted Hydra override value (paths with spaces, commas or ``=`` stay one string).
+
+    Hydra reads backslashes literally except in runs that precede a quote, which it halves.
+    """
+    text = re.sub(r"(\\+)(?='|$)", lambda run: run.group(1) * 2, str(value))
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+def tls_overrides(files: TlsFiles) -> list[str]:
+    """Hydra overrides that point ``cfg.tls`` at the generated files (the split data plane uses them)."""
+    return [f"tls.ca_cert={hydra_quote(files.ca_cert)}", f"tls.server_cert={hydra_quote(files.server_cert)}",
+            f"tls.server_key={hydra_quote(files.server_key)}"]
+
+
 def run_config_overrides(overrides: list[str], run_id: str, output_dir: Path, extra: list[str] = ()) -> str:
-    """The ``overrides`` run-config value: the ServerApp ``shlex.split``s it back into a list."""
-    return shlex.join([*overrides, *extra, f"run_id={run_id}", f"output_dir={output_dir}"])
+    """The ``overrides`` run-config value: the ServerApp ``shlex.split``s it back into the list.
+
+    ``run_id`` and the absolute ``output_dir`` make the ServerApp, another process started
+    by the SuperLink, write the run directory this command reports.
+    """
+    return shlex.join([*overrides, *extra, f"run_id={hydra_quote(run_id)}", f"output_dir={hydra_quote(output_dir)}"])
+
+
+def write_run_config(path: Path, overrides: str) -> Path:
+    """A ``flwr run --run-config`` TOML file; unlike ``key="value"`` arguments it keeps any quoting."""
+    path.write_text(f"overrides = {toml_string(overrides)}\n")
+    return path
 
 
 def write_flower_config(flwr_home: Path, port: int, ca_cert: Path | None) -> Path:
@@ -325,8 +351,7 @@ class LocalDeployment:
 
     def run_app(self, overrides: str, timeout: float | None = None) -> None:
         """``flwr run <project> <connection> --stream`` with the overrides; returns when the run ends."""
-        run_config = self.workdir / "run-config.toml"
-        run_config.write_text(f"overrides = {toml_string(overrides)}\n")  # a file: any quoting survives
+        run_config = write_run_config(self.workdir / "run-config.toml", overrides)
         args = [flower_binary("flwr"), "run", str(project_root()), CONNECTION, "--stream", "--run-config", str(run_config)]
         flwr_run = self.start("flwr-run", args, pipe=True)
         copier = threading.Thread(target=self._copy_output, args=(flwr_run,), daemon=True)
@@ -423,7 +448,7 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
         deployment.start_superlink()
         private_keys = deployment.register_node_keys() if auth else None
         deployment.start_supernodes(private_keys)
-        extra = deployment.tls_files.as_overrides() if deployment.tls_files else []
+        extra = tls_overrides(deployment.tls_files) if deployment.tls_files else []
         deployment.run_app(run_config_overrides(list(overrides), cfg.run_id, Path(cfg.output_dir).resolve(), extra), timeout)
         if not (run_dir / "summary.json").exists():
             raise DeploymentError(f"the run ended without {run_dir}/summary.json" + deployment.log_report())

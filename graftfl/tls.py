@@ -42,10 +42,6 @@ class TlsFiles:
     server_cert: Path
     server_key: Path
 
-    def as_overrides(self) -> list[str]:
-        """Hydra overrides that point ``cfg.tls`` at these files."""
-        return [f"tls.ca_cert={self.ca_cert}", f"tls.server_cert={self.server_cert}", f"tls.server_key={self.server_key}"]
-
 
 @dataclass(frozen=True)
 class NodeAuthKeys:
