@@ -9,8 +9,8 @@ What happens, in order:
 3. With ``--auth``: one EC key pair per SuperNode, each public key registered with
    ``flwr supernode register`` (the SuperLink must be up; SuperNodes start after).
 4. ``num_clients`` ``flower-supernode`` processes start, node ``i`` with
-   ``--node-config "partition-id=i num-partitions=N"``; we wait until the SuperLink
-   lists them all as online.
+   ``--node-config "partition-id=i num-partitions=N"``; we wait until each has been
+   accepted by the SuperLink (it logs its node id).
 5. ``flwr run <project> <connection> --stream`` submits the app with the user's Hydra
    overrides plus ``run_id`` and an absolute ``output_dir``, so the ServerApp (another
    process, started by the SuperLink) writes ``<cwd>/runs/<run-id>``. ``--stream`` ends
@@ -49,6 +49,7 @@ MARKER_ENV = "GRAFTFL_DEPLOYMENT"  # inherited by every process of one deploymen
 LOG_TAIL_LINES = 40
 READY_TIMEOUT_S = 120.0  # ample on a loaded 2-core machine; a healthy start takes seconds
 STOP_GRACE_S = 5.0
+ACTIVATED_LINE = "SuperNode ID:"  # flower-supernode logs it once the SuperLink accepted it
 
 
 class DeploymentError(RuntimeError):
@@ -335,19 +336,10 @@ class LocalDeployment:
         self.note(f"{self.num_nodes} SuperNodes online")
         return nodes
 
-    def online_nodes(self) -> int:
-        """How many SuperNodes the SuperLink lists as online (``flwr supernode ls``)."""
-        try:
-            done = subprocess.run([flower_binary("flwr"), "supernode", "ls", CONNECTION, "--format", "json"], cwd=self.cwd,
-                                  env=self.env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
-                                  start_new_session=True)
-            nodes = json.loads(done.stdout).get("nodes", [])
-        except (subprocess.TimeoutExpired, ValueError, AttributeError):
-            return 0
-        return sum(1 for node in nodes if str(node.get("status", "")).lower() == "online")
-
     def all_nodes_online(self) -> bool:
-        return self.online_nodes() >= self.num_nodes
+        """Every SuperNode has activated at the SuperLink (it logs its node id only after that)."""
+        nodes = [p for p in self.processes if p.name.startswith("supernode-")]
+        return all(ACTIVATED_LINE in tail(node.log, lines=200) for node in nodes)
 
     def run_app(self, overrides: str, timeout: float | None = None) -> None:
         """``flwr run <project> <connection> --stream`` with the overrides; returns when the run ends."""

@@ -102,24 +102,26 @@ def test_deploy_local_runs_fedavg_and_leaves_nothing_behind(tmp_path):
     config = assert_run_directory(run_dir, num_clients=2, rounds=1)
     assert config["tls"]["ca_cert"] is None
     assert "2 SuperNodes online" in stderr and "(insecure)" in stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(rows[0]["clients"]) == [0, 1]  # both SuperNodes trained, each on its node-config partition
 
 
 @needs_proc
-def test_deploy_local_with_tls(tmp_path):
-    run_dir, stderr = run_deploy_local(["--tls", "protocol=fedavg", "dataset=digits", "num_clients=2", "rounds=1"], tmp_path)
+def test_deploy_local_with_tls_and_supernode_auth(tmp_path):
+    """``--auth`` (implies ``--tls``): throwaway CA, registered SuperNode keys, a full round over TLS."""
+    run_dir, stderr = run_deploy_local(["--auth", "protocol=fedavg", "dataset=digits", "num_clients=2", "rounds=1"], tmp_path)
     config = assert_run_directory(run_dir, num_clients=2, rounds=1)
-    assert "(TLS)" in stderr
+    assert "(TLS, SuperNode auth)" in stderr and "registered 2 SuperNode public keys" in stderr
     # The ServerApp got the generated files through the overrides (absolute paths, for the split data plane).
     for key in ("ca_cert", "server_cert", "server_key"):
         assert Path(config["tls"][key]).is_absolute()
 
 
 @needs_proc
-def test_ctrl_c_with_auth_stops_every_process(tmp_path):
-    """SIGINT once the authenticated SuperNodes are online: exit 130, no process of ours left."""
+def test_ctrl_c_stops_every_process(tmp_path):
+    """SIGINT (Ctrl-C) once the SuperNodes are online: exit 130, no process of ours left."""
     tag = uuid.uuid4().hex
-    process = graftfl_process(["deploy-local", "--auth", "protocol=fedavg", "dataset=digits", "num_clients=2", "rounds=3"],
-                              tmp_path, tag)
+    process = graftfl_process(["deploy-local", "protocol=fedavg", "dataset=digits", "num_clients=2", "rounds=3"], tmp_path, tag)
     stderr_lines: list[str] = []
     online = threading.Event()
 
@@ -134,8 +136,7 @@ def test_ctrl_c_with_auth_stops_every_process(tmp_path):
     try:
         assert online.wait(timeout=150), "SuperNodes never came online:\n" + "".join(stderr_lines[-60:])
         running = " | ".join(tagged_processes(tag).values())
-        assert running.count("flower-supernode") == 2 and "flower-superlink" in running
-        assert "--enable-supernode-auth" in running and "--auth-supernode-private-key" in running
+        assert running.count("flower-supernode") == 2 and "flower-superlink" in running and "flower-superexec" in running
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
     finally:
@@ -143,7 +144,6 @@ def test_ctrl_c_with_auth_stops_every_process(tmp_path):
             process.kill()
     reader.join(timeout=5)
     assert process.returncode == 130, "".join(stderr_lines[-40:])
-    assert "registered 2 SuperNode public keys" in "".join(stderr_lines)
     assert tagged_processes(tag) == {}
 
 
