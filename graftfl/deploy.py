@@ -443,7 +443,8 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
         extra = tls_overrides(deployment.tls_files) if deployment.tls_files else []
         deployment.run_app(run_config_overrides(list(overrides), cfg.run_id, Path(cfg.output_dir).resolve(), extra), timeout)
         if not (run_dir / "summary.json").exists():
-            raise DeploymentError(f"the run ended without {run_dir}/summary.json" + deployment.log_report())
+            raise DeploymentError(f"the run ended without {run_dir}/summary.json (the ServerApp failed: see flwr-run.log below)"
+                                  + deployment.log_report())
         succeeded = True
     finally:
         survivors = deployment.stop()
