@@ -161,6 +161,9 @@ class ManagedProcess:
         return self.popen.poll() is None
 
     def signal_group(self, signum: int) -> None:
+        """Signal the process group we lead; only while unreaped, so the group id is still ours."""
+        if not self.alive:
+            return  # its group's stragglers carry the deployment marker and are signalled by pid
         try:
             os.killpg(self.popen.pid, signum)
         except (ProcessLookupError, PermissionError):
@@ -432,24 +435,33 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
     run_dir = run_dir_of(cfg)
     workdir = Path(tempfile.mkdtemp(prefix="graftfl-deploy-"))
     deployment = LocalDeployment(workdir, num_nodes=int(cfg.num_clients), tls=tls, auth=auth, echo=sys.stdout)
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, _raise_system_exit)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handlers = {}
+    if in_main_thread:
+        previous_handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_system_exit),
+                             signal.SIGINT: signal.getsignal(signal.SIGINT)}
     succeeded = False
+    started = time.time()
     try:
         deployment.start_superlink()
         private_keys = deployment.register_node_keys() if auth else None
         deployment.start_supernodes(private_keys)
         extra = tls_overrides(deployment.tls_files) if deployment.tls_files else []
         deployment.run_app(run_config_overrides(list(overrides), cfg.run_id, Path(cfg.output_dir).resolve(), extra), timeout)
-        if not (run_dir / "summary.json").exists():
+        summary = run_dir / "summary.json"
+        if not summary.exists() or summary.stat().st_mtime < started - 1:  # resume: an old summary does not count
             raise DeploymentError(f"the run ended without {run_dir}/summary.json (the ServerApp failed: see flwr-run.log below)"
                                   + deployment.log_report())
         succeeded = True
     finally:
-        survivors = deployment.stop()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        if in_main_thread:  # a second Ctrl-C must not cut the cleanup short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            survivors = deployment.stop()
+        finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
         if survivors:
             print(f"graftfl: could not stop processes {survivors} of the deployment", file=sys.stderr)
         if succeeded and not keep_workdir:
