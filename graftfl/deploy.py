@@ -430,6 +430,9 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
     """
     from graftfl.server_app.app import run_dir_of, with_run_id
 
+    if not (project_root() / "pyproject.toml").is_file():
+        raise DeploymentError(f"deploy-local submits the app from a graftfl checkout, but {project_root()} has no "
+                              "pyproject.toml (run it from a clone of the repository)")
     tls = tls or auth
     cfg = with_run_id(cfg)
     run_dir = run_dir_of(cfg)
