@@ -1,0 +1,474 @@
+"""``graftfl deploy-local``: a real Flower deployment on loopback, started and stopped for one run.
+
+What happens, in order:
+
+1. A temporary directory holds everything of the deployment: a ``FLWR_HOME`` whose
+   ``config.toml`` names one SuperLink connection, the SuperLink database, logs,
+   and with ``--tls``/``--auth`` the generated certificates and keys.
+2. ``flower-superlink`` starts on a free loopback port (all its APIs share it).
+3. With ``--auth``: one EC key pair per SuperNode, each public key registered with
+   ``flwr supernode register`` (the SuperLink must be up; SuperNodes start after).
+4. ``num_clients`` ``flower-supernode`` processes start, node ``i`` with
+   ``--node-config "partition-id=i num-partitions=N"``; we wait until each has been
+   accepted by the SuperLink (it logs its node id).
+5. ``flwr run <project> <connection> --stream`` submits the app with the user's Hydra
+   overrides plus ``run_id`` and an absolute ``output_dir``, so the ServerApp (another
+   process, started by the SuperLink) writes ``<cwd>/runs/<run-id>``. ``--stream`` ends
+   when the run ends.
+6. Every process we started, and every process they started (``flower-superexec``,
+   ``flwr-serverapp``, ``flwr-clientapp``), is stopped: on success, on failure and on
+   Ctrl-C. Each process we start leads its own session, and all of them carry a marker
+   in their environment, so the stragglers that Flower detaches are found too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+from omegaconf import DictConfig
+
+from graftfl.tls import TlsFiles, generate_node_auth_keys, generate_tls_files
+
+CONNECTION = "graftfl-local"
+MARKER_ENV = "GRAFTFL_DEPLOYMENT"  # inherited by every process of one deployment
+LOG_TAIL_LINES = 40
+READY_TIMEOUT_S = 120.0  # ample on a loaded 2-core machine; a healthy start takes seconds
+STOP_GRACE_S = 5.0
+ACTIVATED_LINE = "SuperNode ID:"  # flower-supernode logs it once the SuperLink accepted it
+
+
+class DeploymentError(RuntimeError):
+    """The local deployment failed; the message carries the tail of the relevant logs."""
+
+
+def project_root() -> Path:
+    """The Flower app that ``flwr run`` builds (this checkout: pyproject.toml + graftfl + conf)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def flower_binary(name: str) -> str:
+    """``name`` from the environment of the running interpreter (same venv, same flwr)."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise DeploymentError(f"'{name}' not found beside {sys.executable} or on PATH; install flwr==1.41.0")
+    return found
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on 127.0.0.1 (held together while chosen, then released)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def toml_string(text: str) -> str:
+    """``text`` as a TOML basic string (JSON string escapes are valid TOML escapes)."""
+    return json.dumps(text)
+
+
+def hydra_quote(value: object) -> str:
+    """``value`` as a quoted Hydra override value (paths with spaces, commas or ``=`` stay one string).
+
+    Hydra reads backslashes literally except in runs that precede a quote, which it halves.
+    """
+    text = re.sub(r"(\\+)(?='|$)", lambda run: run.group(1) * 2, str(value))
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+def tls_overrides(files: TlsFiles) -> list[str]:
+    """Hydra overrides that point ``cfg.tls`` at the generated files (the split data plane uses them)."""
+    return [f"tls.ca_cert={hydra_quote(files.ca_cert)}", f"tls.server_cert={hydra_quote(files.server_cert)}",
+            f"tls.server_key={hydra_quote(files.server_key)}"]
+
+
+def run_config_overrides(overrides: list[str], run_id: str, output_dir: Path, extra: list[str] = ()) -> str:
+    """The ``overrides`` run-config value: the ServerApp ``shlex.split``s it back into the list.
+
+    ``run_id`` and the absolute ``output_dir`` make the ServerApp, another process started
+    by the SuperLink, write the run directory this command reports.
+    """
+    return shlex.join([*overrides, *extra, f"run_id={hydra_quote(run_id)}", f"output_dir={hydra_quote(output_dir)}"])
+
+
+def write_run_config(path: Path, overrides: str) -> Path:
+    """A ``flwr run --run-config`` TOML file; unlike ``key="value"`` arguments it keeps any quoting."""
+    path.write_text(f"overrides = {toml_string(overrides)}\n")
+    return path
+
+
+def write_flower_config(flwr_home: Path, port: int, ca_cert: Path | None) -> Path:
+    """``$FLWR_HOME/config.toml`` with one default SuperLink connection named ``CONNECTION``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f"default = {toml_string(CONNECTION)}", "", f"[superlink.{CONNECTION}]",
+             f"address = {toml_string(f'127.0.0.1:{port}')}"]
+    lines.append(f"root-certificates = {toml_string(str(ca_cert))}" if ca_cert else "insecure = true")
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(text[-lines:]) or "(empty log)"
+
+
+@dataclass
+class ManagedProcess:
+    """One process we started, its own session leader, logging to ``log``."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal_group(self, signum: int) -> None:
+        """Signal the process group we lead; only while unreaped, so the group id is still ours."""
+        if not self.alive:
+            return  # its group's stragglers carry the deployment marker and are signalled by pid
+        try:
+            os.killpg(self.popen.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Live processes whose environment carries ``MARKER_ENV=marker`` (Linux ``/proc``)."""
+    needle = f"{MARKER_ENV}={marker}".encode()
+    pids = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return pids
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:  # gone, or not ours
+            continue
+    return pids
+
+
+def _signal_pids(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@dataclass
+class LocalDeployment:
+    """A SuperLink and its SuperNodes on loopback, with everything in ``workdir``.
+
+    Parameters
+    ----------
+    workdir : Path
+        Temporary directory for FLWR_HOME, the SuperLink database, logs, certificates and keys.
+    num_nodes : int
+        How many SuperNodes to start (one per data partition).
+    tls : bool
+        Serve TLS with a throwaway CA (``graftfl.tls``).
+    auth : bool
+        SuperNode authentication with generated keys (needs ``tls``).
+    cwd : Path
+        Working directory of every process (relative data paths resolve as in ``graftfl sim``).
+    """
+
+    workdir: Path
+    num_nodes: int
+    tls: bool = False
+    auth: bool = False
+    cwd: Path = field(default_factory=Path.cwd)
+    echo: TextIO | None = None
+    marker: str = field(default_factory=lambda: uuid.uuid4().hex)
+    processes: list[ManagedProcess] = field(default_factory=list)
+    tls_files: TlsFiles | None = None
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        if self.auth and not self.tls:
+            raise ValueError("SuperNode authentication needs TLS (use --tls with --auth)")
+        self.workdir = Path(self.workdir).resolve()
+        self.flwr_home = self.workdir / "flwr-home"
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.monotonic()
+
+    # -- processes ---------------------------------------------------------------------
+    def env(self, flwr_home: Path | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name: same venv first.
+        env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
+        env.update({
+            "FLWR_HOME": str(flwr_home or self.flwr_home),
+            MARKER_ENV: self.marker,
+            "FLWR_TELEMETRY_ENABLED": "0",  # offline machines: no telemetry, no update check
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+    def start(self, name: str, args: list[str], flwr_home: Path | None = None, pipe: bool = False) -> ManagedProcess:
+        """Start ``args`` in a new session, output to ``logs/<name>.log`` (or a pipe we read)."""
+        log = self.logs / f"{name}.log"
+        log_file = open(log, "ab")
+        popen = subprocess.Popen(
+            args, cwd=self.cwd, env=self.env(flwr_home), start_new_session=True, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipe else log_file, stderr=subprocess.STDOUT,
+        )
+        log_file.close()
+        process = ManagedProcess(name, popen, log)
+        self.processes.append(process)
+        return process
+
+    def run_cli(self, name: str, args: list[str], timeout: float = 60.0) -> str:
+        """A short ``flwr`` CLI command against our connection; its output, or an error with it."""
+        try:
+            done = subprocess.run(args, cwd=self.cwd, env=self.env(), stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, timeout=timeout, start_new_session=True)
+        except subprocess.TimeoutExpired as err:
+            raise DeploymentError(f"{name} did not finish in {timeout:.0f}s: {shlex.join(args)}") from err
+        (self.logs / f"{name}.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            raise DeploymentError(f"{name} failed (exit {done.returncode}): {shlex.join(args)}\n{done.stdout}{done.stderr}"
+                                  + self.log_report())
+        return done.stdout
+
+    def wait_until(self, what: str, ready: Callable[[], bool], watched: list[ManagedProcess], timeout: float) -> None:
+        """Poll ``ready`` until true; fail early when a watched process dies, or at ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            for process in watched:
+                if not process.alive:
+                    raise DeploymentError(f"{process.name} exited ({process.popen.returncode}) while waiting for {what}"
+                                          + self.log_report())
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"timed out after {timeout:.0f}s waiting for {what}" + self.log_report())
+            time.sleep(0.2)
+
+    # -- the deployment ----------------------------------------------------------------
+    def note(self, text: str) -> None:
+        """A progress line on stderr (stdout carries the run's own output and the final ``run:`` line)."""
+        print(f"[deploy-local +{time.monotonic() - self.started_at:.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def tls_args(self, client: bool) -> list[str]:
+        if not self.tls_files:
+            return ["--insecure"]
+        if client:
+            return ["--root-certificates", str(self.tls_files.ca_cert)]
+        return ["--ssl-ca-certfile", str(self.tls_files.ca_cert), "--ssl-certfile", str(self.tls_files.server_cert),
+                "--ssl-keyfile", str(self.tls_files.server_key)]
+
+    def start_superlink(self) -> ManagedProcess:
+        if self.tls:
+            self.tls_files = generate_tls_files(self.workdir / "tls")
+        (self.port,) = free_loopback_ports(1)
+        write_flower_config(self.flwr_home, self.port, self.tls_files.ca_cert if self.tls_files else None)
+        args = [flower_binary("flower-superlink"), "--port", str(self.port), "--database", str(self.workdir / "superlink.db"),
+                "--disable-runtime-dependency-installation", *self.tls_args(client=False)]
+        if self.auth:
+            args.append("--enable-supernode-auth")
+        superlink = self.start("superlink", args)
+        self.wait_until(f"the SuperLink on port {self.port}", lambda: port_accepts(self.port), [superlink], READY_TIMEOUT_S)
+        self.note(f"SuperLink up on 127.0.0.1:{self.port} ({'TLS' if self.tls else 'insecure'}"
+                  f"{', SuperNode auth' if self.auth else ''}); workdir {self.workdir}")
+        return superlink
+
+    def register_node_keys(self) -> list[Path]:
+        """One key pair per SuperNode, public keys registered at the SuperLink (before the nodes start)."""
+        private_keys = []
+        for index in range(self.num_nodes):
+            keys = generate_node_auth_keys(self.workdir / "node-keys", f"supernode-{index}")
+            self.run_cli(f"register-{index}", [flower_binary("flwr"), "supernode", "register", str(keys.public_key), CONNECTION])
+            private_keys.append(keys.private_key)
+        self.note(f"registered {self.num_nodes} SuperNode public keys")
+        return private_keys
+
+    def start_supernodes(self, private_keys: list[Path] | None = None) -> list[ManagedProcess]:
+        ports = free_loopback_ports(self.num_nodes)
+        nodes = []
+        for index, port in enumerate(ports):
+            args = [flower_binary("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
+                    "--node-config", f"partition-id={index} num-partitions={self.num_nodes}", *self.tls_args(client=True)]
+            if private_keys:
+                args += ["--auth-supernode-private-key", str(private_keys[index])]
+            # Each SuperNode has its own FLWR_HOME, as on separate machines (no shared app cache).
+            nodes.append(self.start(f"supernode-{index}", args, flwr_home=self.workdir / f"supernode-{index}"))
+        self.wait_until(f"{self.num_nodes} SuperNodes online at the SuperLink", self.all_nodes_online,
+                        [*self.processes], READY_TIMEOUT_S)
+        self.note(f"{self.num_nodes} SuperNodes online")
+        return nodes
+
+    def all_nodes_online(self) -> bool:
+        """Every SuperNode has activated at the SuperLink (it logs its node id only after that)."""
+        nodes = [p for p in self.processes if p.name.startswith("supernode-")]
+        return all(ACTIVATED_LINE in tail(node.log, lines=200) for node in nodes)
+
+    def run_app(self, overrides: str, timeout: float | None = None) -> None:
+        """``flwr run <project> <connection> --stream`` with the overrides; returns when the run ends."""
+        run_config = write_run_config(self.workdir / "run-config.toml", overrides)
+        args = [flower_binary("flwr"), "run", str(project_root()), CONNECTION, "--stream", "--run-config", str(run_config)]
+        flwr_run = self.start("flwr-run", args, pipe=True)
+        copier = threading.Thread(target=self._copy_output, args=(flwr_run,), daemon=True)
+        copier.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while flwr_run.alive:
+            for process in self.processes:
+                if process is not flwr_run and not process.alive:
+                    raise DeploymentError(f"{process.name} exited ({process.popen.returncode}) during the run" + self.log_report())
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeploymentError(f"the run did not finish in {timeout:.0f}s" + self.log_report())
+            time.sleep(0.5)
+        copier.join(timeout=5)
+        self.note(f"flwr run finished (exit {flwr_run.popen.returncode})")
+        if flwr_run.popen.returncode != 0:
+            raise DeploymentError(f"flwr run exited {flwr_run.popen.returncode}" + self.log_report())
+
+    def _copy_output(self, process: ManagedProcess) -> None:
+        """Write ``flwr run --stream`` output to its log and, when asked, to ``echo``."""
+        with open(process.log, "ab") as log:
+            for line in iter(process.popen.stdout.readline, b""):
+                log.write(line)
+                log.flush()
+                if self.echo is not None:
+                    self.echo.write(line.decode(errors="replace"))
+                    self.echo.flush()
+
+    def log_report(self) -> str:
+        parts = [f"\n--- {log.name} (last {LOG_TAIL_LINES} lines) ---\n{tail(log)}" for log in sorted(self.logs.glob("*.log"))]
+        return "\n" + "".join(parts) + f"\n(all logs: {self.logs})"
+
+    def stop(self) -> list[int]:
+        """Stop every process of this deployment; returns the pids that would not die (should be empty)."""
+        stopping_at = time.monotonic()
+        count = len(set(marked_pids(self.marker)) | {p.popen.pid for p in self.processes if p.alive})
+        for process in reversed(self.processes):
+            process.signal_group(signal.SIGTERM)
+        _signal_pids(marked_pids(self.marker), signal.SIGTERM)
+        if not self._wait_all_gone(STOP_GRACE_S):
+            for process in self.processes:
+                process.signal_group(signal.SIGKILL)
+            _signal_pids(marked_pids(self.marker), signal.SIGKILL)
+            self._wait_all_gone(STOP_GRACE_S)
+        survivors = marked_pids(self.marker)
+        self.note(f"stopped {count} processes in {time.monotonic() - stopping_at:.1f}s"
+                  + (f"; still alive: {survivors}" if survivors else ""))
+        return survivors
+
+    def _wait_all_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            for process in self.processes:
+                process.popen.poll()  # reap our direct children (zombies keep no environ, but keep pids)
+            if not marked_pids(self.marker) and all(not p.alive for p in self.processes):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+
+def _raise_system_exit(signum, frame):  # SIGTERM -> unwind through `finally` and stop everything
+    raise SystemExit(128 + signum)
+
+
+def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth: bool = False,
+                 timeout: float | None = None, keep_workdir: bool = False) -> Path:
+    """Run ``cfg`` on a fresh local Flower deployment; return the run directory.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed config (``num_clients`` SuperNodes are started; ``run_id`` is chosen here).
+    overrides : list of str
+        The Hydra overrides from the command line; the ServerApp composes the same config from them.
+    tls, auth : bool
+        TLS with a throwaway CA; SuperNode authentication with generated keys (implies TLS).
+    timeout : float, optional
+        Give up on the run after this many seconds (default: wait until it ends or Ctrl-C).
+    keep_workdir : bool
+        Keep the temporary directory (logs, certificates) after a successful run.
+    """
+    from graftfl.server_app.app import run_dir_of, with_run_id
+
+    if not (project_root() / "pyproject.toml").is_file():
+        raise DeploymentError(f"deploy-local submits the app from a graftfl checkout, but {project_root()} has no "
+                              "pyproject.toml (run it from a clone of the repository)")
+    tls = tls or auth
+    cfg = with_run_id(cfg)
+    run_dir = run_dir_of(cfg)
+    workdir = Path(tempfile.mkdtemp(prefix="graftfl-deploy-"))
+    deployment = LocalDeployment(workdir, num_nodes=int(cfg.num_clients), tls=tls, auth=auth, echo=sys.stdout)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handlers = {}
+    if in_main_thread:
+        previous_handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_system_exit),
+                             signal.SIGINT: signal.getsignal(signal.SIGINT)}
+    succeeded = False
+    started = time.time()
+    try:
+        deployment.start_superlink()
+        private_keys = deployment.register_node_keys() if auth else None
+        deployment.start_supernodes(private_keys)
+        extra = tls_overrides(deployment.tls_files) if deployment.tls_files else []
+        deployment.run_app(run_config_overrides(list(overrides), cfg.run_id, Path(cfg.output_dir).resolve(), extra), timeout)
+        summary = run_dir / "summary.json"
+        if not summary.exists() or summary.stat().st_mtime < started - 1:  # resume: an old summary does not count
+            raise DeploymentError(f"the run ended without {run_dir}/summary.json (the ServerApp failed: see flwr-run.log below)"
+                                  + deployment.log_report())
+        succeeded = True
+    finally:
+        if in_main_thread:  # a second Ctrl-C must not cut the cleanup short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            survivors = deployment.stop()
+        finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+        if survivors:
+            print(f"graftfl: could not stop processes {survivors} of the deployment", file=sys.stderr)
+        if succeeded and not keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif not succeeded:
+            print(f"graftfl: deployment logs kept in {deployment.logs}", file=sys.stderr)
+    return run_dir
