@@ -7,32 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from graftfl.config import GROUPS, ConfigError, compose_config, expand_sweep
+from graftfl.config import ConfigError, expand_sweep, resolve_job_config
 from graftfl.core.data import DatasetUnavailable, dataset_from_config
 
 
 def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
-
-
-def resolve_job_config(overrides: list[str]):
-    """Compose one job's config; ``resume=runs/<id>`` reuses that run's stored config.
-
-    Plain ``key=value`` overrides given with ``resume`` still apply on top (e.g.
-    ``rounds=10`` to extend a finished run); config-group choices do not.
-    """
-    cfg = compose_config(overrides)
-    if not cfg.resume:
-        return cfg
-    stored = Path(cfg.resume) / "config.yaml"
-    if not stored.exists():
-        raise ConfigError(f"resume={cfg.resume}: no config.yaml there (not a graftfl run directory)")
-    plain = [o for o in overrides if o.split("=", 1)[0] not in (*GROUPS, "resume")]
-    resumed = OmegaConf.merge(OmegaConf.load(stored), OmegaConf.from_dotlist(plain))
-    resumed.resume = cfg.resume
-    return resumed
 
 
 def simulate(cfg) -> Path:
@@ -74,8 +54,14 @@ def cmd_sim(args: argparse.Namespace) -> int:
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     from graftfl.deploy import deploy_local
 
+    from graftfl.deploy import DeploymentError
+
     cfg = resolve_job_config(args.overrides)
-    run_dir = deploy_local(cfg, args.overrides, tls=args.tls or args.auth, auth=args.auth)
+    try:
+        run_dir = deploy_local(cfg, args.overrides, tls=args.tls or args.auth, auth=args.auth)
+    except DeploymentError as err:
+        print(f"graftfl: deployment failed: {err}", file=sys.stderr)
+        return 1
     print(f"run: {run_dir}", flush=True)
     return 0
 

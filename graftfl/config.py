@@ -96,6 +96,25 @@ def compose_config(overrides: Iterable[str] = (), validate_values: bool = True) 
     return cfg
 
 
+def resolve_job_config(overrides: Iterable[str]) -> DictConfig:
+    """Compose one job's config; ``resume=runs/<id>`` reuses that run's stored config.
+
+    Plain ``key=value`` overrides given with ``resume`` still apply on top (e.g.
+    ``rounds=10`` to extend a finished run); config-group choices do not.
+    """
+    overrides = list(overrides)
+    cfg = compose_config(overrides)
+    if not cfg.resume:
+        return cfg
+    stored = Path(cfg.resume) / "config.yaml"
+    if not stored.exists():
+        raise ConfigError(f"resume={cfg.resume}: no config.yaml there (not a graftfl run directory)")
+    plain = [o for o in overrides if o.split("=", 1)[0] not in (*GROUPS, "resume")]
+    resumed = OmegaConf.merge(OmegaConf.load(stored), OmegaConf.from_dotlist(plain))
+    resumed.resume = cfg.resume
+    return resumed
+
+
 def expand_sweep(overrides: Iterable[str]) -> list[list[str]]:
     """Expand Hydra sweep syntax (``a=1,2 b=x,y``) into one override list per job.
 

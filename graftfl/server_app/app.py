@@ -10,9 +10,9 @@ from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from graftfl.config import compose_config, to_yaml
+from graftfl.config import resolve_job_config, to_yaml
 from graftfl.strategies.utils import ServerRun
 
 
@@ -78,4 +78,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Deployment entry: ``flwr run . <conn> --run-config "overrides='protocol=fedavg dataset=digits'"``."""
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
-    run_protocol(grid, compose_config(overrides))
+    run_protocol(grid, resolve_job_config(overrides))
