@@ -426,7 +426,8 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
     timeout : float, optional
         Give up on the run after this many seconds (default: wait until it ends or Ctrl-C).
     keep_workdir : bool
-        Keep the temporary directory (logs, certificates) after a successful run.
+        Keep the temporary directory (logs, certificates) after a successful or interrupted
+        run; after a failure it is always kept and its path printed.
     """
     from graftfl.server_app.app import run_dir_of, with_run_id
 
@@ -443,7 +444,7 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
     if in_main_thread:
         previous_handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_system_exit),
                              signal.SIGINT: signal.getsignal(signal.SIGINT)}
-    succeeded = False
+    succeeded = interrupted = False
     started = time.time()
     try:
         deployment.start_superlink()
@@ -456,6 +457,9 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
             raise DeploymentError(f"the run ended without {run_dir}/summary.json (the ServerApp failed: see flwr-run.log below)"
                                   + deployment.log_report())
         succeeded = True
+    except (KeyboardInterrupt, SystemExit):
+        interrupted = True
+        raise
     finally:
         if in_main_thread:  # a second Ctrl-C must not cut the cleanup short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -467,8 +471,8 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
                 signal.signal(signum, handler)
         if survivors:
             print(f"graftfl: could not stop processes {survivors} of the deployment", file=sys.stderr)
-        if succeeded and not keep_workdir:
+        if (succeeded or interrupted) and not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-        elif not succeeded:
+        elif not succeeded:  # a failure: keep the logs to read
             print(f"graftfl: deployment logs kept in {deployment.logs}", file=sys.stderr)
     return run_dir

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -80,6 +81,12 @@ def run_deploy_local(args: list[str], cwd: Path, timeout: float = 240) -> tuple[
     return cwd / last.removeprefix("run: "), stderr
 
 
+def workdir_from(stderr: str) -> Path:
+    match = re.search(r"workdir (\S+)", stderr)
+    assert match, "deploy-local did not name its temporary directory"
+    return Path(match.group(1))
+
+
 def assert_run_directory(run_dir: Path, num_clients: int, rounds: int) -> dict:
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "accuracy.png", "accuracy_vs_bytes.png"):
         assert (run_dir / name).is_file(), f"{name} missing in {run_dir}"
@@ -102,6 +109,7 @@ def test_deploy_local_runs_fedavg_and_leaves_nothing_behind(tmp_path):
     config = assert_run_directory(run_dir, num_clients=2, rounds=1)
     assert config["tls"]["ca_cert"] is None
     assert "2 SuperNodes online" in stderr and "(insecure)" in stderr
+    assert not workdir_from(stderr).exists()  # logs and FLWR_HOME are removed after a successful run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sorted(rows[0]["clients"]) == [0, 1]  # both SuperNodes trained, each on its node-config partition
 
@@ -145,6 +153,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
     reader.join(timeout=5)
     assert process.returncode == 130, "".join(stderr_lines[-40:])
     assert tagged_processes(tag) == {}
+    assert not workdir_from("".join(stderr_lines)).exists()
 
 
 # -- pieces ------------------------------------------------------------------------------
