@@ -138,7 +138,7 @@ class TopStage:
         loss.backward()
         self.optimizer.step()
         self.steps += 1
-        return "gradient", {"gradient": activations.grad.detach().cpu()}, {"loss": float(loss)}
+        return "gradient", {"gradient": activations.grad.detach().cpu()}, {"loss": float(loss.detach())}
 
 
 class MiddleStage:
@@ -245,7 +245,7 @@ class UShapedClient:
         reply, _ = exchange("backward", {"gradient": middle_out.grad.detach().cpu()})
         activations.backward(reply["gradient"].to(self.device, activations.dtype))
         self.optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def eval_batch(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> dict:
