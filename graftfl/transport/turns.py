@@ -124,7 +124,7 @@ class HandoffState:
                 averaged[key] = sum(a.astype(np.float64) * (samples / total) for (samples, _), a in zip(self.round_weights, arrays)).astype(arrays[0].dtype)
             else:  # counters such as batch norm's num_batches_tracked
                 averaged[key] = arrays[-1]
-        self.average = ArrayRecord({key: value for key, value in averaged.items()})
+        self.average = ArrayRecord({key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in averaged.items()})
         self.round_weights = []
 
 
