@@ -212,3 +212,56 @@ def test_relayed_weights_are_encrypted():
     assert simulation_key(7) == simulation_key("7") != simulation_key(8)
     with pytest.raises(ValueError):
         parse_key("abcd")
+
+
+def write_test_pki(folder) -> dict[str, str]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "graftfl test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key()).serial_number(1)
+          .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    server = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])).issuer_name(ca_name)
+              .public_key(server_key.public_key()).serial_number(2).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    paths = {name: str(folder / f"{name}.pem") for name in ("ca_cert", "server_cert", "server_key", "other_ca")}
+    (folder / "ca_cert.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (folder / "server_cert.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (folder / "server_key.pem").write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(other_key.public_key()).serial_number(3)
+             .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(other_key, hashes.SHA256()))
+    (folder / "other_ca.pem").write_bytes(other.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def test_tls_data_plane(tmp_path):
+    pki = write_test_pki(tmp_path)
+    server, act_shape = make_top_server(server_cert=pki["server_cert"], server_key=pki["server_key"])
+    try:
+        assert server.tls
+        turn = server.open_turn()
+        with DataPlaneClient(server.address, turn.token, ca_cert=pki["ca_cert"]) as plane:
+            reply, _ = plane.exchange("train", good_frame(act_shape, "").tensors)
+        assert reply["gradient"].shape == (BATCH, *act_shape)
+        for ca_cert in (None, pki["other_ca"]):  # plaintext, or a CA that did not sign the server: no stream
+            other_turn = server.open_turn()
+            client = DataPlaneClient(server.address, other_turn.token, ca_cert=ca_cert)
+            with pytest.raises(DataPlaneError) as error:
+                client.exchange("train", good_frame(act_shape, "").tensors)
+            client.abandon()
+            assert error.value.code == grpc.StatusCode.UNAVAILABLE
+        assert server.stage.steps == 1
+    finally:
+        server.stop()

@@ -152,6 +152,11 @@ def is_simulation(grid) -> bool:
     return type(grid).__name__ == "InMemoryGrid"
 
 
+def cfg_cut_stage(run: ServerRun) -> str:
+    """The stage name the model is cut after (``protocol.cut_stage`` or the first stage)."""
+    return run.cfg.protocol.cut_stage or run.new_model().stage_names[0]
+
+
 class SplitRunner:
     """Runs the rounds of one split protocol (one turn per client per round).
 
@@ -176,6 +181,8 @@ class SplitRunner:
         self.partition_of: dict[int, int] = {}
         self.failed_turns: list[dict] = []
         self.simulated = is_simulation(grid)
+        self.cut_stage = cfg_cut_stage(run)
+
 
     def run_rounds(self) -> dict:
         cfg = self.cfg
@@ -191,7 +198,7 @@ class SplitRunner:
                 self.log_round(round_number, [r for r in rows if r is not None], evaluation)
         finally:
             self.plane.stop()
-        return {"failed_turns": self.failed_turns, "handoff": cfg.protocol.handoff, "cut_stage": cfg.protocol.cut_stage, "data_plane_tls": self.plane.tls}
+        return {"failed_turns": self.failed_turns, "handoff": cfg.protocol.handoff, "cut_stage": self.cut_stage, "data_plane_tls": self.plane.tls}
 
     # ------------------------------------------------------------------ turns
     def message(self, node: int, category: str, turn, round_number: int, **fields) -> tuple[Message, int]:
