@@ -94,6 +94,19 @@ def test_bad_frame_gets_status_while_other_client_is_served(top_server, case):
     assert good_turn.ended_cleanly
 
 
+def test_closing_a_turn_cuts_a_stalled_stream(top_server):
+    server, act_shape = top_server
+    turn = server.open_turn()
+    stalled = DataPlaneClient(server.address, turn.token)
+    stalled.exchange("train", good_frame(act_shape, "").tensors)
+    server.close_turn(turn)  # the turn timed out: its stream is cancelled, not left holding a thread
+    with pytest.raises(DataPlaneError) as error:
+        stalled.exchange("train", good_frame(act_shape, "").tensors)
+    stalled.abandon()
+    assert error.value.code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAUTHENTICATED)
+    assert server.stage.steps == 1
+
+
 def test_token_is_one_time_and_expires(top_server):
     server, act_shape = top_server
     turn = server.open_turn()
@@ -145,9 +158,9 @@ def recording(server: DataPlaneServer) -> list[dict]:
     """Record the header of every frame the server receives."""
     headers, serve = [], server._serve_frame
 
-    def spy(raw, turn):
+    def spy(raw, *rest):
         headers.append(parse_header(raw)[0])
-        return serve(raw, turn)
+        return serve(raw, *rest)
 
     server._serve_frame = spy
     return headers

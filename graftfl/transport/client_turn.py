@@ -65,9 +65,8 @@ def ca_cert_of(cfg, context: Context) -> str | None:
     return str(context.node_config.get("ca-cert") or "") or (cfg.get("tls") or {}).get("ca_cert")
 
 
-def prepare_role(message: Message, context: Context, build_role: RoleBuilder, input_shape, num_classes: int):
+def prepare_role(cfg, message: Message, context: Context, build_role: RoleBuilder, input_shape, num_classes: int):
     """The client's role, restored according to ``protocol.handoff``."""
-    cfg = config_of(message)
     device = client_device(cfg, context)
     seed_everything(cfg.seed, cfg.deterministic)  # the shared seed: same initial model as the server's
     model = new_model(cfg, input_shape, num_classes)
@@ -83,7 +82,7 @@ def prepare_role(message: Message, context: Context, build_role: RoleBuilder, in
         load_role_state(role, torch.load(io.BytesIO(bytes(context.state[STATE_KEY]["state"])), map_location="cpu", weights_only=True))
     if handoff == "average" and AVERAGE_KEY in content:
         load_role_arrays(role, content[AVERAGE_KEY])
-    return cfg, role
+    return role
 
 
 def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -117,11 +116,9 @@ def flops_per_sample(role, x: torch.Tensor, y: torch.Tensor) -> float:
     example = x[:2]
     flops = count_train_flops(role.bottom, example)
     if hasattr(role, "head"):
-        with torch.no_grad():
-            middle_shape = getattr(role, "middle_shape")
-        flops += count_train_flops(role.head, torch.zeros(len(example), *middle_shape), torch.nn.functional.cross_entropy, y[:2])
+        flops += count_train_flops(role.head, torch.zeros(len(example), *role.middle_shape), torch.nn.functional.cross_entropy, y[:2])
     if hasattr(role, "decoder"):
-        flops += count_train_flops(role.decoder, torch.zeros(len(example), *role.act_shape).requires_grad_(False))
+        flops += count_train_flops(role.decoder, torch.zeros(len(example), *role.act_shape))
     return flops / len(example)
 
 
@@ -130,7 +127,7 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
     cfg = config_of(message)
     partition_id, _ = partition_id_of(context)
     x, y = local_data(cfg, context)
-    cfg, role = prepare_role(message, context, build_role, tuple(x.shape[1:]), num_classes_of(cfg))
+    role = prepare_role(cfg, message, context, build_role, tuple(x.shape[1:]), num_classes_of(cfg))
     batches, progress = turn_batches(cfg, context, len(y), partition_id)
     hidden = hidden_label_mask(len(y), cfg.protocol.unlabeled_fraction, cfg.seed * 31 + partition_id) if isinstance(role, SemisupClient) else None
     fields = message.content["config"]
@@ -174,7 +171,7 @@ def evaluate_turn(message: Message, context: Context, build_role: RoleBuilder) -
     cfg = config_of(message)
     partition_id, _ = partition_id_of(context)
     data = dataset_from_config(cfg.dataset)
-    cfg, role = prepare_role(message, context, build_role, data.input_shape, data.num_classes)
+    role = prepare_role(cfg, message, context, build_role, data.input_shape, data.num_classes)
     x, y = test_subset(data.test_x, data.test_y, cfg.dataset.get("test_size"), cfg.seed)
     fields = message.content["config"]
     per_sample_bytes = 4 * int(torch.tensor(role.act_shape).prod()) + 8

@@ -58,6 +58,7 @@ class Turn:
     ended_cleanly: bool = False
     error: str | None = None
     last_frame_at: float = field(default_factory=time.monotonic)
+    stream: object | None = None  # the gRPC context of the attached stream (cancelled when the turn closes)
 
 
 class _Reject(Exception):
@@ -141,6 +142,9 @@ class DataPlaneServer:
         with self.lock:
             turn.open = False
             turn.state.pop("pending", None)
+            stream = turn.stream
+        if stream is not None and not turn.ended_cleanly:
+            stream.cancel()  # a stalled client's stream must not hold a server thread forever
         return turn
 
     # ------------------------------------------------------------- the stream
@@ -149,6 +153,7 @@ class DataPlaneServer:
         try:
             for raw in request_iterator:
                 turn, reply = self._serve_frame(raw, turn)
+                turn.stream = context
                 if reply is None:
                     return
                 yield reply
