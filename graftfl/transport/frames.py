@@ -74,6 +74,7 @@ def parse_header(raw: bytes) -> tuple[dict, int]:
 def decode_tensors(header: dict, raw: bytes, offset: int) -> dict[str, torch.Tensor]:
     """The tensors of a parsed frame (floating ones widened to float32)."""
     tensors: dict[str, torch.Tensor] = {}
+    view = memoryview(raw)  # slices of a memoryview do not copy; tensor_from_bytes copies once
     for entry in header.get("tensors", []):
         try:
             name, shape, dtype = str(entry["name"]), [int(d) for d in entry["shape"]], str(entry["dtype"])
@@ -84,7 +85,7 @@ def decode_tensors(header: dict, raw: bytes, offset: int) -> dict[str, torch.Ten
         size = math.prod(shape) * torch.empty((), dtype=wire_dtype(dtype)).element_size()
         if offset + size > len(raw):
             raise FrameError(f"tensor '{name}' ({shape}, {dtype}) runs past the end of the frame")
-        tensors[name] = tensor_from_bytes(raw[offset : offset + size], shape, dtype)
+        tensors[name] = tensor_from_bytes(view[offset : offset + size], shape, dtype)
         offset += size
     if offset != len(raw):
         raise FrameError(f"frame has {len(raw) - offset} trailing bytes")
