@@ -254,7 +254,8 @@ def write_report(results: dict) -> None:
         "",
         "## Steps per second",
         "",
-        f"Median of {results['repeats']} interleaved repetitions of {results['steps_per_measurement']} steps (all values in the JSON); torch uses {results['torch_threads']} thread(s) per process.",
+        f"Median of {results['repeats']} interleaved repetitions of {results['steps_per_measurement']} steps (all values in the JSON); torch uses {results['torch_threads']} thread(s) per process. "
+        f"1-minute load average of the machine before/after the steps/s measurements: {results['load_average_1min'][0]:.1f} / {results['load_average_1min'][1]:.1f} (2 cores).",
         "",
         "| setting | steps/s | vs (a) |",
         "|---|---:|---:|",
@@ -313,6 +314,7 @@ def main() -> None:
     }
     # Interleaved repetitions, median reported: the machine is shared, load drifts during a run.
     samples: dict[str, list[dict]] = {name: [] for name in settings}
+    load_before = os.getloadavg()[0]
     for _ in range(args.repeats):
         for name, measure in settings.items():
             samples[name].append(measure())
@@ -320,6 +322,7 @@ def main() -> None:
     for name, runs in samples.items():
         ordered = sorted(runs, key=lambda r: r["steps_per_s"])
         steps[name] = {**ordered[len(ordered) // 2], "all_steps_per_s": [r["steps_per_s"] for r in runs]}
+    load_during = [load_before, os.getloadavg()[0]]
     print(json.dumps(steps, indent=1), flush=True)
     steps["flower_messages"] = steps_flower_messages(args.flower_steps)
     traffic = []
@@ -330,7 +333,7 @@ def main() -> None:
     results = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "torch_threads": torch.get_num_threads(), "batch_size": BATCH, "steps": steps, "traffic": traffic,
-        "repeats": args.repeats, "steps_per_measurement": args.steps - 10,
+        "repeats": args.repeats, "steps_per_measurement": args.steps - 10, "load_average_1min": load_during,
     }
     write_report(results)
     print(json.dumps(results, indent=1))
