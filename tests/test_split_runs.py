@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,21 @@ def test_sim_split_digits_produces_run_dir(tmp_path):
     assert rows[-1]["accuracy"] > 0.5 and rows[-1]["bytes_up"] > 0 and len(rows[-1]["clients"]) == 2
     for name in ("config.yaml", "accuracy.png", "checkpoint.pt"):
         assert (run_dir / name).exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["protocol=split", "protocol.handoff=nope"], "protocol.handoff must be one of"),
+        (["protocol=split", "protocol.cut_stage=nope"], "unknown cut stage 'nope'"),
+        (["protocol=ushaped", "protocol.head_stages=5"], "leaves no middle"),
+        (["protocol=split", "protocol.wire_dtype=int8"], "protocol.wire_dtype must be one of"),
+        (["protocol=semisup", "protocol.unlabeled_fraction=1.0"], "unlabeled_fraction must be in [0, 1)"),
+        (["protocol=split", "privacy=dpsgd"], "does not support privacy=dpsgd"),
+    ],
+)
+def test_config_errors_name_the_valid_values(overrides, message):
+    from graftfl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_config(["dataset=digits", *overrides])

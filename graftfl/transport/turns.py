@@ -55,6 +55,11 @@ def validate_split_config(cfg) -> None:
         raise ValueError(f"protocol={protocol.name} does not support privacy={cfg.privacy.name} (use privacy=none)")
     if cfg.resume:
         raise ValueError(f"protocol={protocol.name} cannot resume a run yet (resume=null)")
+    from graftfl.core.models import build_model
+    from graftfl.core.split import cut_points
+
+    # stage names do not depend on the input size: a 3x32x32 stand-in is enough to check the cut
+    cut_points(build_model(cfg.model.name, (3, 32, 32), 10, **cfg.model.get("kwargs", {})), protocol.cut_stage, protocol.get("head_stages"))
 
 
 def max_frame_bytes(cfg) -> int:
