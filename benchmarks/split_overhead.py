@@ -135,6 +135,29 @@ def client_main(address: str, token: str, steps: int, wire_dtype: str) -> None:
     print(json.dumps({"steps_per_s": steps_per_s}))
 
 
+def steps_deploy_local(steps: int) -> dict | None:
+    """(b) inside a real ``graftfl deploy-local`` run (when this checkout has graftfl/deploy.py).
+
+    The server times its data-plane frames: frames/s of the one client turn = steps/s.
+    ClientApp and ServerApp processes use torch's default thread count here.
+    """
+    import importlib.util
+    import secrets
+    import tempfile
+
+    if importlib.util.find_spec("graftfl.deploy") is None:
+        return None
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRAFTFL_SPLIT_KEY": secrets.token_hex(32)}
+    overrides = ["protocol=split", "dataset=fashion_mnist", "num_clients=1", "rounds=1", "train.batch_size=64", f"protocol.turn_batches={steps}", "progress=false"]
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([sys.executable, "-m", "graftfl.cli", "deploy-local", *overrides], cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            return {"error": proc.stderr[-1500:]}
+        run_dir = Path(tmp) / proc.stdout.strip().splitlines()[-1].removeprefix("run: ")
+        row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"steps_per_s": row["client_plane_frames_per_s"][0], "turn_s": row["client_turn_s"][0], "steps": steps, "overrides": overrides}
+
+
 # ------------------------------------------------------------------------- (c)
 
 
@@ -264,13 +287,16 @@ def write_report(results: dict) -> None:
         f"| (b) data plane over loopback, client in a separate process (float32) | {s['data_plane_process']['steps_per_s']:.1f} | {s['data_plane_process']['steps_per_s'] / a:.2f} |",
         f"| (b) data plane over loopback, client in a separate process (float16 wire) | {s['data_plane_process_fp16']['steps_per_s']:.1f} | {s['data_plane_process_fp16']['steps_per_s'] / a:.2f} |",
         f"| (b') data plane over loopback, client thread in the server process | {s['data_plane_thread']['steps_per_s']:.1f} | {s['data_plane_thread']['steps_per_s'] / a:.2f} |",
+        *([f"| (b) data plane inside a `graftfl deploy-local` run (one turn of {s['data_plane_deploy_local']['steps']} batches; server-side frame timing) | "
+            f"{s['data_plane_deploy_local']['steps_per_s']:.1f} | {s['data_plane_deploy_local']['steps_per_s'] / a:.2f} |"] if "steps_per_s" in s.get("data_plane_deploy_local", {}) else []),
         f"| (c) Flower messages, one batch per round trip, simulation | {s['flower_messages']['steps_per_s']:.2f} | {s['flower_messages']['steps_per_s'] / a:.3f} |",
         "",
         f"Target (b) >= 0.85 x (a): **{'met' if s['data_plane_process']['steps_per_s'] >= 0.85 * a else 'missed'}** "
         f"({s['data_plane_process']['steps_per_s'] / a:.2f}).",
         f"Data-plane bytes per step (float32): {s['data_plane_process']['bytes_up_per_step']:.0f} up, {s['data_plane_process']['bytes_down_per_step']:.0f} down.",
-        "(b) is measured with the client as its own process on loopback, not inside a `graftfl deploy-local` run "
-        "(`graftfl/deploy.py` was not on this branch); the Flower control-plane cost of a deployed turn is one message (~6 s, see design.md) per turn, not per batch.",
+        ("(b) inside `deploy-local` was measured with graftfl/deploy.py present; " if "data_plane_deploy_local" in s else
+         "(b) is measured with the client as its own process on loopback, not inside a `graftfl deploy-local` run (no graftfl/deploy.py in this checkout); ")
+        + "the Flower control-plane cost of a deployed turn is one message (~6 s, see design.md) per turn, not per batch.",
         "",
         "## Bytes and client FLOPs per client per epoch (split vs FedAvg)",
         "",
@@ -325,6 +351,9 @@ def main() -> None:
     load_during = [load_before, os.getloadavg()[0]]
     print(json.dumps(steps, indent=1), flush=True)
     steps["flower_messages"] = steps_flower_messages(args.flower_steps)
+    deployed = steps_deploy_local(args.steps)
+    if deployed is not None:
+        steps["data_plane_deploy_local"] = deployed
     traffic = []
     for clients in (5, 100):
         traffic.append(traffic_and_flops("lenet", (1, 28, 28), "conv1", 60000 // clients))

@@ -57,8 +57,15 @@ class Turn:
     attached: bool = False
     ended_cleanly: bool = False
     error: str | None = None
+    first_frame_at: float | None = None
     last_frame_at: float = field(default_factory=time.monotonic)
     stream: object | None = None  # the gRPC context of the attached stream (cancelled when the turn closes)
+
+    def frames_per_second(self) -> float | None:
+        """Frames served per second between the turn's first and last frame (the data plane's pace)."""
+        if self.first_frame_at is None or self.frames < 3:
+            return None
+        return (self.frames - 1) / max(self.last_frame_at - self.first_frame_at, 1e-9)
 
 
 class _Reject(Exception):
@@ -173,6 +180,8 @@ class DataPlaneServer:
             turn.bytes_up += len(raw)
             turn.frames += 1
             turn.last_frame_at = time.monotonic()
+            if turn.first_frame_at is None:
+                turn.first_frame_at = turn.last_frame_at
             if len(raw) > self.max_frame_bytes:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"frame of {len(raw)} bytes exceeds the limit of {self.max_frame_bytes} bytes")
             kind = header["kind"]

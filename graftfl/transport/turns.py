@@ -246,6 +246,8 @@ class SplitRunner:
             "train_loss": metrics.get("train_loss"),
             "client_flops": float(metrics.get("client_flops", 0.0)),
             "turn_s": time.monotonic() - started,
+            # one frame per batch for split/semisup, two for ushaped
+            "plane_frames_per_s": turn.frames_per_second(),
         }
 
     # ------------------------------------------------------------- evaluation
@@ -305,6 +307,7 @@ class SplitRunner:
             "client_bytes_down": [r["bytes_down"] for r in rows],
             "client_flops_per_client": [r["client_flops"] for r in rows],
             "client_turn_s": [r["turn_s"] for r in rows],
+            "client_plane_frames_per_s": [r["plane_frames_per_s"] for r in rows],
             "eval_clients": [r["partition-id"] for r in evaluation["per_client"]],
             "eval_client_accuracy": [r["accuracy"] for r in evaluation["per_client"]],
             "failed_turns": len(failed),
