@@ -1,0 +1,26 @@
+"""Semi-supervised split learning, client side: bottom + decoder; hidden labels never sent."""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+
+from graftfl.core.split import SemisupClient, activation_shape, build_decoder, model_parts
+from graftfl.transport.client_turn import evaluate_turn, train_turn
+
+PROTOCOL = "semisup"
+
+
+def build_role(cfg, model, input_shape, num_classes: int, device) -> SemisupClient:
+    bottom, _top = model_parts(model, cfg.protocol.cut_stage)
+    act_shape = activation_shape(bottom, input_shape)
+    role = SemisupClient(bottom, build_decoder(act_shape, input_shape), alpha=float(cfg.protocol.alpha), device=device)
+    role.act_shape = act_shape
+    return role
+
+
+def train(message: Message, context: Context) -> Message:
+    return train_turn(message, context, build_role)
+
+
+def evaluate(message: Message, context: Context) -> Message:
+    return evaluate_turn(message, context, build_role)

@@ -1,0 +1,25 @@
+"""Split learning, client side: the bottom of the model up to ``protocol.cut_stage``."""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+
+from graftfl.core.split import BottomClient, activation_shape, model_parts
+from graftfl.transport.client_turn import evaluate_turn, train_turn
+
+PROTOCOL = "split"
+
+
+def build_role(cfg, model, input_shape, num_classes: int, device) -> BottomClient:
+    bottom, _top = model_parts(model, cfg.protocol.cut_stage)
+    role = BottomClient(bottom, device=device)
+    role.act_shape = activation_shape(bottom, input_shape)
+    return role
+
+
+def train(message: Message, context: Context) -> Message:
+    return train_turn(message, context, build_role)
+
+
+def evaluate(message: Message, context: Context) -> Message:
+    return evaluate_turn(message, context, build_role)

@@ -1,0 +1,26 @@
+"""U-shaped split learning, client side: bottom and head (+ loss); labels stay here."""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+
+from graftfl.core.split import UShapedClient, activation_shape, model_parts
+from graftfl.transport.client_turn import evaluate_turn, train_turn
+
+PROTOCOL = "ushaped"
+
+
+def build_role(cfg, model, input_shape, num_classes: int, device) -> UShapedClient:
+    bottom, middle, head = model_parts(model, cfg.protocol.cut_stage, int(cfg.protocol.head_stages))
+    role = UShapedClient(bottom, head, device=device)
+    role.act_shape = activation_shape(bottom, input_shape)
+    role.middle_shape = activation_shape(middle, role.act_shape)  # architecture only; the middle's weights stay unused here
+    return role
+
+
+def train(message: Message, context: Context) -> Message:
+    return train_turn(message, context, build_role)
+
+
+def evaluate(message: Message, context: Context) -> Message:
+    return evaluate_turn(message, context, build_role)

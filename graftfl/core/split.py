@@ -1,0 +1,306 @@
+"""Pure-torch pieces of split learning shared by ``split``, ``ushaped`` and ``semisup``.
+
+Server stages (:class:`TopStage`, :class:`MiddleStage`) turn the tensors of one
+incoming data-plane frame into the tensors of the reply; client roles
+(:class:`BottomClient`, :class:`UShapedClient`, :class:`SemisupClient`) run one
+batch given an ``exchange(kind, tensors) -> (tensors, meta)`` callable. The
+transport (gRPC) lives elsewhere; this module knows neither it nor Flower, so the
+same code runs over the data plane, in one process and in the equivalence tests.
+
+Why the split computation equals centralized training (Gupta & Raskar, Lemma 1):
+the client's bottom output ``a`` is the same tensor the whole model would
+compute; the server returns ``dL/da``; ``a.backward(dL/da)`` then gives the
+bottom exactly the gradients of the whole model. Each part steps its own
+optimizer over its own parameters, which for SGD/Adam (per-parameter state) is
+the same as one optimizer over all parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from graftfl.core.models import StagedModel, cut_model
+
+Exchange = Callable[[str, dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict]]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What an incoming tensor must look like.
+
+    ``shape`` gives the per-sample shape (the batch dimension is checked
+    separately) or, with ``exact``, the whole shape. ``num_classes`` marks an
+    integer label tensor whose values must lie in ``[0, num_classes)``.
+    """
+
+    shape: tuple[int, ...]
+    floating: bool = True
+    num_classes: int | None = None
+    exact: bool = False
+
+
+# ------------------------------------------------------------------ cutting ---
+
+
+def cut_points(model: StagedModel, cut_stage: str | None, head_stages: int | None = None) -> list[str]:
+    """Stage names after which to cut: ``[cut]`` for split, ``[cut, last middle]`` with ``head_stages``.
+
+    ``cut_stage`` null means the model's first stage (``conv1`` for LeNet).
+    ``head_stages`` is how many final stages the client keeps (U-shaped).
+    """
+    names = model.stage_names
+    cut = cut_stage or names[0]
+    if cut not in names:
+        raise ValueError(f"unknown cut stage '{cut}'; stages of {type(model).__name__}: {names}")
+    if head_stages is None:
+        return [cut]
+    middle_end = len(names) - 1 - int(head_stages)
+    if head_stages < 1 or middle_end <= names.index(cut):
+        raise ValueError(f"head_stages={head_stages} leaves no middle after cut stage '{cut}' (stages: {names})")
+    return [cut, names[middle_end]]
+
+
+def activation_shape(bottom: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """Per-sample shape of the bottom's output."""
+    was_training = bottom.training
+    bottom.eval()
+    with torch.no_grad():
+        shape = tuple(bottom(torch.zeros(1, *input_shape)).shape[1:])
+    bottom.train(was_training)
+    return shape
+
+
+def build_decoder(act_shape: Sequence[int], input_shape: Sequence[int]) -> nn.Module:
+    """A small decoder from cut activations back to the input (semi-supervised split, Alg. 3).
+
+    Image-shaped activations are upsampled and mapped back with one 3x3 conv;
+    flat activations with one linear layer.
+    """
+    if len(act_shape) == 3 and len(input_shape) == 3:
+        return nn.Sequential(nn.Upsample(size=tuple(input_shape[1:]), mode="nearest"), nn.Conv2d(act_shape[0], input_shape[0], 3, padding=1))
+    flat_in, flat_out = int(torch.tensor(act_shape).prod()), int(torch.tensor(input_shape).prod())
+    return nn.Sequential(nn.Flatten(), nn.Linear(flat_in, flat_out), nn.Unflatten(1, tuple(input_shape)))
+
+
+def test_subset(x: torch.Tensor, y: torch.Tensor, size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The server test set selection (the same draw as ``ServerRun.test_set``)."""
+    if size:
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[: int(size)]
+        x, y = x[order], y[order]
+    return x, y
+
+
+# ------------------------------------------------------------ server stages ---
+
+
+class TopStage:
+    """Server side of ``split``/``semisup``: the top of the model and the loss.
+
+    Frames: ``train`` (activations, labels) -> ``gradient`` (gradient of the
+    activations) after one optimizer step of the top; ``eval`` (activations,
+    labels) -> ``eval_result`` with the batch's loss sum and correct count
+    (also accumulated in the session state under ``"eval"``).
+    """
+
+    def __init__(self, top: nn.Module, optimizer: torch.optim.Optimizer, act_shape: Sequence[int], num_classes: int, device: torch.device | str = "cpu"):
+        self.top, self.optimizer = top.to(device), optimizer
+        self.act_shape, self.num_classes, self.device = tuple(act_shape), int(num_classes), torch.device(device)
+        self.steps = 0
+
+    def input_specs(self, kind: str, state: dict) -> dict[str, TensorSpec] | None:
+        if kind in ("train", "eval"):
+            return {"activations": TensorSpec(self.act_shape), "labels": TensorSpec((), floating=False, num_classes=self.num_classes)}
+        return None
+
+    def handle(self, kind: str, tensors: dict[str, torch.Tensor], state: dict) -> tuple[str, dict[str, torch.Tensor], dict]:
+        activations = tensors["activations"].to(self.device)
+        labels = tensors["labels"].to(self.device)
+        if kind == "eval":
+            self.top.eval()
+            with torch.no_grad():
+                logits = self.top(activations)
+                loss_sum = float(F.cross_entropy(logits, labels, reduction="sum"))
+                correct = int((logits.argmax(1) == labels).sum())
+            totals = state.setdefault("eval", {"loss_sum": 0.0, "correct": 0, "count": 0})
+            totals["loss_sum"] += loss_sum
+            totals["correct"] += correct
+            totals["count"] += len(labels)
+            return "eval_result", {}, {"loss_sum": loss_sum, "correct": correct}
+        self.top.train()
+        activations.requires_grad_(True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.top(activations), labels)
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        return "gradient", {"gradient": activations.grad.detach().cpu()}, {"loss": float(loss.detach())}
+
+
+class MiddleStage:
+    """Server side of ``ushaped``: the middle of the model, no labels, no loss.
+
+    Frames: ``forward`` (activations) -> ``middle`` (outputs), keeping the graph
+    in the session state; ``backward`` (gradient of those outputs) ->
+    ``gradient`` (gradient of the activations) after one optimizer step;
+    ``eval_forward`` (activations) -> ``middle`` without a graph. A session that
+    ends between ``forward`` and ``backward`` leaves the middle untouched.
+    """
+
+    def __init__(self, middle: nn.Module, optimizer: torch.optim.Optimizer, act_shape: Sequence[int], out_shape: Sequence[int], device: torch.device | str = "cpu"):
+        self.middle, self.optimizer = middle.to(device), optimizer
+        self.act_shape, self.out_shape, self.device = tuple(act_shape), tuple(out_shape), torch.device(device)
+        self.steps = 0
+
+    def input_specs(self, kind: str, state: dict) -> dict[str, TensorSpec] | None:
+        if kind in ("forward", "eval_forward"):
+            return {"activations": TensorSpec(self.act_shape)}
+        if kind == "backward" and "pending" in state:
+            return {"gradient": TensorSpec(tuple(state["pending"][1].shape), exact=True)}
+        return None
+
+    def handle(self, kind: str, tensors: dict[str, torch.Tensor], state: dict) -> tuple[str, dict[str, torch.Tensor], dict]:
+        if kind == "eval_forward":
+            self.middle.eval()
+            with torch.no_grad():
+                return "middle", {"outputs": self.middle(tensors["activations"].to(self.device)).cpu()}, {}
+        if kind == "forward":
+            self.middle.train()
+            activations = tensors["activations"].to(self.device).requires_grad_(True)
+            outputs = self.middle(activations)
+            state["pending"] = (activations, outputs)
+            return "middle", {"outputs": outputs.detach().cpu()}, {}
+        activations, outputs = state.pop("pending")
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs.backward(tensors["gradient"].to(self.device))
+        self.optimizer.step()
+        self.steps += 1
+        return "gradient", {"gradient": activations.grad.detach().cpu()}, {}
+
+
+# ------------------------------------------------------------- client roles ---
+
+
+class BottomClient:
+    """Client side of ``split``: holds the bottom, sends activations and labels.
+
+    Parameters
+    ----------
+    bottom : nn.Module
+        The client's layers up to the cut.
+    optimizer : torch.optim.Optimizer, optional
+        Over the parameters of :meth:`modules` (its state travels with the
+        weights); may be set after construction.
+    """
+
+    def __init__(self, bottom: nn.Module, optimizer: torch.optim.Optimizer | None = None, device: torch.device | str = "cpu"):
+        self.bottom, self.optimizer, self.device = bottom.to(device), optimizer, torch.device(device)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"bottom": self.bottom}
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> float:
+        self.bottom.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        activations = self.bottom(x.to(self.device))
+        reply, meta = exchange("train", {"activations": activations.detach().cpu(), "labels": y})
+        activations.backward(reply["gradient"].to(self.device, activations.dtype))
+        self.optimizer.step()
+        return float(meta.get("loss", float("nan")))
+
+    @torch.no_grad()
+    def eval_batch(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> dict:
+        self.bottom.eval()
+        _, meta = exchange("eval", {"activations": self.bottom(x.to(self.device)).cpu(), "labels": y})
+        return {"loss_sum": float(meta["loss_sum"]), "correct": int(meta["correct"]), "count": len(y)}
+
+
+class UShapedClient:
+    """Client side of ``ushaped``: bottom and head (+ loss); labels never leave.
+
+    One training batch is two exchanges: ``forward`` (bottom activations ->
+    middle outputs) and ``backward`` (gradient of the middle outputs -> gradient
+    of the bottom activations).
+    """
+
+    def __init__(self, bottom: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer | None = None, device: torch.device | str = "cpu"):
+        self.bottom, self.head, self.optimizer, self.device = bottom.to(device), head.to(device), optimizer, torch.device(device)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"bottom": self.bottom, "head": self.head}
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> float:
+        self.bottom.train()
+        self.head.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        activations = self.bottom(x.to(self.device))
+        reply, _ = exchange("forward", {"activations": activations.detach().cpu()})
+        middle_out = reply["outputs"].to(self.device).requires_grad_(True)
+        loss = F.cross_entropy(self.head(middle_out), y.to(self.device))
+        loss.backward()
+        reply, _ = exchange("backward", {"gradient": middle_out.grad.detach().cpu()})
+        activations.backward(reply["gradient"].to(self.device, activations.dtype))
+        self.optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def eval_batch(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> dict:
+        self.bottom.eval()
+        self.head.eval()
+        reply, _ = exchange("eval_forward", {"activations": self.bottom(x.to(self.device)).cpu()})
+        logits = self.head(reply["outputs"].to(self.device))
+        y = y.to(self.device)
+        return {"loss_sum": float(F.cross_entropy(logits, y, reduction="sum")), "correct": int((logits.argmax(1) == y).sum()), "count": len(y)}
+
+
+class SemisupClient(BottomClient):
+    """Client side of ``semisup`` (Alg. 3): bottom + decoder.
+
+    The bottom's gradient is the server's gradient (labeled rows only) plus
+    ``alpha`` times the gradient of the reconstruction loss (all rows). Labels
+    of unlabeled rows are never sent; a batch without labeled rows makes no
+    exchange at all.
+    """
+
+    def __init__(self, bottom: nn.Module, decoder: nn.Module, optimizer: torch.optim.Optimizer | None = None, alpha: float = 1.0, device: torch.device | str = "cpu"):
+        super().__init__(bottom, optimizer, device)
+        self.decoder, self.alpha = decoder.to(device), float(alpha)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"bottom": self.bottom, "decoder": self.decoder}
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange, labeled: torch.Tensor | None = None) -> float:
+        labeled = torch.ones(len(y), dtype=torch.bool) if labeled is None else labeled.bool()
+        self.bottom.train()
+        self.decoder.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        x = x.to(self.device)
+        activations = self.bottom(x)
+        reconstruction_loss = F.mse_loss(self.decoder(activations), x)
+        surrogate = self.alpha * reconstruction_loss
+        loss = float("nan")
+        if labeled.any():
+            reply, meta = exchange("train", {"activations": activations[labeled].detach().cpu(), "labels": y[labeled]})
+            # sum(a * g) has gradient g with respect to a: the server's gradient on labeled rows.
+            surrogate = surrogate + (activations[labeled] * reply["gradient"].to(self.device, activations.dtype)).sum()
+            loss = float(meta.get("loss", loss))
+        surrogate.backward()
+        self.optimizer.step()
+        return loss
+
+
+def hidden_label_mask(num_samples: int, unlabeled_fraction: float, seed: int) -> torch.Tensor:
+    """Boolean mask of the samples whose labels are hidden (semi-supervised setting)."""
+    hidden = torch.zeros(num_samples, dtype=torch.bool)
+    count = int(round(num_samples * float(unlabeled_fraction)))
+    hidden[torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))[:count]] = True
+    return hidden
+
+
+def model_parts(model: StagedModel, cut_stage: str | None, head_stages: int | None = None) -> list[StagedModel]:
+    """``[bottom, top]`` (split) or ``[bottom, middle, head]`` (U-shaped) of ``model``."""
+    return cut_model(model, cut_points(model, cut_stage, head_stages))

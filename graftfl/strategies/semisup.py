@@ -1,0 +1,30 @@
+"""Semi-supervised split learning, server side (Gupta & Raskar Alg. 3).
+
+The server is the same as in ``split`` (top + loss on the labeled rows the
+clients send); the decoder and the reconstruction loss live on the clients.
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp import Grid
+
+from graftfl.core.split import TopStage, activation_shape, model_parts
+from graftfl.strategies.utils import ServerRun
+from graftfl.transport.turns import SplitRunner, server_optimizer, validate_split_config
+
+PROTOCOL = "semisup"
+
+
+def validate_config(cfg) -> None:
+    validate_split_config(cfg)
+    if not 0.0 <= float(cfg.protocol.unlabeled_fraction) < 1.0:
+        raise ValueError(f"protocol.unlabeled_fraction must be in [0, 1), got {cfg.protocol.unlabeled_fraction}")
+    if float(cfg.protocol.alpha) < 0:
+        raise ValueError(f"protocol.alpha must be >= 0, got {cfg.protocol.alpha}")
+
+
+def run(grid: Grid, run: ServerRun) -> dict:
+    bottom, top = model_parts(run.new_model(), run.cfg.protocol.cut_stage)
+    stage = TopStage(top, server_optimizer(run.cfg, top), activation_shape(bottom, run.data.input_shape), run.data.num_classes, run.device)
+    summary = SplitRunner(grid, run, PROTOCOL, stage, top).run_rounds()
+    return {**summary, "unlabeled_fraction": float(run.cfg.protocol.unlabeled_fraction), "alpha": float(run.cfg.protocol.alpha)}

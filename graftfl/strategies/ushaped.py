@@ -1,0 +1,35 @@
+"""U-shaped split learning, server side (Gupta & Raskar §3.6): only the middle of the model.
+
+The client keeps the bottom and the head with the loss, so labels never reach
+the server: the server receives activations, returns the middle's outputs,
+then receives their gradient and returns the gradient of the activations.
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp import Grid
+
+from graftfl.core.split import MiddleStage, activation_shape, model_parts
+from graftfl.strategies.utils import ServerRun
+from graftfl.transport.turns import SplitRunner, server_optimizer, validate_split_config
+
+PROTOCOL = "ushaped"
+
+
+def validate_config(cfg) -> None:
+    validate_split_config(cfg)
+    if int(cfg.protocol.head_stages) < 1:
+        raise ValueError("protocol.head_stages must be >= 1 (the client keeps at least the last stage and the loss)")
+
+
+def build_stage(run: ServerRun) -> tuple[MiddleStage, object]:
+    bottom, middle, _head = model_parts(run.new_model(), run.cfg.protocol.cut_stage, int(run.cfg.protocol.head_stages))
+    act_shape = activation_shape(bottom, run.data.input_shape)
+    out_shape = activation_shape(middle, act_shape)
+    stage = MiddleStage(middle, server_optimizer(run.cfg, middle), act_shape, out_shape, run.device)
+    return stage, middle
+
+
+def run(grid: Grid, run: ServerRun) -> dict:
+    stage, middle = build_stage(run)
+    return SplitRunner(grid, run, PROTOCOL, stage, middle).run_rounds()

@@ -1,0 +1,103 @@
+"""The data plane's one message: a small framed record of named tensors.
+
+Layout of a frame (all integers big-endian)::
+
+    b"GFL1" | u32 header length | header (UTF-8 JSON) | tensor payloads, in header order
+
+The header is ``{"token", "kind", "meta", "tensors": [{"name", "shape", "dtype"}, ...]}``.
+Payloads are the raw bytes of :func:`graftfl.core.codec.tensor_to_bytes`, so the
+wire dtype (``float32|float16|bfloat16`` for activations and gradients,
+``int64`` for labels) travels with each tensor. No protoc is needed: gRPC moves
+the frame as opaque bytes and :func:`encode_frame` / :func:`parse_frame` are the
+(de)serializers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+from graftfl.core.codec import WIRE_DTYPES, tensor_from_bytes, tensor_to_bytes, wire_dtype
+
+MAGIC = b"GFL1"
+MAX_HEADER_BYTES = 64 * 1024
+FLOAT_WIRE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class FrameError(ValueError):
+    """A frame that cannot be parsed or does not match what the receiver expects."""
+
+
+@dataclass
+class Frame:
+    """One data-plane message: a kind, the turn token, named tensors and small JSON extras."""
+
+    kind: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    token: str = ""
+
+
+def encode_frame(frame: Frame, float_dtype: str = "float32") -> bytes:
+    """Serialize ``frame``; floating tensors are cast to ``float_dtype`` on the wire."""
+    if float_dtype not in FLOAT_WIRE_DTYPES:
+        raise ValueError(f"wire dtype must be one of {list(FLOAT_WIRE_DTYPES)}, got '{float_dtype}'")
+    entries, payloads = [], []
+    for name, tensor in frame.tensors.items():
+        dtype = float_dtype if tensor.is_floating_point() else "int64"
+        entries.append({"name": name, "shape": list(tensor.shape), "dtype": dtype})
+        payloads.append(tensor_to_bytes(tensor, dtype))
+    header = json.dumps({"token": frame.token, "kind": frame.kind, "meta": frame.meta, "tensors": entries}).encode()
+    return b"".join([MAGIC, struct.pack(">I", len(header)), header, *payloads])
+
+
+def parse_header(raw: bytes) -> tuple[dict, int]:
+    """The JSON header of ``raw`` and the offset of the first payload byte."""
+    if len(raw) < 8 or raw[:4] != MAGIC:
+        raise FrameError("not a graftfl data-plane frame (bad magic)")
+    (length,) = struct.unpack(">I", raw[4:8])
+    if length > MAX_HEADER_BYTES or 8 + length > len(raw):
+        raise FrameError(f"frame header length {length} is invalid")
+    try:
+        header = json.loads(raw[8 : 8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FrameError(f"frame header is not JSON: {err}") from err
+    if not isinstance(header, dict) or not isinstance(header.get("kind"), str) or not isinstance(header.get("tensors", []), list):
+        raise FrameError("frame header needs a 'kind' string and a 'tensors' list")
+    return header, 8 + length
+
+
+def decode_tensors(header: dict, raw: bytes, offset: int) -> dict[str, torch.Tensor]:
+    """The tensors of a parsed frame (floating ones widened to float32)."""
+    tensors: dict[str, torch.Tensor] = {}
+    view = memoryview(raw)  # slices of a memoryview do not copy; tensor_from_bytes copies once
+    for entry in header.get("tensors", []):
+        try:
+            name, shape, dtype = str(entry["name"]), [int(d) for d in entry["shape"]], str(entry["dtype"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise FrameError(f"bad tensor entry {entry!r}: {err}") from err
+        if dtype not in WIRE_DTYPES or any(d < 0 for d in shape):
+            raise FrameError(f"tensor '{name}': bad dtype '{dtype}' or shape {shape}")
+        size = math.prod(shape) * torch.empty((), dtype=wire_dtype(dtype)).element_size()
+        if offset + size > len(raw):
+            raise FrameError(f"tensor '{name}' ({shape}, {dtype}) runs past the end of the frame")
+        tensors[name] = tensor_from_bytes(view[offset : offset + size], shape, dtype)
+        offset += size
+    if offset != len(raw):
+        raise FrameError(f"frame has {len(raw) - offset} trailing bytes")
+    return tensors
+
+
+def decode_frame(raw: bytes) -> Frame:
+    """Inverse of :func:`encode_frame` (no validation beyond well-formedness)."""
+    header, offset = parse_header(raw)
+    return Frame(kind=header["kind"], tensors=decode_tensors(header, raw, offset), meta=header.get("meta") or {}, token=str(header.get("token", "")))
+
+
+def wire_dtypes_of(header: dict) -> dict[str, str]:
+    """``{tensor name: wire dtype}`` as declared in a frame header."""
+    return {str(entry.get("name")): str(entry.get("dtype")) for entry in header.get("tensors", [])}

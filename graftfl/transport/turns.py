@@ -1,0 +1,318 @@
+"""Server-side turn orchestration shared by ``split``, ``ushaped`` and ``semisup``.
+
+Flower is the control plane: each client *turn* is one ``train.<protocol>``
+message carrying the data-plane address, a one-time token, the turn length and
+the protocol config (plus the relayed ciphertext or the averaged weights); the
+per-batch traffic runs over :class:`~graftfl.transport.server.DataPlaneServer`
+meanwhile. Evaluation is an ``evaluate.<protocol>`` message through the same
+path: the client streams the server's test set through its bottom, so with
+``relay`` the server never needs the bottom weights it only holds as ciphertext.
+
+Faults: a turn whose reply is an error or does not arrive within
+``protocol.turn_timeout_s`` is recorded in ``failed_turns``; its token is
+revoked, the server's model part stays as after the last completed step, and
+the next client continues (from the last handed-back ciphertext with relay).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from graftfl.core.train import make_optimizer
+from graftfl.strategies.utils import ServerRun, arrays_nbytes, wait_for_nodes
+from graftfl.transport.server import DataPlaneServer
+
+log = logging.getLogger(__name__)
+
+HANDOFFS = ("relay", "local", "average")
+TURN_ORDERS = ("round_robin", "random")
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+RELAY_KEY = "relay-ciphertext"
+AVERAGE_KEY = "average"
+
+
+def validate_split_config(cfg) -> None:
+    """Checks shared by the split protocols (raise ValueError with the valid values)."""
+    protocol = cfg.protocol
+    if protocol.handoff not in HANDOFFS:
+        raise ValueError(f"protocol.handoff must be one of {list(HANDOFFS)}, got '{protocol.handoff}'")
+    if protocol.turn_order not in TURN_ORDERS:
+        raise ValueError(f"protocol.turn_order must be one of {list(TURN_ORDERS)}, got '{protocol.turn_order}'")
+    if protocol.wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"protocol.wire_dtype must be one of {list(WIRE_DTYPES)}, got '{protocol.wire_dtype}'")
+    if protocol.turn_batches is not None and int(protocol.turn_batches) < 1:
+        raise ValueError("protocol.turn_batches must be >= 1 or null (one local epoch per turn)")
+    if float(protocol.turn_timeout_s) <= 0 or float(protocol.max_frame_mb) <= 0:
+        raise ValueError("protocol.turn_timeout_s and protocol.max_frame_mb must be > 0")
+    if cfg.privacy.name != "none":
+        raise ValueError(f"protocol={protocol.name} does not support privacy={cfg.privacy.name} (use privacy=none)")
+    if cfg.resume:
+        raise ValueError(f"protocol={protocol.name} cannot resume a run yet (resume=null)")
+    from graftfl.core.models import build_model
+    from graftfl.core.split import cut_points
+
+    # stage names do not depend on the input size: a 3x32x32 stand-in is enough to check the cut
+    cut_points(build_model(cfg.model.name, (3, 32, 32), 10, **cfg.model.get("kwargs", {})), protocol.cut_stage, protocol.get("head_stages"))
+
+
+def max_frame_bytes(cfg) -> int:
+    return int(float(cfg.protocol.max_frame_mb) * (1 << 20))
+
+
+def start_data_plane(cfg, stage) -> DataPlaneServer:
+    """The data plane for ``stage``, with the config's addresses, limits and TLS files."""
+    tls = cfg.get("tls") or {}
+    return DataPlaneServer(
+        stage,
+        bind_address=cfg.protocol.bind_address,
+        advertise_address=cfg.protocol.advertise_address,
+        wire_dtype=cfg.protocol.wire_dtype,
+        max_batch=max(int(cfg.train.batch_size), int(cfg.eval.batch_size)),
+        max_frame_bytes=max_frame_bytes(cfg),
+        server_cert=tls.get("server_cert"),
+        server_key=tls.get("server_key"),
+    ).start()
+
+
+def server_optimizer(cfg, module: torch.nn.Module) -> torch.optim.Optimizer:
+    return make_optimizer(cfg.train.optimizer, module.parameters(), cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay)
+
+
+@dataclass
+class HandoffState:
+    """What the server keeps between turns: ciphertext (relay) or averaged arrays (average)."""
+
+    mode: str
+    ciphertext: bytes | None = None
+    average: ArrayRecord | None = None
+    round_weights: list[tuple[int, ArrayRecord]] = field(default_factory=list)
+
+    def outgoing(self) -> tuple[RecordDict, int]:
+        """Records to add to a turn message and their payload bytes."""
+        records, nbytes = {}, 0
+        if self.mode == "relay" and self.ciphertext is not None:
+            records["handoff"] = ConfigRecord({RELAY_KEY: self.ciphertext})
+            nbytes = len(self.ciphertext)
+        if self.mode == "average" and self.average is not None:
+            records[AVERAGE_KEY] = self.average
+            nbytes = arrays_nbytes(self.average)
+        return records, nbytes
+
+    def accept(self, reply: Message, samples: int) -> int:
+        """Take what a finished turn handed back; returns its payload bytes."""
+        if self.mode == "relay":
+            self.ciphertext = bytes(reply.content["handoff"][RELAY_KEY])
+            return len(self.ciphertext)
+        if self.mode == "average":
+            arrays = reply.content[AVERAGE_KEY]
+            self.round_weights.append((samples, arrays))
+            return arrays_nbytes(arrays)
+        return 0
+
+    def end_round(self) -> None:
+        """SplitFed-style: the clients' parts averaged, weighted by samples trained."""
+        if self.mode != "average" or not self.round_weights:
+            return
+        total = sum(samples for samples, _ in self.round_weights) or 1
+        keys = list(self.round_weights[0][1].keys())
+        averaged = {}
+        for key in keys:
+            arrays = [arrays[key].numpy() for _, arrays in self.round_weights]
+            if np.issubdtype(arrays[0].dtype, np.floating):
+                averaged[key] = sum(a.astype(np.float64) * (samples / total) for (samples, _), a in zip(self.round_weights, arrays)).astype(arrays[0].dtype)
+            else:  # counters such as batch norm's num_batches_tracked
+                averaged[key] = arrays[-1]
+        self.average = ArrayRecord({key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in averaged.items()})
+        self.round_weights = []
+
+
+def send_one(grid, message: Message, timeout_s: float) -> tuple[Message | None, str | None]:
+    """Send one message and wait for its reply: ``(reply, None)`` or ``(None, reason)``."""
+    replies = list(grid.send_and_receive([message], timeout=timeout_s))
+    if not replies:
+        return None, f"no reply within {timeout_s:.0f} s"
+    reply = replies[0]
+    if reply.has_error():
+        return None, f"client error: {reply.error.reason}"
+    return reply, None
+
+
+def turn_order(nodes: list[int], mode: str, seed: int, round_number: int) -> list[int]:
+    if mode == "random":
+        order = list(nodes)
+        random.Random(seed * 7919 + round_number).shuffle(order)
+        return order
+    return list(nodes)
+
+
+def is_simulation(grid) -> bool:
+    """Flower's simulation runs the ServerApp on an in-memory grid."""
+    return type(grid).__name__ == "InMemoryGrid"
+
+
+def cfg_cut_stage(run: ServerRun) -> str:
+    """The stage name the model is cut after (``protocol.cut_stage`` or the first stage)."""
+    return run.cfg.protocol.cut_stage or run.new_model().stage_names[0]
+
+
+class SplitRunner:
+    """Runs the rounds of one split protocol (one turn per client per round).
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+        The control plane.
+    run : ServerRun
+        Config, recorder, test set.
+    protocol : str
+        ``split``, ``ushaped`` or ``semisup`` (the message types' suffix).
+    stage : TopStage | MiddleStage
+        The server's model part (from :mod:`graftfl.core.split`).
+    server_part : torch.nn.Module
+        The module inside ``stage`` (checkpointed each round).
+    """
+
+    def __init__(self, grid, run: ServerRun, protocol: str, stage, server_part: torch.nn.Module):
+        self.grid, self.run, self.cfg, self.protocol = grid, run, run.cfg, protocol
+        self.stage, self.server_part = stage, server_part
+        self.handoff = HandoffState(self.cfg.protocol.handoff)
+        self.partition_of: dict[int, int] = {}
+        self.failed_turns: list[dict] = []
+        self.simulated = is_simulation(grid)
+        self.cut_stage = cfg_cut_stage(run)
+
+
+    def run_rounds(self) -> dict:
+        cfg = self.cfg
+        nodes = wait_for_nodes(self.grid, cfg.num_clients, cfg.timeout_s)
+        self.plane = start_data_plane(cfg, self.stage)
+        print(f"[{self.protocol}] data plane on {self.plane.address} (tls={self.plane.tls}, handoff={cfg.protocol.handoff})", flush=True)
+        try:
+            self.run.round_seconds()
+            for round_number in range(1, cfg.rounds + 1):
+                rows = [self.client_turn(node, round_number, index) for index, node in enumerate(turn_order(nodes, cfg.protocol.turn_order, cfg.seed, round_number))]
+                self.handoff.end_round()
+                evaluation = self.evaluate(nodes, round_number)
+                self.log_round(round_number, [r for r in rows if r is not None], evaluation)
+        finally:
+            self.plane.stop()
+        return {"failed_turns": self.failed_turns, "handoff": cfg.protocol.handoff, "cut_stage": self.cut_stage, "data_plane_tls": self.plane.tls}
+
+    # ------------------------------------------------------------------ turns
+    def message(self, node: int, category: str, turn, round_number: int, **fields) -> tuple[Message, int]:
+        records, nbytes = self.handoff.outgoing()
+        config = self.run.config_record(**{
+            "server-round": round_number,
+            "data-plane-address": self.plane.address,
+            "data-plane-token": turn.token,
+            "simulated": self.simulated,
+            **fields,
+        })
+        content = RecordDict({"config": config, **records})
+        return Message(content=content, dst_node_id=node, message_type=f"{category}.{self.protocol}"), nbytes
+
+    def client_turn(self, node: int, round_number: int, index: int) -> dict | None:
+        turn = self.plane.open_turn(label=f"round {round_number} node {node}")
+        steps_before = self.stage.steps
+        message, bytes_down = self.message(node, "train", turn, round_number, **{"turn-index": index})
+        started = time.monotonic()
+        reply, failure = send_one(self.grid, message, float(self.cfg.protocol.turn_timeout_s))
+        self.plane.close_turn(turn)
+        if failure is not None:
+            record = {
+                "round": round_number, "node": node, "partition-id": self.partition_of.get(node, -1), "reason": failure,
+                "server_steps_kept": self.stage.steps - steps_before, "stream_error": turn.error,
+            }
+            self.failed_turns.append(record)
+            log.warning("split turn failed: %s", record)
+            print(f"[{self.protocol}] round {round_number}: turn of node {node} failed ({failure}); continuing with the next client", flush=True)
+            return None
+        metrics = dict(reply.content["metrics"])
+        partition = int(metrics.get("partition-id", -1))
+        self.partition_of[node] = partition
+        handed_back = self.handoff.accept(reply, int(metrics.get("samples", 0)))
+        return {
+            "partition-id": partition,
+            "bytes_up": turn.bytes_up + handed_back,
+            "bytes_down": turn.bytes_down + bytes_down,
+            "steps": int(metrics.get("steps", 0)),
+            "train_loss": metrics.get("train_loss"),
+            "client_flops": float(metrics.get("client_flops", 0.0)),
+            "turn_s": time.monotonic() - started,
+            # one frame per batch for split/semisup, two for ushaped
+            "plane_frames_per_s": turn.frames_per_second(),
+        }
+
+    # ------------------------------------------------------------- evaluation
+    def evaluate(self, nodes: list[int], round_number: int) -> dict:
+        """Test-set accuracy through the split path (every site's own model with ``local``)."""
+        if self.cfg.protocol.handoff == "local":
+            targets = nodes
+        else:  # the latest relayed / averaged weights: any client can load them
+            targets = [nodes[0]]
+        results = [r for r in (self.evaluate_on(node, round_number) for node in targets) if r is not None]
+        if not results:
+            return {"accuracy": None, "loss": None, "bytes_up": 0, "bytes_down": 0, "per_client": []}
+        return {
+            "accuracy": float(np.mean([r["accuracy"] for r in results])),
+            "loss": float(np.mean([r["loss"] for r in results])),
+            "bytes_up": sum(r["bytes_up"] for r in results),
+            "bytes_down": sum(r["bytes_down"] for r in results),
+            "per_client": results,
+        }
+
+    def evaluate_on(self, node: int, round_number: int) -> dict | None:
+        turn = self.plane.open_turn(label=f"evaluate round {round_number} node {node}")
+        message, bytes_down = self.message(node, "evaluate", turn, round_number)
+        reply, failure = send_one(self.grid, message, float(self.cfg.protocol.turn_timeout_s))
+        self.plane.close_turn(turn)
+        if failure is not None:
+            log.warning("evaluation on node %s failed: %s", node, failure)
+            return None
+        # split/semisup: the server counted the test results itself; ushaped: only the client sees labels.
+        totals = turn.state.get("eval") or dict(reply.content["metrics"])
+        count = max(int(totals["count"]), 1)
+        return {
+            "partition-id": int(reply.content["metrics"].get("partition-id", -1)),
+            "accuracy": float(totals["correct"]) / count,
+            "loss": float(totals["loss_sum"]) / count,
+            "bytes_up": turn.bytes_up,
+            "bytes_down": turn.bytes_down + bytes_down,
+        }
+
+    # ---------------------------------------------------------------- metrics
+    def log_round(self, round_number: int, rows: list[dict], evaluation: dict) -> None:
+        rows = sorted(rows, key=lambda r: r["partition-id"])
+        failed = [f for f in self.failed_turns if f["round"] == round_number]
+        row = {
+            "round": round_number,
+            "accuracy": evaluation["accuracy"],
+            "loss": evaluation["loss"],
+            "bytes_up": sum(r["bytes_up"] for r in rows) + evaluation["bytes_up"],
+            "bytes_down": sum(r["bytes_down"] for r in rows) + evaluation["bytes_down"],
+            "client_flops": sum(r["client_flops"] for r in rows),
+            "wall_s": self.run.round_seconds(),
+            "server_steps": self.stage.steps,
+            "clients": [r["partition-id"] for r in rows],
+            "client_steps": [r["steps"] for r in rows],
+            "client_train_loss": [r["train_loss"] for r in rows],
+            "client_bytes_up": [r["bytes_up"] for r in rows],
+            "client_bytes_down": [r["bytes_down"] for r in rows],
+            "client_flops_per_client": [r["client_flops"] for r in rows],
+            "client_turn_s": [r["turn_s"] for r in rows],
+            "client_plane_frames_per_s": [r["plane_frames_per_s"] for r in rows],
+            "eval_clients": [r["partition-id"] for r in evaluation["per_client"]],
+            "eval_client_accuracy": [r["accuracy"] for r in evaluation["per_client"]],
+            "failed_turns": len(failed),
+        }
+        self.run.recorder.log_round(row)
+        self.run.checkpoint(round_number, self.server_part, {"part": "server", "protocol": self.protocol, RELAY_KEY: self.handoff.ciphertext})
+        accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        print(f"[{self.protocol}] round {round_number}/{self.cfg.rounds} accuracy {accuracy} failed turns {len(failed)}", flush=True)

@@ -1,0 +1,280 @@
+"""The data plane: token checks, frame validation, label privacy, encryption, abandoned turns."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+import torch
+from cryptography.exceptions import InvalidTag
+
+from graftfl.core.models import build_model
+from graftfl.core.split import BottomClient, MiddleStage, TopStage, UShapedClient, activation_shape, model_parts
+from graftfl.core.train import make_optimizer
+from graftfl.transport.client import DataPlaneClient, DataPlaneError
+from graftfl.transport.client_turn import role_state
+from graftfl.transport.frames import Frame, encode_frame, parse_header
+from graftfl.transport.handoff import decrypt_state, encrypt_state, parse_key, simulation_key
+from graftfl.transport.server import DataPlaneServer
+
+INPUT_SHAPE, NUM_CLASSES, BATCH = (1, 8, 8), 10, 8
+
+
+def lenet():
+    torch.manual_seed(0)
+    return build_model("lenet", INPUT_SHAPE, NUM_CLASSES)
+
+
+def make_top_server(**kwargs):
+    bottom, top = model_parts(lenet(), None)
+    act_shape = activation_shape(bottom, INPUT_SHAPE)
+    stage = TopStage(top, make_optimizer("sgd", top.parameters(), 0.1), act_shape, NUM_CLASSES)
+    return DataPlaneServer(stage, max_batch=BATCH, **kwargs).start(), act_shape
+
+
+def good_frame(act_shape, token, batch=BATCH, **overrides):
+    tensors = {"activations": torch.randn(batch, *act_shape), "labels": torch.randint(0, NUM_CLASSES, (batch,))}
+    tensors.update(overrides)
+    return Frame("train", tensors, token=token)
+
+
+@pytest.fixture
+def top_server():
+    server, act_shape = make_top_server(max_frame_bytes=16 * 1024)
+    yield server, act_shape
+    server.stop()
+
+
+BAD_FRAMES = {
+    "wrong token": (grpc.StatusCode.UNAUTHENTICATED, lambda s, turn: encode_frame(good_frame(s, "not-the-token"))),
+    "wrong shape": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, activations=torch.randn(BATCH, 3, 2, 2)))),
+    "batch mismatch": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, labels=torch.zeros(BATCH - 1, dtype=torch.long)))),
+    "wrong dtype": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token), "float16")),
+    "nan": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, activations=torch.full((BATCH, *s), float("nan"))))),
+    "infinite": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, activations=torch.full((BATCH, *s), float("inf"))))),
+    "oversize": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, batch=64))),
+    "label too big": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, labels=torch.full((BATCH,), NUM_CLASSES)))),
+    "negative label": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, labels=torch.full((BATCH,), -1)))),
+    "unknown kind": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(Frame("backward", {"gradient": torch.zeros(BATCH, *s)}, token=turn.token))),
+    "garbage": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: b"hello, data plane"),
+}
+
+
+MESSAGE_HINTS = {
+    "wrong token": "token", "wrong shape": "shape", "batch mismatch": "batch", "wrong dtype": "dtype", "nan": "NaN",
+    "infinite": "infinite", "oversize": "exceeds the limit", "label too big": "labels must lie", "negative label": "labels must lie",
+    "unknown kind": "unexpected frame kind", "garbage": "magic",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FRAMES))
+def test_bad_frame_gets_status_while_other_client_is_served(top_server, case):
+    server, act_shape = top_server
+    good_turn = server.open_turn("good")
+    with DataPlaneClient(server.address, good_turn.token) as good:
+        reply, meta = good.exchange("train", good_frame(act_shape, "").tensors)
+        assert reply["gradient"].shape == (BATCH, *act_shape)
+        steps = server.stage.steps
+        weights = [p.detach().clone() for p in server.stage.top.parameters()]
+
+        code, make_raw = BAD_FRAMES[case]
+        bad_turn = server.open_turn("bad")
+        bad = DataPlaneClient(server.address, bad_turn.token)
+        with pytest.raises(DataPlaneError) as error:
+            bad.send_raw(make_raw(act_shape, bad_turn))
+        bad.abandon()
+        assert error.value.code == code, error.value
+        assert MESSAGE_HINTS[case] in error.value.details  # a message that says what was wrong
+        # the bad frame changed nothing, and the good client's stream goes on
+        assert server.stage.steps == steps
+        assert all(torch.equal(a, b.detach()) for a, b in zip(weights, server.stage.top.parameters()))
+        reply, _ = good.exchange("train", good_frame(act_shape, "").tensors)
+        assert torch.isfinite(reply["gradient"]).all() and server.stage.steps == steps + 1
+    assert good_turn.ended_cleanly
+
+
+def test_closing_a_turn_cuts_a_stalled_stream(top_server):
+    server, act_shape = top_server
+    turn = server.open_turn()
+    stalled = DataPlaneClient(server.address, turn.token)
+    stalled.exchange("train", good_frame(act_shape, "").tensors)
+    server.close_turn(turn)  # the turn timed out: its stream is cancelled, not left holding a thread
+    with pytest.raises(DataPlaneError) as error:
+        stalled.exchange("train", good_frame(act_shape, "").tensors)
+    stalled.abandon()
+    assert error.value.code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAUTHENTICATED)
+    assert server.stage.steps == 1
+
+
+def test_token_is_one_time_and_expires(top_server):
+    server, act_shape = top_server
+    turn = server.open_turn()
+    with DataPlaneClient(server.address, turn.token) as first:
+        first.exchange("train", good_frame(act_shape, "").tensors)
+        second = DataPlaneClient(server.address, turn.token)  # the same token on a second stream
+        with pytest.raises(DataPlaneError) as reused:
+            second.exchange("train", good_frame(act_shape, "").tensors)
+        second.abandon()
+        assert reused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    server.close_turn(turn)
+    late = DataPlaneClient(server.address, turn.token)
+    with pytest.raises(DataPlaneError) as expired:
+        late.exchange("train", good_frame(act_shape, "").tensors)
+    late.abandon()
+    assert expired.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_abandoned_turn_keeps_completed_steps_and_server_goes_on(top_server):
+    server, act_shape = top_server
+    turn = server.open_turn()
+    dying = DataPlaneClient(server.address, turn.token)
+    for _ in range(2):
+        dying.exchange("train", good_frame(act_shape, "").tensors)
+    dying.abandon()  # crash mid-turn: no 'end' frame
+    server.close_turn(turn)
+    assert server.stage.steps == 2 and not turn.ended_cleanly
+    next_turn = server.open_turn()
+    with DataPlaneClient(server.address, next_turn.token) as plane:
+        plane.exchange("train", good_frame(act_shape, "").tensors)
+    assert server.stage.steps == 3
+
+
+@pytest.mark.parametrize("wire_dtype", ["float16", "bfloat16"])
+def test_half_precision_wire_dtypes(wire_dtype):
+    server, act_shape = make_top_server(wire_dtype=wire_dtype)
+    try:
+        turn = server.open_turn()
+        with DataPlaneClient(server.address, turn.token, wire_dtype=wire_dtype) as plane:
+            reply, _ = plane.exchange("train", good_frame(act_shape, "").tensors)
+        assert reply["gradient"].dtype == torch.float32 and torch.isfinite(reply["gradient"]).all()
+        # half the float32 payload: 2 bytes per activation value
+        assert turn.bytes_up < BATCH * int(torch.tensor(act_shape).prod()) * 4
+    finally:
+        server.stop()
+
+
+def recording(server: DataPlaneServer) -> list[dict]:
+    """Record the header of every frame the server receives."""
+    headers, serve = [], server._serve_frame
+
+    def spy(raw, *rest):
+        headers.append(parse_header(raw)[0])
+        return serve(raw, *rest)
+
+    server._serve_frame = spy
+    return headers
+
+
+def test_ushaped_never_sends_labels_but_split_does():
+    x, y = torch.randn(BATCH, *INPUT_SHAPE), torch.randint(0, NUM_CLASSES, (BATCH,))
+    bottom, middle, head = model_parts(lenet(), None, head_stages=1)
+    act_shape = activation_shape(bottom, INPUT_SHAPE)
+    stage = MiddleStage(middle, make_optimizer("sgd", middle.parameters(), 0.1), act_shape, activation_shape(middle, act_shape))
+    server = DataPlaneServer(stage, max_batch=BATCH).start()
+    headers = recording(server)
+    role = UShapedClient(bottom, head)
+    role.optimizer = make_optimizer("sgd", [*bottom.parameters(), *head.parameters()], 0.1)
+    try:
+        turn = server.open_turn()
+        with DataPlaneClient(server.address, turn.token) as plane:
+            for _ in range(3):
+                role.train_step(x, y, plane.exchange)
+            role.eval_batch(x, y, plane.exchange)
+    finally:
+        server.stop()
+    assert [h["kind"] for h in headers] == ["forward", "backward"] * 3 + ["eval_forward", "end"]
+    for header in headers:
+        assert {t["name"] for t in header["tensors"]} <= {"activations", "gradient"}
+        assert all(t["dtype"] == "float32" for t in header["tensors"]), "an integer tensor reached the server"
+        assert not header["meta"]
+
+    # the same inspection catches labels in plain split learning
+    split_server, _ = make_top_server()
+    split_headers = recording(split_server)
+    split_role = BottomClient(model_parts(lenet(), None)[0])
+    split_role.optimizer = make_optimizer("sgd", split_role.bottom.parameters(), 0.1)
+    try:
+        turn = split_server.open_turn()
+        with DataPlaneClient(split_server.address, turn.token) as plane:
+            split_role.train_step(x, y, plane.exchange)
+    finally:
+        split_server.stop()
+    assert any(t["name"] == "labels" for h in split_headers for t in h["tensors"])
+
+
+def test_relayed_weights_are_encrypted():
+    bottom, _ = model_parts(lenet(), None)
+    role = BottomClient(bottom)
+    role.optimizer = make_optimizer("sgd", bottom.parameters(), 0.1, momentum=0.9)
+    key = os.urandom(32)
+    blob = encrypt_state(key, role_state(role))
+    weights = bottom.state_dict()["conv1.0.weight"].numpy().tobytes()
+    # no 16-byte window of the weights (nor the pickle's zip header) appears in what the server stores
+    assert not any(weights[i : i + 16] in blob for i in range(0, len(weights) - 16, 4))
+    assert b"PK\x03\x04" not in blob and b"conv1" not in blob
+    restored = decrypt_state(key, blob)["modules"]["bottom"]
+    assert all(torch.equal(restored[k], v) for k, v in bottom.state_dict().items())
+    with pytest.raises(InvalidTag):
+        decrypt_state(os.urandom(32), blob)
+    tampered = bytearray(blob)
+    tampered[-1] ^= 1
+    with pytest.raises(InvalidTag):
+        decrypt_state(key, bytes(tampered))
+    assert parse_key(key.hex()) == key
+    assert simulation_key(7) == simulation_key("7") != simulation_key(8)
+    with pytest.raises(ValueError):
+        parse_key("abcd")
+
+
+def write_test_pki(folder) -> dict[str, str]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "graftfl test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key()).serial_number(1)
+          .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    server = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])).issuer_name(ca_name)
+              .public_key(server_key.public_key()).serial_number(2).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    paths = {name: str(folder / f"{name}.pem") for name in ("ca_cert", "server_cert", "server_key", "other_ca")}
+    (folder / "ca_cert.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (folder / "server_cert.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (folder / "server_key.pem").write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(other_key.public_key()).serial_number(3)
+             .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(other_key, hashes.SHA256()))
+    (folder / "other_ca.pem").write_bytes(other.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def test_tls_data_plane(tmp_path):
+    pki = write_test_pki(tmp_path)
+    server, act_shape = make_top_server(server_cert=pki["server_cert"], server_key=pki["server_key"])
+    try:
+        assert server.tls
+        turn = server.open_turn()
+        with DataPlaneClient(server.address, turn.token, ca_cert=pki["ca_cert"]) as plane:
+            reply, _ = plane.exchange("train", good_frame(act_shape, "").tensors)
+        assert reply["gradient"].shape == (BATCH, *act_shape)
+        for ca_cert in (None, pki["other_ca"]):  # plaintext, or a CA that did not sign the server: no stream
+            other_turn = server.open_turn()
+            client = DataPlaneClient(server.address, other_turn.token, ca_cert=ca_cert)
+            with pytest.raises(DataPlaneError) as error:
+                client.exchange("train", good_frame(act_shape, "").tensors)
+            client.abandon()
+            assert error.value.code == grpc.StatusCode.UNAVAILABLE
+        assert server.stage.steps == 1
+    finally:
+        server.stop()

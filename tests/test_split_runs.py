@@ -1,0 +1,198 @@
+"""Whole split runs: the ServerApp pipeline with Flower messages, in process and in Flower's simulation.
+
+``InProcessGrid`` delivers each Flower message to the real ClientApp handler of
+its node (with its own Context and node config) in this process, so the turn
+orchestration, hand-off policies and faults are tested in seconds; the per-batch
+traffic still runs over the real gRPC data plane on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+
+from graftfl.config import compose_config
+from graftfl.server_app.app import run_protocol
+from graftfl.transport.client import DataPlaneClient
+
+ROOT = Path(__file__).resolve().parent.parent
+SPLIT_KEY = "11" * 32
+
+
+class InProcessGrid:
+    """A Grid whose nodes are ClientApp handlers in this process; ``faults[(round, node)]`` replaces a handler."""
+
+    def __init__(self, num_nodes: int, faults: dict | None = None):
+        self.contexts = {
+            100 + i: Context(run_id=7, node_id=100 + i, node_config={"partition-id": i, "num-partitions": num_nodes, "split-key": SPLIT_KEY}, state=RecordDict(), run_config={})
+            for i in range(num_nodes)
+        }
+        self.faults = faults or {}
+        self.log: list[tuple[Message, Message]] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for message in messages:
+            category, protocol = message.metadata.message_type.split(".")
+            node = message.metadata.dst_node_id
+            handler = getattr(importlib.import_module(f"graftfl.clients.{protocol}"), category)
+            fault = self.faults.get((int(message.content["config"]["server-round"]), node)) if category == "train" else None
+            try:
+                reply = (fault or handler)(message, self.contexts[node])
+            except Exception as err:  # what Flower does with a raising ClientApp
+                reply = Message(Error(code=0, reason=repr(err)), reply_to=message)
+            if reply is not None:
+                replies.append(reply)
+                self.log.append((message, reply))
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def crash_after(exchanges: int, handler):
+    """A client handler whose process dies after ``exchanges`` data-plane exchanges."""
+
+    def crashing(message, context):
+        count, original = {"n": 0}, DataPlaneClient.exchange
+
+        def exchange(self, *args, **kwargs):
+            count["n"] += 1
+            if count["n"] > exchanges:
+                raise ConnectionError("client crashed mid-turn")
+            return original(self, *args, **kwargs)
+
+        with mock.patch.object(DataPlaneClient, "exchange", exchange):
+            return handler(message, context)
+
+    return crashing
+
+
+def stall(message, context):
+    """A client that sends one batch, then never answers the Flower message."""
+    fields = message.content["config"]
+    plane = DataPlaneClient(str(fields["data-plane-address"]), str(fields["data-plane-token"]))
+    stall.plane = plane
+    return None
+
+
+def run_in_process(tmp_path, overrides, faults=None, num_nodes=3):
+    cfg = compose_config(["dataset=digits", f"num_clients={num_nodes}", "rounds=2", "progress=false", f"output_dir={tmp_path}", "protocol.turn_batches=6", *overrides])
+    grid = InProcessGrid(num_nodes, faults)
+    run_dir = run_protocol(grid, cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return grid, run_dir, rows, json.loads((run_dir / "summary.json").read_text())
+
+
+def test_crashed_and_stalled_turns_are_skipped_and_relay_resumes(tmp_path):
+    from graftfl.clients import split as split_client
+
+    faults = {(1, 101): crash_after(2, split_client.train), (2, 100): stall}
+    grid, run_dir, rows, summary = run_in_process(tmp_path, ["protocol=split"], faults)
+    failed = summary["failed_turns"]
+    assert [(f["round"], f["node"]) for f in failed] == [(1, 101), (2, 100)]
+    assert failed[0]["server_steps_kept"] == 2 and "crashed mid-turn" in failed[0]["reason"]
+    assert failed[1]["server_steps_kept"] == 0 and "no reply" in failed[1]["reason"]
+    # the top kept the crashed turn's 2 completed steps; every other turn did 6
+    assert rows[-1]["server_steps"] == 6 * 4 + 2
+    assert [r["failed_turns"] for r in rows] == [1, 1] and [r["clients"] for r in rows] == [[0, 2], [1, 2]]
+    # relay: node 102 in round 1 got the ciphertext node 100 handed back (node 101 never handed any back)
+    trains = [(m, r) for m, r in grid.log if m.metadata.message_type == "train.split"]
+    handed_back = {m.metadata.dst_node_id: bytes(r.content["handoff"]["relay-ciphertext"]) for m, r in trains[:2] if not r.has_error()}
+    sent_to_102 = [m for m, _ in trains if m.metadata.dst_node_id == 102][0]
+    assert bytes(sent_to_102.content["handoff"]["relay-ciphertext"]) == handed_back[100]
+    # the stalled client's token is dead: its late frame is refused (the plane is stopped by now: any error will do)
+    with pytest.raises(Exception):
+        stall.plane.exchange("train", {"activations": torch.zeros(1, 6, 4, 4), "labels": torch.zeros(1, dtype=torch.long)})
+    stall.plane.abandon()
+    assert rows[-1]["accuracy"] is not None and rows[-1]["loss"] < rows[0]["loss"]
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt"):
+        assert (run_dir / name).exists()
+
+
+def test_relay_ciphertext_on_server_is_not_the_weights(tmp_path):
+    grid, run_dir, rows, summary = run_in_process(tmp_path, ["protocol=split", "rounds=1"], num_nodes=2)
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    stored = checkpoint["extra"]["relay-ciphertext"]
+    from graftfl.transport.handoff import decrypt_state, parse_key
+
+    bottom = decrypt_state(parse_key(SPLIT_KEY), stored)["modules"]["bottom"]  # only a key holder can do this
+    weights = bottom["conv1.0.weight"].numpy().tobytes()
+    assert len(weights) > 64 and not any(weights[i : i + 16] in stored for i in range(0, len(weights) - 16, 4))
+    assert set(checkpoint["model"]) == {k for k in checkpoint["model"] if not k.startswith("conv1.")}, "the server holds the bottom"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["protocol=split", "protocol.handoff=local", "protocol.turn_order=random"],
+        ["protocol=split", "protocol.handoff=average", "protocol.wire_dtype=bfloat16"],
+        ["protocol=ushaped", "protocol.handoff=relay"],
+        ["protocol=ushaped", "protocol.handoff=local"],
+        ["protocol=semisup", "protocol.handoff=average", "protocol.unlabeled_fraction=0.5"],
+    ],
+    ids=lambda o: "-".join(v.split("=")[1] for v in o),
+)
+def test_protocol_variants_run(tmp_path, overrides):
+    grid, run_dir, rows, summary = run_in_process(tmp_path, [*overrides, "protocol.turn_batches=15"])
+    assert summary["failed_turns"] == [] and len(rows) == 2
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["client_flops"] > 0 for r in rows)
+    assert rows[-1]["accuracy"] > 0.2, rows[-1]
+    evaluated = len(rows[-1]["eval_clients"])
+    assert evaluated == (3 if "protocol.handoff=local" in overrides else 1)
+
+
+def test_sim_split_digits_produces_run_dir(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "graftfl.cli", "sim", "protocol=split", "dataset=digits", "num_clients=2", "rounds=2", "progress=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("run: ")
+    run_dir = tmp_path / last.removeprefix("run: ")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["round"] for r in rows] == [1, 2] and summary["protocol"] == "split" and summary["failed_turns"] == []
+    assert rows[-1]["accuracy"] > 0.5 and rows[-1]["bytes_up"] > 0 and len(rows[-1]["clients"]) == 2
+    for name in ("config.yaml", "accuracy.png", "checkpoint.pt"):
+        assert (run_dir / name).exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["protocol=split", "protocol.handoff=nope"], "protocol.handoff must be one of"),
+        (["protocol=split", "protocol.cut_stage=nope"], "unknown cut stage 'nope'"),
+        (["protocol=ushaped", "protocol.head_stages=5"], "leaves no middle"),
+        (["protocol=split", "protocol.wire_dtype=int8"], "protocol.wire_dtype must be one of"),
+        (["protocol=semisup", "protocol.unlabeled_fraction=1.0"], "unlabeled_fraction must be in [0, 1)"),
+        (["protocol=split", "privacy=dpsgd"], "does not support privacy=dpsgd"),
+    ],
+)
+def test_config_errors_name_the_valid_values(overrides, message):
+    from graftfl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_config(["dataset=digits", *overrides])
