@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from graftfl.core.data import make_loader
+from graftfl.core.data import DatasetSplits, make_loader, partition_indices
+from graftfl.core.meter import count_train_flops
 from graftfl.core.privacy import History, PrivateTraining, dpsgd_config_from
 from graftfl.core.train import make_optimizer, train
 
@@ -44,3 +45,14 @@ def train_round(
     dp_model._close()  # drop Opacus hooks: the same model is made private again next round
     metrics = {"train_loss": result["loss"], "steps": result["steps"], "samples": result["samples"], "epsilon": private.epsilon()}
     return metrics, private.history
+
+
+def partition_data(data: DatasetSplits, cfg: DictConfig, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Participant ``partition_id``'s training samples, exactly as a Flower client would hold them."""
+    indices = torch.from_numpy(partition_indices(data.train_y, cfg.partition, int(cfg.num_clients), partition_id, int(cfg.seed)))
+    return data.train_x[indices], data.train_y[indices]
+
+
+def train_flops_per_sample(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Forward + backward FLOPs of one training sample of ``model``."""
+    return count_train_flops(model, x[:2], torch.nn.functional.cross_entropy, y[:2]) / len(x[:2])

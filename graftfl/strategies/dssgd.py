@@ -88,7 +88,8 @@ class SelectiveServer:
             self.cursor = (self.cursor + count) % len(nodes)
             return chosen
         rng = np.random.default_rng([int(self.cfg.seed), server_round])
-        return sorted(int(n) for n in rng.choice(nodes, size=count, replace=False))
+        picked = rng.choice(len(nodes), size=count, replace=False)  # positions: node ids overflow int64
+        return [nodes[int(i)] for i in sorted(picked)]
 
     def download_message(self, node: int, server_round: int) -> Message:
         generator = torch.Generator().manual_seed(int(self.cfg.seed) * 7919 + server_round * 131 + node % 100_003)
