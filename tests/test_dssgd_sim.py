@@ -87,3 +87,53 @@ def test_ko_table4_sweep_expands_to_every_arm():
     ]
     svhn = compose_config(expand_sweep(["experiment=ko_table4", "dataset=svhn", "model=cnn"])[1])
     assert svhn.dataset.name == "svhn" and svhn.model.name == "cnn"
+
+
+def _fake_run(folder: Path, name: str, protocol: str, accuracy: float, theta: float | None = None, dp: bool = False, upload: int = 0) -> None:
+    """A finished run directory with the fields the collector reads."""
+    import yaml
+
+    run_dir = folder / name
+    run_dir.mkdir(parents=True)
+    config = {
+        "protocol": {"name": protocol, **({"theta_upload": theta} if theta else {})},
+        "privacy": {"name": "dpsgd" if dp else "none", "target_epsilon": 3.0 if dp else None},
+        "dataset": {"name": "fashion_mnist", "test_size": 2000},
+        "model": {"name": "lenet"},
+        "partition": {"samples_per_client": 1000},
+        "num_clients": 10,
+        "rounds": 1,
+        "train": {"batch_size": 32, "lr": 0.01},
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    row = {"round": 1, "accuracy": accuracy, "client_bytes_up": [upload] * 10 if upload else []}
+    if protocol != "centralized":
+        row.update(local_accuracy_min=accuracy - 0.01, local_accuracy_max=accuracy + 0.01)
+    (run_dir / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    summary = {"accuracy": accuracy, "wall_s": 1.0, **({"num_params": 100_000} if protocol == "dssgd" else {}), **({"epsilon": 2.9} if dp else {})}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_ko_table4_collector_writes_table_targets_and_plot(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ko_table4", ROOT / "benchmarks" / "ko_table4.py")
+    collector = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collector)
+    runs = tmp_path / "runs"
+    _fake_run(runs, "1-centralized", "centralized", 0.88)
+    _fake_run(runs, "2-dssgd", "dssgd", 0.87, theta=0.1, upload=80_000)
+    _fake_run(runs, "3-dssgd", "dssgd", 0.80, theta=0.01, upload=8_000)
+    _fake_run(runs, "4-dssgd", "dssgd", 0.70, theta=0.001, upload=800)
+    _fake_run(runs, "5-standalone", "standalone", 0.78)
+    _fake_run(runs, "6-dssgd", "dssgd", 0.80, theta=0.1, dp=True, upload=80_000)
+    assert collector.main(["--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "ko_table4.json").read_text())
+    assert [row["label"] for row in result["rows"]][:2] == ["centralized SGD", "DSSGD θu = 0.1"]
+    met = {check["target"]: check["met"] for check in result["targets"]}
+    assert met["θu=0.1 within 2 pp of centralized"] is True  # 1 pp
+    assert met["θu=0.01 within 5 pp of centralized"] is False  # 8 pp: a miss is reported, not hidden
+    assert met["standalone ≥ 3 pp below θu=0.1"] is True
+    assert met["upload at θu=0.01 ≤ 3% of dense FedAvg upload"] is True  # 8,000 of 400,000 B
+    assert "**no**" in (tmp_path / "out" / "ko_table4.md").read_text()
+    assert (tmp_path / "out" / "ko_table4.png").stat().st_size > 0
