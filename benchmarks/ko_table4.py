@@ -142,7 +142,8 @@ def markdown(rows: list[dict], checks: list[dict], meta: dict) -> str:
         f"participants' own models on a fixed {meta['test_size'] or 'full'}-image test subset after the last round "
         "(centralized: its one model). Measured on a 2-core machine shared with other jobs.",
         "",
-        f"Command: `{meta['command']}`",
+        f"Command: `{meta['command']}`"
+        + (f" — {meta['sweep_wall_s'] / 60:.1f} min for all arms, Ray start-up included." if meta.get("sweep_wall_s") else ""),
         "",
         "| arm | accuracy % (mean) | min | max | global model % | best round % | upload B / participant / round | % of dense FedAvg upload | ε |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -193,10 +194,19 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("test accuracy %")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower left")  # the DP point sits low on the right
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def previous_sweep_wall(path: Path, rows: list[dict]) -> float | None:
+    """Re-collecting the same runs keeps the sweep's measured wall time."""
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    same = sorted(r["run"] for r in previous.get("rows", [])) == sorted(r["run"] for r in rows)
+    return previous.get("meta", {}).get("sweep_wall_s") if same else None
 
 
 def run_dirs_under(folder: Path) -> list[Path]:
@@ -221,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows = latest_per_arm([load_run(d) for d in run_dirs])
     checks = targets(rows)
+    sweep_wall = sweep_wall or previous_sweep_wall(args.out / f"{NAME}.json", rows)
     config = load_run(run_dirs[-1])["config"]
     meta = {
         "dataset": config["dataset"]["name"],
