@@ -83,7 +83,7 @@ class PrivateTraining:
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader):
         """Return ``(private_model, private_optimizer, private_loader)`` (Poisson sampling)."""
         sample_rate = 1.0 / max(len(loader), 1)
-        return self.engine.make_private(
+        private_model, private_optimizer, private_loader = self.engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
@@ -91,6 +91,10 @@ class PrivateTraining:
             max_grad_norm=self.config.max_grad_norm,
             poisson_sampling=True,
         )
+        # Opacus truncates len(dataset) * (1 / len(loader)): 479 * (1/479) = 0.99999... -> 0 at batch
+        # size 1, and the averaged gradient divides by it (NaN weights). Round it instead.
+        private_optimizer.expected_batch_size = max(1, round(len(loader.dataset) * sample_rate))
+        return private_model, private_optimizer, private_loader
 
     @property
     def history(self) -> History:

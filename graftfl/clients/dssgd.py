@@ -1,0 +1,104 @@
+"""DSSGD participant: keep a local model, overwrite the downloaded part, train, upload a sparse Δ.
+
+Unlike FedAvg the local model survives between rounds in ``context.state``; the
+download overwrites only the coordinates the server sent (all of them at θd = 1).
+The tensor logic lives in :mod:`graftfl.core.selective`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from graftfl.clients.utils import client_device, config_of, local_data, local_train, new_model, partition_id_of, round_seed
+from graftfl.core.codec import assign_flat_parameters, flatten_parameters
+from graftfl.core.data import dataset_from_config
+from graftfl.core.privacy import compose_laplace_epsilon
+from graftfl.core.selective import decode_sparse, encode_sparse, make_upload, overwrite
+from graftfl.core.train import evaluate
+
+PROTOCOL = "dssgd"
+LOCAL_MODEL_KEY = "dssgd-local-model"
+LAPLACE_STATE_KEY = "dssgd-laplace"
+
+
+def local_model(cfg, context: Context, input_shape, num_classes: int) -> torch.nn.Module:
+    """The participant's own model: from ``context.state``, or the run's seeded initial model."""
+    torch.manual_seed(int(cfg.seed))  # the same initial weights as the server's global model
+    model = new_model(cfg, input_shape, num_classes)
+    if LOCAL_MODEL_KEY in context.state:
+        model.load_state_dict(context.state[LOCAL_MODEL_KEY].to_torch_state_dict())
+    return model
+
+
+def download_into(model: torch.nn.Module, download: ArrayRecord) -> int:
+    """Overwrite the downloaded coordinates of ``model``; returns how many were written."""
+    indices, values = decode_sparse({name: array.numpy() for name, array in download.items()})
+    assign_flat_parameters(model, overwrite(flatten_parameters(model), indices, values.to(torch.float32)))
+    return int(values.numel())
+
+
+def composed_laplace_epsilon(context: Context, upload_epsilon: float | None) -> float | None:
+    """Record one more Laplace release of ``upload_epsilon``; the composed ε over all uploads."""
+    if upload_epsilon is None:
+        return None
+    state = context.state.get(LAPLACE_STATE_KEY, ConfigRecord())
+    released = json.loads(state.get("epsilons", "[]")) + [float(upload_epsilon)]
+    context.state[LAPLACE_STATE_KEY] = ConfigRecord({"epsilons": json.dumps(released)})
+    return compose_laplace_epsilon(released)
+
+
+def local_test_metrics(model: torch.nn.Module, cfg, device: torch.device) -> dict:
+    """Accuracy and loss of the local model on the server's test set (the same subset the server uses)."""
+    data = dataset_from_config(cfg.dataset)
+    x, y = data.test_x, data.test_y
+    size = cfg.dataset.get("test_size")
+    if size:
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(cfg.seed)))[: int(size)]
+        x, y = x[order], y[order]
+    evaluation = evaluate(model, x, y, device=device, batch_size=cfg.eval.batch_size)
+    return {"local_accuracy": evaluation["accuracy"], "local_loss": evaluation["loss"]}
+
+
+def train(message: Message, context: Context) -> Message:
+    cfg = config_of(message)
+    protocol = cfg.protocol
+    server_round = int(message.content["config"]["server-round"])
+    partition_id, _ = partition_id_of(context)
+    seed = round_seed(cfg, server_round, partition_id)
+    x, y = local_data(cfg, context)
+    model = local_model(cfg, context, x.shape[1:], dataset_from_config(cfg.dataset).num_classes)
+    downloaded = download_into(model, message.content["download"])
+    before = flatten_parameters(model).clone()
+    metrics = local_train(model, x, y, cfg, context, seed=seed)
+    delta = flatten_parameters(model) - before
+    upload = make_upload(
+        delta,
+        theta_upload=float(protocol.theta_upload),
+        selection=protocol.selection,
+        threshold=protocol.threshold,
+        clip=protocol.clip,
+        upload_epsilon=protocol.upload_epsilon,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    context.state[LOCAL_MODEL_KEY] = ArrayRecord(model.state_dict())  # the full local update stays here
+    laplace_epsilon = composed_laplace_epsilon(context, protocol.upload_epsilon)
+    metrics.update(
+        {
+            "partition-id": partition_id,
+            **local_test_metrics(model, cfg, client_device(cfg, context)),
+            "downloaded": downloaded,
+            "uploaded": int(upload.indices.numel()),
+            "noise_scale": upload.noise_scale,
+        }
+    )
+    if laplace_epsilon is not None:
+        metrics["laplace_epsilon"] = laplace_epsilon
+    arrays = encode_sparse(upload.indices, upload.values, delta.numel())
+    content = RecordDict(
+        {"upload": ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()}), "metrics": MetricRecord(metrics)}
+    )
+    return Message(content=content, reply_to=message)

@@ -1,0 +1,51 @@
+"""Centralized baseline: one model on the union of the participants' partitions, no Flower.
+
+It writes the same run directory as the federated protocols (zero traffic), so
+``protocol=centralized`` sits in the same table as ``dssgd`` and ``standalone``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graftfl.core.local_round import partition_data, train_flops_per_sample, train_round
+from graftfl.strategies.utils import ServerRun
+
+PROTOCOL = "centralized"
+FEDERATED = False  # called with grid=None: there is nothing to federate
+
+
+def union_of_partitions(run: ServerRun) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every participant's training samples pooled (the data a trusted curator would hold)."""
+    parts = [partition_data(run.data, run.cfg, pid) for pid in range(int(run.cfg.num_clients))]
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+def run(grid, run: ServerRun) -> dict:
+    """Train for ``rounds`` rounds of ``train.local_epochs`` over the pooled data."""
+    cfg = run.cfg
+    x, y = union_of_partitions(run)
+    model = run.new_model()
+    flops = train_flops_per_sample(model, x, y)
+    history = list((run.resume_state or {}).get("extra", {}).get("privacy_history", []))
+    run.round_seconds()
+    for server_round in range(run.first_round, cfg.rounds + 1):
+        metrics, history = train_round(model, x, y, cfg, seed=int(cfg.seed) * 1_000_003 + server_round, device=run.device, history=history)
+        evaluation = run.evaluate(model)
+        row = {
+            "round": server_round,
+            "accuracy": evaluation["accuracy"],
+            "loss": evaluation["loss"],
+            "train_loss": metrics["train_loss"],
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "client_flops": flops * metrics["samples"],
+            "wall_s": run.round_seconds(),
+            "samples": len(y),
+        }
+        if "epsilon" in metrics:
+            row["epsilon"] = metrics["epsilon"]
+        run.recorder.log_round(row)
+        run.checkpoint(server_round, model, {"privacy_history": history})
+        print(f"[centralized] round {server_round}/{cfg.rounds} accuracy {evaluation['accuracy']:.4f}", flush=True)
+    return {"train_samples": len(y)}
