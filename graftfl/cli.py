@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from graftfl.config import GROUPS, ConfigError, compose_config, expand_sweep
+from graftfl.core.data import DatasetUnavailable, dataset_from_config
 
 
 def project_root() -> Path:
@@ -39,6 +40,7 @@ def simulate(cfg) -> Path:
     from graftfl.server_app.app import make_server_app, protocol_module, run_dir_of, run_protocol, with_run_id
 
     cfg = with_run_id(cfg)
+    dataset_from_config(cfg.dataset)  # fail fast (and cache for the in-process ServerApp) before Ray starts
     if not getattr(protocol_module(cfg.protocol.name), "FEDERATED", True):
         return run_protocol(None, cfg)
     from flwr.simulation import run_simulation
@@ -113,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except ConfigError as err:
         print(f"graftfl: config error: {err}", file=sys.stderr)
+        return 2
+    except DatasetUnavailable as err:
+        print(f"graftfl: dataset unavailable: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("graftfl: interrupted", file=sys.stderr)

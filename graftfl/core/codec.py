@@ -70,11 +70,12 @@ def flatten_parameters(model: torch.nn.Module) -> torch.Tensor:
 
 def assign_flat_parameters(model: torch.nn.Module, flat: torch.Tensor) -> None:
     """Write a flat vector (from :func:`flatten_parameters`) back into ``model``."""
+    total = sum(param.numel() for param in model.parameters())
+    if flat.numel() != total:
+        raise ValueError(f"flat vector has {flat.numel()} values, model has {total} parameters")
     offset = 0
     with torch.no_grad():
         for param in model.parameters():
             count = param.numel()
             param.copy_(flat[offset : offset + count].view_as(param))
             offset += count
-    if offset != flat.numel():
-        raise ValueError(f"flat vector has {flat.numel()} values, model has {offset} parameters")

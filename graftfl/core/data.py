@@ -183,8 +183,9 @@ def _dataset_loader(name: str, subset: str | None):
 
 
 def _normalise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    train_t = torch.from_numpy(np.ascontiguousarray(train)).float().div_(255.0)
-    test_t = torch.from_numpy(np.ascontiguousarray(test)).float().div_(255.0)
+    as_nchw = lambda images: images[:, None] if images.ndim == 3 else images  # noqa: E731  gray: add channel
+    train_t = torch.from_numpy(np.array(as_nchw(train), dtype=np.float32)).div_(255.0)
+    test_t = torch.from_numpy(np.array(as_nchw(test), dtype=np.float32)).div_(255.0)
     dims = (0, 2, 3)
     mean = train_t.mean(dim=dims, keepdim=True)
     std = train_t.std(dim=dims, keepdim=True).clamp_min(1e-6)

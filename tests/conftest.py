@@ -1,0 +1,41 @@
+"""Shared test helpers: run the real `graftfl` command in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_graftfl(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m graftfl.cli ARGS`` from ``cwd`` with this checkout on the path."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "graftfl.cli", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"graftfl {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def run_dir_from(proc: subprocess.CompletedProcess, cwd: Path) -> Path:
+    """The run directory named on the last stdout line (the output contract)."""
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("run: "), f"last stdout line is not 'run: ...': {last!r}"
+    return cwd / last.removeprefix("run: ")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from graftfl.core.models import MODELS, build_model, cut_model
+
+SHAPES = {"lenet": (1, 28, 28), "cnn": (3, 32, 32), "mlp": (1, 8, 8), "vgg11": (3, 32, 32), "resnet18": (3, 32, 32)}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cut_parts_in_sequence_equal_the_whole_model(name):
+    torch.manual_seed(0)
+    shape = SHAPES[name]
+    model = build_model(name, shape, 10).eval()  # eval: batch-norm statistics stay fixed between the two passes
+    x = torch.randn(4, *shape)
+    y = torch.tensor([0, 1, 2, 3])
+    names = model.stage_names
+    parts = cut_model(model, [names[0], names[-2]]) if len(names) > 2 else cut_model(model, [names[0]])
+
+    whole_loss = torch.nn.functional.cross_entropy(model(x), y)
+    whole_grads = torch.autograd.grad(whole_loss, list(model.parameters()))
+    out = x
+    for part in parts:
+        out = part(out)
+    cut_loss = torch.nn.functional.cross_entropy(out, y)
+    cut_grads = torch.autograd.grad(cut_loss, [p for part in parts for p in part.parameters()])
+
+    assert torch.allclose(whole_loss, cut_loss, atol=1e-6)
+    assert len(whole_grads) == len(cut_grads)
+    for a, b in zip(whole_grads, cut_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_cut_parts_share_parameters_with_the_model():
+    model = build_model("lenet", (1, 28, 28), 10)
+    bottom, top = cut_model(model, ["conv1"])
+    assert bottom.stage_names == ["conv1"]
+    assert top.stage_names[0] == "conv2"
+    assert bottom.conv1[0].weight is model.conv1[0].weight
+
+
+def test_cut_rejects_unknown_and_unordered_stages():
+    model = build_model("lenet", (1, 28, 28), 10)
+    with pytest.raises(ValueError, match="stages of this model"):
+        cut_model(model, ["nope"])
+    with pytest.raises(ValueError, match="model order"):
+        cut_model(model, ["fc1", "conv1"])
+    with pytest.raises(ValueError, match="last stage"):
+        cut_model(model, ["head"])
+
+
+def test_unknown_model_names_the_valid_ones():
+    with pytest.raises(ValueError, match="valid models: .*lenet"):
+        build_model("alexnet", (1, 28, 28), 10)
