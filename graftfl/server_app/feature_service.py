@@ -99,12 +99,12 @@ class OnlineTrainer(threading.Thread):
         self.trained_on = 0
         self.rows: list[dict] = []  # one per retrain, drained by the strategy into metrics.jsonl
         self._rows_lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stop_event = threading.Event()
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            while not self._stop.wait(self.poll_s):
+            while not self._stop_event.wait(self.poll_s):
                 if self.store.count() - self.trained_on >= self.retrain_every:
                     self.retrain()
         except BaseException as err:  # surfaced by finish(); the uploads go on meanwhile
@@ -128,7 +128,7 @@ class OnlineTrainer(threading.Thread):
 
     def finish(self) -> None:
         """Stop the loop and retrain once more if records arrived since the last retrain."""
-        self._stop.set()
+        self._stop_event.set()
         self.join()
         if self.error is not None:
             raise RuntimeError(f"online retraining failed: {self.error}") from self.error
