@@ -53,7 +53,7 @@ def test_predict_answers_with_the_paper_schema(service):
     [
         (service_message([0.5] * (LATENT - 1)), 422, f"length {LATENT}"),
         (service_message([0.5] * (LATENT + 3)), 422, f"length {LATENT}"),
-        (service_message(["0.5"] * LATENT), 422, "message.value.0"),
+        (service_message(["0.5"] * LATENT), 422, "message.value.0: Input should be a valid number"),
         (service_message([0.5] * (LATENT - 1) + [True]), 422, "message.value"),
         (service_message([0.5] * LATENT, clientID=None), 422, "message.clientID: Field required"),
         ({"message": {"clientID": "site-0", "mode": "service"}}, 422, "message.value: Field required"),
@@ -77,7 +77,7 @@ def test_non_json_nan_and_chunked_oversize(service):
     server, _ = service
     with httpx.Client(base_url=server.url) as client:
         garbled = client.post("/predict", content=b'{"message": {"clientID": ', headers={"content-type": "application/json"})
-        assert garbled.status_code == 422
+        assert garbled.status_code == 422 and "not valid JSON" in garbled.json()["detail"]
         nan = b'{"message": {"clientID": "a", "mode": "service", "value": [NaN' + b", 0.1" * (LATENT - 1) + b"]}}"
         answer = client.post("/predict", content=nan, headers={"content-type": "application/json"})
         assert answer.status_code == 422 and "finite" in answer.json()["detail"]

@@ -189,13 +189,15 @@ def create_app(served: ServedClassifier, latent_dim: int, max_body_bytes: int = 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     """422 with one readable line per problem (the default echoes input, which may hold NaN)."""
-    problems: list[str] = []
+    problems: dict[str, str] = {}
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"][1:] if part not in ("int", "float", "str"))
-        line = f"{where or 'body'}: {item['msg']}"
-        if line not in problems:  # a union reports once per member type
-            problems.append(line)
-    return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+        if item["type"] == "json_invalid":
+            problems["body"] = f"not valid JSON (at character {item['loc'][-1]})"
+            continue
+        where = ".".join(str(part) for part in item["loc"][1:] if part not in ("int", "float", "str")) or "body"
+        if where not in problems or "number" in item["msg"]:  # a union reports once per member type: keep the number one
+            problems[where] = item["msg"]
+    return JSONResponse({"detail": "; ".join(f"{where}: {message}" for where, message in problems.items())}, status_code=422)
 
 
 class BodySizeLimit:
