@@ -48,7 +48,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 # ----------------------------------------------------------------- accuracy ---
 
 
-def run_sim(dataset: str, mode: str, workdir: Path, extra: list[str]) -> dict:
+def run_sim(dataset: str, mode: str, workdir: Path, extra: list[str], setting: str) -> dict:
     args = [sys.executable, "-m", "graftfl.cli", "sim", "experiment=features_paper", f"dataset={dataset}", f"protocol.ae_training={mode}", "progress=false", f"output_dir={workdir}", *extra]
     started = time.monotonic()
     proc = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True)
@@ -62,6 +62,7 @@ def run_sim(dataset: str, mode: str, workdir: Path, extra: list[str]) -> dict:
     upload_records = sum(r["records"] for r in upload_rows)
     upload_s = sum(r["wall_s"] for r in upload_rows)
     return {
+        "setting": setting,
         "dataset": dataset,
         "ae_training": mode,
         "accuracy": tables["accuracy"],
@@ -87,7 +88,7 @@ def raw_pixel_baseline(dataset: str, clients: int, per_client: int, test_size: i
     started = time.monotonic()
     model, fit = train_classifier(data.train_x[train_rows].flatten(1), data.train_y[train_rows], data.num_classes, epochs=epochs, seed=seed)
     result = evaluate(model, data.test_x[test_rows].flatten(1), data.test_y[test_rows], device=torch.device("cpu"), num_classes=data.num_classes)
-    return {"dataset": dataset, "model": "MLP 256-128-64 on raw pixels (central)", "train_images": len(train_rows), "accuracy": result["accuracy"], "per_class_accuracy": result["per_class_accuracy"], "train_s": time.monotonic() - started}
+    return {"setting": f"{clients} x {per_client}", "dataset": dataset, "model": "MLP 256-128-64 on raw pixels (central)", "train_images": len(train_rows), "accuracy": result["accuracy"], "per_class_accuracy": result["per_class_accuracy"], "train_s": time.monotonic() - started}
 
 
 def dataset_present(name: str) -> bool:
@@ -218,15 +219,15 @@ def write_report(result: dict) -> None:
         "Setting: `experiment=features_paper` (5 sites x 1,000 training images, 1,000 test images, conv_ae latent 784, "
         "MLP 256-128-64 with Adam, batch 64). Accuracy is the service-mode total of Table II; δ is Eq. 9 on the sites' test images.",
         "",
-        "| dataset | ae_training | accuracy | target met | reconstruction error δ | sim wall s |",
-        "|---|---|---|---|---|---|",
+        "| setting | dataset | ae_training | accuracy | target met | reconstruction error δ | sim wall s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in result["accuracy"]:
         target = 0.87 if row["dataset"] == "fashion_mnist" else 0.985 if row["dataset"] == "mnist" else None
         met = "n/a" if target is None else ("yes" if row["accuracy"] >= target else "**no**")
-        lines.append(f"| {row['dataset']} | {row['ae_training']} | {pct(row['accuracy'])} | {met} | {row['reconstruction_error']:.4f} | {row['command_wall_s']:.0f} |")
+        lines.append(f"| {row['setting']} | {row['dataset']} | {row['ae_training']} | {pct(row['accuracy'])} | {met} | {row['reconstruction_error']:.4f} | {row['command_wall_s']:.0f} |")
     for row in result["raw_pixel_baseline"]:
-        lines.append(f"| {row['dataset']} | raw pixels, central MLP ({row['train_images']} images) | {pct(row['accuracy'])} | | | |")
+        lines.append(f"| {row['setting']} | {row['dataset']} | raw pixels, central MLP ({row['train_images']} images) | {pct(row['accuracy'])} | | | |")
     if result["datasets_missing"]:
         lines += ["", f"Not measured (files not present on this machine): {', '.join(result['datasets_missing'])}."]
     lines += [
@@ -265,7 +266,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=250, help="requests per HTTP client")
     parser.add_argument("--store-records", type=int, default=20000)
     parser.add_argument("--sim-args", nargs="*", default=[], help="extra overrides for every simulation")
+    parser.add_argument("--samples-per-client", type=int, default=1000)
+    parser.add_argument("--accuracy-only", action="store_true", help="add accuracy rows to the existing features.json (no store/service runs)")
     args = parser.parse_args()
+    setting = f"5 x {args.samples_per_client}" + (f" ({' '.join(args.sim_args)})" if args.sim_args else "")
+    args.sim_args = [f"partition.samples_per_client={args.samples_per_client}", *args.sim_args]
     torch.set_num_threads(2)
 
     present = [d for d in args.datasets if dataset_present(d)]
@@ -275,11 +280,21 @@ def main() -> None:
         for dataset in present:
             extra = ["dataset.subset=organamnist"] if dataset == "medmnist" else []
             for mode in args.modes:
-                row = run_sim(dataset, mode, Path(workdir), extra + args.sim_args)
+                row = run_sim(dataset, mode, Path(workdir), extra + args.sim_args, setting)
                 print(f"[bench] {dataset} {mode}: accuracy {row['accuracy']:.4f} ({row['command_wall_s']:.0f} s)", flush=True)
                 accuracy.append(row)
-            baselines.append(raw_pixel_baseline(dataset, 5, 1000, 1000, epochs=30))
+            baselines.append(raw_pixel_baseline(dataset, 5, args.samples_per_client, 1000, epochs=30))
             print(f"[bench] {dataset} raw pixels: {baselines[-1]['accuracy']:.4f}", flush=True)
+        if args.accuracy_only:
+            previous = json.loads((OUT / "features.json").read_text())
+            for row in accuracy:
+                row.pop("run_dir")
+            previous["accuracy"] += accuracy
+            previous["raw_pixel_baseline"] += baselines
+            previous["command"] += f"; python benchmarks/features.py {' '.join(sys.argv[1:])}"
+            write_report(previous)
+            print(f"added to {OUT / 'features.md'}", flush=True)
+            return
         store = [store_throughput(args.store_records, 784, 250, mode) for mode in ("FULL", "NORMAL")]
         print(f"[bench] store: {[round(r['records_per_s']) for r in store]} records/s", flush=True)
         service = service_load(Path(accuracy[0]["run_dir"]), args.clients, args.requests)
