@@ -237,12 +237,15 @@ def write_report(result: dict) -> None:
         "| path | synchronous | records | records/s | chunks/s | re-send records/s |",
         "|---|---|---|---|---|---|",
     ]
-    for row in result["store_throughput"]:
+    for row in result["store_throughput"] or []:
         lines.append(f"| store alone (chunks of {row['chunk_size']} x {row['dim']} float32) | {row['synchronous']} | {row['records']} | {row['records_per_s']:.0f} | {row['chunks_per_s']:.1f} | {row['resend_records_per_s']:.0f} |")
     for row in result["accuracy"]:
         if row["upload_records_per_s_end_to_end"]:
             lines.append(f"| simulation end to end ({row['dataset']}, {row['ae_training']}; Flower messages, encoding, commit) | FULL | {row['upload_records']} | {row['upload_records_per_s_end_to_end']:.0f} | | |")
     service = result["service"]
+    if service is None:
+        (OUT / "features.md").write_text("\n".join(lines) + "\n")
+        return
     lines += [
         "",
         "## Prediction service (`graftfl serve`, loopback)",
@@ -275,43 +278,40 @@ def main() -> None:
 
     present = [d for d in args.datasets if dataset_present(d)]
     missing = [d for d in args.datasets if d not in present]
-    accuracy, baselines = [], []
+    if args.accuracy_only:
+        result = json.loads((OUT / "features.json").read_text())
+        result["command"] += f"; python benchmarks/features.py {' '.join(sys.argv[1:])}"
+    else:
+        result = {
+            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+            "command": "flock /tmp/graftfl-bench.lock python benchmarks/features.py " + " ".join(sys.argv[1:]),
+            "accuracy": [],
+            "raw_pixel_baseline": [],
+            "datasets_missing": missing,
+            "store_throughput": None,
+            "service": None,
+        }
+    # The report is rewritten after every measurement, so a cut-short run still leaves its figures.
     with tempfile.TemporaryDirectory() as workdir:
         for dataset in present:
             extra = ["dataset.subset=organamnist"] if dataset == "medmnist" else []
             for mode in args.modes:
                 row = run_sim(dataset, mode, Path(workdir), extra + args.sim_args, setting)
                 print(f"[bench] {dataset} {mode}: accuracy {row['accuracy']:.4f} ({row['command_wall_s']:.0f} s)", flush=True)
-                accuracy.append(row)
-            baselines.append(raw_pixel_baseline(dataset, 5, args.samples_per_client, 1000, epochs=30))
-            print(f"[bench] {dataset} raw pixels: {baselines[-1]['accuracy']:.4f}", flush=True)
-        if args.accuracy_only:
-            previous = json.loads((OUT / "features.json").read_text())
-            for row in accuracy:
-                row.pop("run_dir")
-            previous["accuracy"] += accuracy
-            previous["raw_pixel_baseline"] += baselines
-            previous["command"] += f"; python benchmarks/features.py {' '.join(sys.argv[1:])}"
-            write_report(previous)
-            print(f"added to {OUT / 'features.md'}", flush=True)
-            return
-        store = [store_throughput(args.store_records, 784, 250, mode) for mode in ("FULL", "NORMAL")]
-        print(f"[bench] store: {[round(r['records_per_s']) for r in store]} records/s", flush=True)
-        service = service_load(Path(accuracy[0]["run_dir"]), args.clients, args.requests)
-        print(f"[bench] service: p50 {service['p50_ms']:.1f} ms p99 {service['p99_ms']:.1f} ms {service['requests_per_s']:.0f} req/s", flush=True)
-    for row in accuracy:
-        row.pop("run_dir")
-    result = {
-        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "command": "flock /tmp/graftfl-bench.lock python benchmarks/features.py " + " ".join(sys.argv[1:]),
-        "accuracy": accuracy,
-        "raw_pixel_baseline": baselines,
-        "datasets_missing": missing,
-        "store_throughput": store,
-        "service": service,
-    }
-    write_report(result)
+                run_dir = Path(row.pop("run_dir"))
+                result["accuracy"].append(row)
+                write_report(result)
+                if result["service"] is None:
+                    result["store_throughput"] = [store_throughput(args.store_records, 784, 250, mode) for mode in ("FULL", "NORMAL")]
+                    print(f"[bench] store: {[round(r['records_per_s']) for r in result['store_throughput']]} records/s", flush=True)
+                    result["service"] = service_load(run_dir, args.clients, args.requests)
+                    service = result["service"]
+                    print(f"[bench] service: p50 {service['p50_ms']:.1f} ms p99 {service['p99_ms']:.1f} ms {service['requests_per_s']:.0f} req/s", flush=True)
+                    write_report(result)
+            result["raw_pixel_baseline"].append(raw_pixel_baseline(dataset, 5, args.samples_per_client, 1000, epochs=30))
+            print(f"[bench] {dataset} raw pixels: {result['raw_pixel_baseline'][-1]['accuracy']:.4f}", flush=True)
+            write_report(result)
     print(f"wrote {OUT / 'features.md'}", flush=True)
 
 
