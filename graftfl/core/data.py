@@ -215,6 +215,16 @@ def load_dataset(name: str, root: str | os.PathLike = "data", download: bool = T
     return _CACHE[key]
 
 
+def channel_stats(data_cfg) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) of the training split on the [0, 1] scale: the
+    standardisation ``load_dataset`` applied, for encoding new images the same way."""
+    train_x = _dataset_loader(data_cfg.name, data_cfg.get("subset"))(Path(data_cfg.root).expanduser(), data_cfg.download)[0]
+    if train_x.ndim == 3:
+        train_x = train_x[:, None]
+    train_t = torch.from_numpy(np.ascontiguousarray(train_x)).float().div_(255.0)
+    return train_t.mean(dim=(0, 2, 3)).tolist(), train_t.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+
+
 def dataset_from_config(data_cfg) -> DatasetSplits:
     """Load the dataset described by a ``dataset`` config group."""
     return load_dataset(data_cfg.name, data_cfg.root, data_cfg.download, data_cfg.get("subset"))

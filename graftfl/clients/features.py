@@ -1,0 +1,213 @@
+"""Feature-upload site (Salehinejad et al.): train an autoencoder, send only latents.
+
+Message types handled (``train.features`` carries a ``phase``):
+
+- ``train.features`` phase ``autoencoder``: train the site's autoencoder on its own
+  images (``ae_training=local``: ``ae_epochs``, once; ``federated``: one FedAvg
+  round of ``ae_local_epochs`` from the global weights sent along, weights returned).
+- ``train.features`` phase ``upload``: learning mode. Encode the labelled partition
+  and return rows ``[chunk * chunk_size, ...)`` as ``(latent, label)``. The first
+  chunk message installs the final autoencoder (federated/public) and saves it to
+  the site directory for ``graftfl predict``; the server's acknowledgements of
+  committed chunks arrive with the next message and are kept in ``context.state``.
+- ``query.features``: service mode. Encode this site's share of the test set and
+  return the latents only (no labels).
+- ``evaluate.features``: score the server's predicted labels against the site's own
+  labels, compute the per-class reconstruction error (Eq. 9) and draw the
+  original / latent / reconstruction grid into the site directory.
+
+The autoencoder lives in ``context.state`` between messages and, once final, in
+``<site-dir>/autoencoder.pt`` where ``site-dir`` is the SuperNode's node config
+``site-dir`` (a folder on the site's own disk) or, when unset, ``<run-dir>/sites/site-<id>``
+(simulation and deploy-local, where every site shares the machine). The server
+never receives the encoder or decoder in ``local`` mode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from omegaconf import DictConfig
+
+from graftfl.clients.utils import client_device, config_of, local_data, partition_id_of, round_seed
+from graftfl.core.autoencoder import class_grid_figure, encode, reconstruction_error_by_class, save_autoencoder, train_autoencoder
+from graftfl.core.data import channel_stats, dataset_from_config
+from graftfl.core.meter import count_train_flops
+from graftfl.core.models import StagedModel, build_model
+
+PROTOCOL = "features"
+AUTOENCODER_STATE = "features.autoencoder"
+ACK_STATE = "features.acknowledged"
+AUTOENCODER_FILE = "autoencoder.pt"
+
+
+def site_name(partition_id: int) -> str:
+    """The site's ``clientID`` in the store and the paper's JSON messages."""
+    return f"site-{partition_id}"
+
+
+def site_dir(message: Message, context: Context) -> Path:
+    """Where this site keeps its autoencoder and figure (see the module docstring)."""
+    if "site-dir" in context.node_config:
+        return Path(str(context.node_config["site-dir"]))
+    partition_id, _ = partition_id_of(context)
+    return Path(str(message.content["config"]["run_dir"])) / "sites" / site_name(partition_id)
+
+
+def new_autoencoder(cfg: DictConfig, input_shape) -> StagedModel:
+    return build_model("conv_ae", input_shape, 0, latent_dim=int(cfg.protocol.latent_dim), channels=int(cfg.protocol.conv_channels))
+
+
+def stored_autoencoder(cfg: DictConfig, context: Context, input_shape) -> StagedModel:
+    if AUTOENCODER_STATE not in context.state:
+        raise RuntimeError("this site has no autoencoder yet (the autoencoder phase did not reach it)")
+    model = new_autoencoder(cfg, input_shape)
+    model.load_state_dict(context.state[AUTOENCODER_STATE].to_torch_state_dict())
+    return model
+
+
+def site_test_indices(cfg: DictConfig, num_test: int, partition_id: int, num_partitions: int) -> np.ndarray:
+    """This site's share of the server's test selection (same draw as ``ServerRun.test_set``)."""
+    size = cfg.dataset.get("test_size")
+    order = torch.randperm(num_test, generator=torch.Generator().manual_seed(cfg.seed))[: int(size)] if size else torch.arange(num_test)
+    return np.array_split(order.numpy(), num_partitions)[partition_id]
+
+
+def local_test_data(cfg: DictConfig, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    data = dataset_from_config(cfg.dataset)
+    partition_id, num_partitions = partition_id_of(context)
+    indices = torch.from_numpy(site_test_indices(cfg, len(data.test_y), partition_id, num_partitions))
+    return data.test_x[indices], data.test_y[indices]
+
+
+# ------------------------------------------------------------------ phases ---
+
+
+def train(message: Message, context: Context) -> Message:
+    phase = str(message.content["config"]["phase"])
+    if phase == "autoencoder":
+        return train_site_autoencoder(message, context)
+    if phase == "upload":
+        return upload_chunk(message, context)
+    raise ValueError(f"train.features: unknown phase '{phase}' (autoencoder | upload)")
+
+
+def train_site_autoencoder(message: Message, context: Context) -> Message:
+    cfg = config_of(message)
+    protocol = cfg.protocol
+    partition_id, _ = partition_id_of(context)
+    x, _ = local_data(cfg, context)
+    model = new_autoencoder(cfg, x.shape[1:])
+    federated = "arrays" in message.content
+    if federated:
+        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    server_round = int(message.content["config"].get("server-round", 0))
+    result = train_autoencoder(
+        model,
+        x,
+        epochs=int(protocol.ae_local_epochs if federated else protocol.ae_epochs),
+        batch_size=int(protocol.ae_batch_size),
+        lr=float(protocol.ae_lr),
+        device=client_device(cfg, context),
+        seed=round_seed(cfg, server_round, partition_id),
+    )
+    model.cpu()
+    context.state[AUTOENCODER_STATE] = ArrayRecord(model.state_dict())
+    flops = count_train_flops(model, x[:2], torch.nn.functional.mse_loss, x[:2]) / 2 * result["samples"]
+    metrics = MetricRecord({"num-examples": len(x), "ae_loss": result["ae_loss"], "partition-id": partition_id, "client_flops": flops})
+    content = RecordDict({"metrics": metrics})
+    if federated:
+        content["arrays"] = ArrayRecord(model.state_dict())
+    return Message(content, reply_to=message)
+
+
+def remember_acknowledged(message: Message, context: Context) -> list[str]:
+    """Keep the server's acknowledgements (chunks committed to its store) in the site state."""
+    acknowledged = json.loads(str(message.content["config"].get("acknowledged", "[]")))
+    known = json.loads(str(context.state.get(ACK_STATE, ConfigRecord({"ids": "[]"}))["ids"]))
+    merged = sorted(set(known) | set(acknowledged))
+    context.state[ACK_STATE] = ConfigRecord({"ids": json.dumps(merged)})
+    return merged
+
+
+def install_final_autoencoder(message: Message, cfg: DictConfig, context: Context, input_shape) -> StagedModel:
+    """The autoencoder the latents come from: sent along (federated/public) or the site's own."""
+    if "arrays" in message.content:
+        model = new_autoencoder(cfg, input_shape)
+        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        context.state[AUTOENCODER_STATE] = ArrayRecord(model.state_dict())
+        return model
+    return stored_autoencoder(cfg, context, input_shape)
+
+
+def upload_chunk(message: Message, context: Context) -> Message:
+    cfg = config_of(message)
+    request = message.content["config"]
+    chunk, chunk_size = int(request["chunk"]), int(request["chunk_size"])
+    partition_id, _ = partition_id_of(context)
+    acknowledged = remember_acknowledged(message, context)
+    x, y = local_data(cfg, context)
+    model = install_final_autoencoder(message, cfg, context, x.shape[1:])
+    if chunk == 0:
+        save_autoencoder(site_dir(message, context) / AUTOENCODER_FILE, model, x.shape[1:], int(cfg.protocol.conv_channels), channel_stats(cfg.dataset))
+    first = chunk * chunk_size
+    rows = slice(first, min(first + chunk_size, len(y)))
+    latents = encode(model, x[rows], device=client_device(cfg, context))
+    num_chunks = max(1, -(-len(y) // chunk_size))
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"latents": latents, "labels": y[rows].clone()}),
+            "upload": ConfigRecord(
+                {"client_id": site_name(partition_id), "upload_id": str(request["upload_id"]), "first_row": first, "num_chunks": num_chunks, "total_rows": len(y)}
+            ),
+            "metrics": MetricRecord({"partition-id": partition_id, "acknowledged": len(acknowledged)}),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+def query(message: Message, context: Context) -> Message:
+    """Service mode: latents of this site's test images, without their labels."""
+    cfg = config_of(message)
+    remember_acknowledged(message, context)
+    partition_id, _ = partition_id_of(context)
+    x, _ = local_test_data(cfg, context)
+    latents = encode(stored_autoencoder(cfg, context, x.shape[1:]), x, device=client_device(cfg, context))
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"latents": latents}),
+            "upload": ConfigRecord({"client_id": site_name(partition_id), "mode": "service"}),
+            "metrics": MetricRecord({"partition-id": partition_id}),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+def evaluate(message: Message, context: Context) -> Message:
+    """Score the server's answers on this site's test images; Eq. 9 and the figure."""
+    cfg = config_of(message)
+    partition_id, _ = partition_id_of(context)
+    x, y = local_test_data(cfg, context)
+    num_classes = dataset_from_config(cfg.dataset).num_classes
+    predicted = message.content["arrays"].to_torch_state_dict()["predictions"].long()
+    if len(predicted) != len(y):
+        raise ValueError(f"got {len(predicted)} predictions for {len(y)} test images")
+    correct = predicted == y
+    model = stored_autoencoder(cfg, context, x.shape[1:])
+    error_sums, error_counts = reconstruction_error_by_class(model, x, y, num_classes, client_device(cfg, context))
+    figure = class_grid_figure(site_dir(message, context) / "reconstructions.png", model, x, y, num_classes, title=f"{site_name(partition_id)}: original / latent / reconstruction")
+    metrics = MetricRecord(
+        {
+            "partition-id": partition_id,
+            "correct_by_class": [int(correct[y == c].sum()) for c in range(num_classes)],
+            "count_by_class": [int((y == c).sum()) for c in range(num_classes)],
+            "error_sum_by_class": error_sums,
+            "error_count_by_class": error_counts,
+        }
+    )
+    content = RecordDict({"metrics": metrics, "files": ConfigRecord({"figure": str(figure or "")})})
+    return Message(content, reply_to=message)

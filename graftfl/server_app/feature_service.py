@@ -1,0 +1,284 @@
+"""Serving the feature classifier: the swappable model, the online retrain loop, the HTTP API.
+
+- :class:`ServedClassifier` holds the model that answers predictions; a retrain
+  replaces it with one reference assignment under a lock, so a prediction uses
+  either the old or the new model, never a half-updated one.
+- :class:`OnlineTrainer` retrains from the feature store in a background thread
+  every ``retrain_every`` new records while predictions go on.
+- :func:`create_app` is the FastAPI prediction service (``graftfl serve``): the
+  paper's service-mode JSON in, ``{"message": {"clientID", "label", "timestamp"}}`` out.
+"""
+
+import math
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Callable, Literal, Union
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+
+from graftfl.core.autoencoder import load_classifier, train_classifier
+from graftfl.server_app.feature_store import FeatureStore, utc_now
+
+CLASSIFIER_FILE = "classifier.pt"
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 784-float request is ~16 KB of JSON
+
+
+class ServedClassifier:
+    """The classifier that answers predictions, replaceable atomically.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or None
+        The first model (``None`` until the first training).
+    version : int
+        Bumped by every :meth:`swap`.
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None, version: int = 0):
+        self._lock = threading.Lock()
+        self._current = (model.eval() if model is not None else None, version)
+
+    @property
+    def version(self) -> int:
+        return self._current[1]
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return self._current[0]
+
+    @property
+    def ready(self) -> bool:
+        return self._current[0] is not None
+
+    def swap(self, model: torch.nn.Module) -> int:
+        """Serve ``model`` from now on; returns its version."""
+        model.eval()
+        with self._lock:
+            self._current = (model, self._current[1] + 1)
+            return self._current[1]
+
+    @torch.no_grad()
+    def predict(self, latents: np.ndarray | torch.Tensor) -> np.ndarray:
+        model, _ = self._current  # one read: the whole batch uses one model
+        if model is None:
+            raise RuntimeError("no classifier has been trained yet")
+        batch = torch.as_tensor(np.asarray(latents, dtype=np.float32))
+        return model(batch).argmax(dim=1).numpy()
+
+
+class OnlineTrainer(threading.Thread):
+    """Retrain the classifier from the store every ``retrain_every`` new records.
+
+    Parameters
+    ----------
+    store : FeatureStore
+        Where uploads land.
+    served : ServedClassifier
+        Swapped after each retrain.
+    retrain_every : int
+        New learning-mode records that trigger a retrain.
+    num_classes : int
+        Classifier outputs.
+    train_kwargs : dict
+        Passed to :func:`graftfl.core.autoencoder.train_classifier`.
+    poll_s : float
+        How often the store is counted.
+    """
+
+    def __init__(self, store: FeatureStore, served: ServedClassifier, retrain_every: int, num_classes: int, train_kwargs: dict, poll_s: float = 0.2):
+        super().__init__(name="graftfl-online-retrain", daemon=True)
+        self.store, self.served = store, served
+        self.retrain_every, self.num_classes, self.train_kwargs, self.poll_s = int(retrain_every), num_classes, train_kwargs, poll_s
+        self.trained_on = 0
+        self.rows: list[dict] = []  # one per retrain, drained by the strategy into metrics.jsonl
+        self._rows_lock = threading.Lock()
+        self._stop_event = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.wait(self.poll_s):
+                if self.store.count() - self.trained_on >= self.retrain_every:
+                    self.retrain()
+        except BaseException as err:  # surfaced by finish(); the uploads go on meanwhile
+            self.error = err
+
+    def retrain(self) -> dict:
+        started = time.monotonic()
+        x, y = self.store.load()
+        model, metrics = train_classifier(torch.from_numpy(x), torch.from_numpy(y), self.num_classes, **self.train_kwargs)
+        version = self.served.swap(model)
+        self.trained_on = len(y)
+        row = {"records": len(y), "classifier_version": version, "retrain_s": time.monotonic() - started, **metrics}
+        with self._rows_lock:
+            self.rows.append(row)
+        return row
+
+    def drain_rows(self) -> list[dict]:
+        with self._rows_lock:
+            rows, self.rows = self.rows, []
+        return rows
+
+    def finish(self) -> None:
+        """Stop the loop and retrain once more if records arrived since the last retrain."""
+        self._stop_event.set()
+        self.join()
+        if self.error is not None:
+            raise RuntimeError(f"online retraining failed: {self.error}") from self.error
+        if self.store.count() > self.trained_on or not self.served.ready:
+            self.retrain()
+
+
+# ---------------------------------------------------------------- HTTP API ---
+
+Number = Annotated[Union[StrictInt, StrictFloat], Field(allow_inf_nan=False)]
+
+
+class ServiceMessage(BaseModel):
+    """The paper's service-mode message: a site's latent vector, no label."""
+
+    model_config = ConfigDict(extra="ignore")
+    clientID: Union[StrictStr, StrictInt]
+    value: list[Number]
+    mode: Literal["service"]
+    timestamp: Union[StrictStr, StrictInt, StrictFloat, None] = None
+
+
+class ServiceRequest(BaseModel):
+    message: ServiceMessage
+
+
+
+def create_app(served: ServedClassifier, latent_dim: int, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """The FastAPI prediction service for one served classifier.
+
+    ``POST /predict`` takes the paper's service-mode message and answers with the
+    predicted label. Malformed input is answered with HTTP 422 and a message that
+    says what is wrong; a body over ``max_body_bytes`` with HTTP 413.
+    """
+    app = FastAPI(title="graftfl feature classifier", version="1")
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"ready": served.ready, "classifier_version": served.version, "latent_dim": latent_dim}
+
+    @app.post("/predict")
+    def predict(request: ServiceRequest) -> dict:
+        message = request.message
+        if len(message.value) != latent_dim:
+            raise HTTPException(422, f"message.value has {len(message.value)} numbers; this classifier takes latent vectors of length {latent_dim}")
+        if not all(math.isfinite(v) for v in message.value):
+            raise HTTPException(422, "message.value must hold finite numbers")
+        if not served.ready:
+            raise HTTPException(503, "no classifier has been trained yet")
+        label = int(served.predict(np.asarray([message.value], dtype=np.float32))[0])
+        stamp = message.timestamp if message.timestamp is not None else utc_now()
+        return {"message": {"clientID": message.clientID, "label": label, "timestamp": stamp}}
+
+    return app
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 with one readable line per problem (the default echoes input, which may hold NaN)."""
+    problems: dict[str, str] = {}
+    for item in error.errors():
+        if item["type"] == "json_invalid":
+            problems["body"] = f"not valid JSON (at character {item['loc'][-1]})"
+            continue
+        where = ".".join(str(part) for part in item["loc"][1:] if part not in ("int", "float", "str")) or "body"
+        if where not in problems or "number" in item["msg"]:  # a union reports once per member type: keep the number one
+            problems[where] = item["msg"]
+    return JSONResponse({"detail": "; ".join(f"{where}: {message}" for where, message in problems.items())}, status_code=422)
+
+
+class BodySizeLimit:
+    """ASGI middleware: answer 413 to bodies over ``max_bytes`` before parsing them."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:  # chunked bodies carry no content-length
+                    # FastAPI re-raises HTTPException from body reading; its handler answers 413.
+                    raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return event
+
+        return await self.app(scope, limited_receive, send)
+
+
+def app_for_run(run_dir: Path, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """The prediction service for a finished ``protocol=features`` run."""
+    path = Path(run_dir) / CLASSIFIER_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a finished protocol=features run?")
+    model, stored = load_classifier(path)
+    return create_app(ServedClassifier(model, version=int(stored.get("version", 1))), stored["latent_dim"], max_body_bytes)
+
+
+class BackgroundServer:
+    """uvicorn serving ``app`` on 127.0.0.1 in a thread (tests, benchmarks); ``stop()`` ends it."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.host, self.port = host, self.socket.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the prediction service did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.socket.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def run_service(run_dir: Path, host: str, port: int, max_body_bytes: int, on_start: Callable[[str], None] | None = None) -> None:
+    """Serve a run's classifier in the foreground until interrupted (``graftfl serve``)."""
+    import uvicorn
+
+    app = app_for_run(run_dir, max_body_bytes)
+    if on_start:
+        on_start(f"http://{host}:{port}")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
