@@ -43,6 +43,7 @@ from typing import Callable, TextIO
 from omegaconf import DictConfig
 
 from graftfl.tls import TlsFiles, generate_node_auth_keys, generate_tls_files
+from graftfl.transport.handoff import KEY_ENV as SPLIT_KEY_ENV
 
 CONNECTION = "graftfl-local"
 MARKER_ENV = "GRAFTFL_DEPLOYMENT"  # inherited by every process of one deployment
@@ -224,6 +225,9 @@ class LocalDeployment:
     processes: list[ManagedProcess] = field(default_factory=list)
     tls_files: TlsFiles | None = None
     port: int = 0
+    # The split-learning relay key (AES-256) is the clients' secret: a fresh one per run,
+    # or the caller's GRAFTFL_SPLIT_KEY, given to the SuperNodes only (never the SuperLink).
+    split_key: str = field(default_factory=lambda: os.environ.get(SPLIT_KEY_ENV) or os.urandom(32).hex())
 
     def __post_init__(self) -> None:
         if self.auth and not self.tls:
@@ -235,8 +239,12 @@ class LocalDeployment:
         self.started_at = time.monotonic()
 
     # -- processes ---------------------------------------------------------------------
-    def env(self, flwr_home: Path | None = None) -> dict[str, str]:
+    def env(self, flwr_home: Path | None = None, supernode: bool = False) -> dict[str, str]:
         env = dict(os.environ)
+        env.pop(SPLIT_KEY_ENV, None)
+        if supernode:
+            # Environment, not --node-config: argv is readable by every user through ps.
+            env[SPLIT_KEY_ENV] = self.split_key
         # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name: same venv first.
         env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
         env.update({
@@ -248,12 +256,13 @@ class LocalDeployment:
         })
         return env
 
-    def start(self, name: str, args: list[str], flwr_home: Path | None = None, pipe: bool = False) -> ManagedProcess:
+    def start(self, name: str, args: list[str], flwr_home: Path | None = None, pipe: bool = False,
+              supernode: bool = False) -> ManagedProcess:
         """Start ``args`` in a new session, output to ``logs/<name>.log`` (or a pipe we read)."""
         log = self.logs / f"{name}.log"
         log_file = open(log, "ab")
         popen = subprocess.Popen(
-            args, cwd=self.cwd, env=self.env(flwr_home), start_new_session=True, stdin=subprocess.DEVNULL,
+            args, cwd=self.cwd, env=self.env(flwr_home, supernode), start_new_session=True, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if pipe else log_file, stderr=subprocess.STDOUT,
         )
         log_file.close()
@@ -333,7 +342,8 @@ class LocalDeployment:
             if private_keys:
                 args += ["--auth-supernode-private-key", str(private_keys[index])]
             # Each SuperNode has its own FLWR_HOME, as on separate machines (no shared app cache).
-            nodes.append(self.start(f"supernode-{index}", args, flwr_home=self.workdir / f"supernode-{index}"))
+            nodes.append(self.start(f"supernode-{index}", args, flwr_home=self.workdir / f"supernode-{index}",
+                                    supernode=True))
         self.wait_until(f"{self.num_nodes} SuperNodes online at the SuperLink", self.all_nodes_online,
                         [*self.processes], READY_TIMEOUT_S)
         self.note(f"{self.num_nodes} SuperNodes online")

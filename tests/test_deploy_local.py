@@ -126,6 +126,28 @@ def test_deploy_local_with_tls_and_supernode_auth(tmp_path):
 
 
 @needs_proc
+def test_deploy_local_split_relay_gets_a_client_only_key(tmp_path, monkeypatch):
+    """Relay hand-off needs a key only the SuperNodes hold; deploy-local makes one per run."""
+    monkeypatch.delenv("GRAFTFL_SPLIT_KEY", raising=False)
+    run_dir, _ = run_deploy_local(["protocol=split", "protocol.handoff=relay", "protocol.turn_batches=3",
+                                   "dataset=digits", "num_clients=2", "rounds=1"], tmp_path, timeout=400)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["protocol"] == "split" and summary["failed_turns"] == []
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(rows) == 1 and rows[0]["accuracy"] > 0.0
+
+
+def test_split_key_reaches_the_supernodes_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAFTFL_SPLIT_KEY", "00" * 32)
+    first = LocalDeployment(tmp_path / "a", num_nodes=1)
+    assert first.env(supernode=True)["GRAFTFL_SPLIT_KEY"] == "00" * 32  # the caller's key wins
+    assert "GRAFTFL_SPLIT_KEY" not in first.env()  # SuperLink, flwr CLI: never
+    monkeypatch.delenv("GRAFTFL_SPLIT_KEY")
+    keys = {LocalDeployment(tmp_path / name, num_nodes=1).env(supernode=True)["GRAFTFL_SPLIT_KEY"] for name in "bcd"}
+    assert len(keys) == 3 and all(len(bytes.fromhex(key)) == 32 for key in keys)  # fresh per run
+
+
+@needs_proc
 def test_ctrl_c_stops_every_process(tmp_path):
     """SIGINT (Ctrl-C) once the SuperNodes are online: exit 130, no process of ours left."""
     tag = uuid.uuid4().hex

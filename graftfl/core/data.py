@@ -185,8 +185,8 @@ def _dataset_loader(name: str, subset: str | None):
 def _normalise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     if train.ndim == 3:  # IDX files (MNIST, Fashion-MNIST) hold N x H x W: add the channel axis
         train, test = train[:, None], test[:, None]
-    train_t = torch.from_numpy(np.ascontiguousarray(train)).float().div_(255.0)
-    test_t = torch.from_numpy(np.ascontiguousarray(test)).float().div_(255.0)
+    train_t = torch.from_numpy(train.astype(np.float32)).div_(255.0)
+    test_t = torch.from_numpy(test.astype(np.float32)).div_(255.0)
     dims = (0, 2, 3)
     mean = train_t.mean(dim=dims, keepdim=True)
     std = train_t.std(dim=dims, keepdim=True).clamp_min(1e-6)
