@@ -28,7 +28,7 @@ from graftfl.core.selective import (
     encode_sparse,
     validate_upload,
 )
-from graftfl.strategies.utils import ServerRun, arrays_nbytes, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
 
 PROTOCOL = "dssgd"
 ORDERS = ("random", "round_robin")
@@ -37,12 +37,9 @@ ORDERS = ("random", "round_robin")
 def validate_config(cfg) -> None:
     """Reject impossible protocol settings before any training starts."""
     protocol = cfg.protocol
-    if protocol.selection not in SELECTIONS:
-        raise ValueError(f"protocol.selection must be one of {list(SELECTIONS)}, got '{protocol.selection}'")
-    if protocol.download not in DOWNLOADS:
-        raise ValueError(f"protocol.download must be one of {list(DOWNLOADS)}, got '{protocol.download}'")
-    if protocol.order not in ORDERS:
-        raise ValueError(f"protocol.order must be one of {list(ORDERS)}, got '{protocol.order}'")
+    require_choice("protocol.selection", protocol.selection, SELECTIONS)
+    require_choice("protocol.download", protocol.download, DOWNLOADS)
+    require_choice("protocol.order", protocol.order, ORDERS)
     if protocol.selection == "threshold" and (protocol.threshold is None or protocol.threshold < 0):
         raise ValueError("selection=threshold needs protocol.threshold (tau) >= 0")
     if protocol.clip is not None and protocol.clip <= 0:

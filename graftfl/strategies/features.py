@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 from graftfl.core.autoencoder import conv_ae, save_classifier, train_autoencoder, train_classifier
 from graftfl.server_app.feature_service import CLASSIFIER_FILE, OnlineTrainer, ServedClassifier
 from graftfl.server_app.feature_store import Chunk, FeatureStore
-from graftfl.strategies.utils import ServerRun, arrays_nbytes, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
 
 PROTOCOL = "features"
 AE_TRAINING = ("local", "federated", "public")
@@ -41,10 +41,8 @@ MESSAGE_TYPE = f"train.{PROTOCOL}"
 
 def validate_config(cfg) -> None:
     protocol = cfg.protocol
-    if protocol.ae_training not in AE_TRAINING:
-        raise ValueError(f"protocol.ae_training must be one of {list(AE_TRAINING)}, got '{protocol.ae_training}'")
-    if protocol.classifier.mode not in CLASSIFIER_MODES:
-        raise ValueError(f"protocol.classifier.mode must be one of {list(CLASSIFIER_MODES)}, got '{protocol.classifier.mode}'")
+    require_choice("protocol.ae_training", protocol.ae_training, AE_TRAINING)
+    require_choice("protocol.classifier.mode", protocol.classifier.mode, CLASSIFIER_MODES)
     for key in ("latent_dim", "conv_channels", "chunk_size", "ae_batch_size", "ae_epochs", "ae_rounds", "ae_local_epochs", "public_samples"):
         if int(protocol[key]) < 1:
             raise ValueError(f"protocol.{key} must be >= 1, got {protocol[key]}")

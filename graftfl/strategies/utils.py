@@ -20,6 +20,12 @@ from graftfl.server_app.checkpoint import load_checkpoint, save_checkpoint
 CONFIG_KEY = "graftfl-config"
 
 
+def require_choice(name: str, value, choices) -> None:
+    """Raise ``ValueError`` naming the valid values when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got '{value}'")
+
+
 class ServerRun:
     """What a protocol's server side needs for one run.
 

@@ -26,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from graftfl.core.train import make_optimizer
-from graftfl.strategies.utils import ServerRun, arrays_nbytes, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
 from graftfl.transport.server import DataPlaneServer
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,9 @@ AVERAGE_KEY = "average"
 def validate_split_config(cfg) -> None:
     """Checks shared by the split protocols (raise ValueError with the valid values)."""
     protocol = cfg.protocol
-    if protocol.handoff not in HANDOFFS:
-        raise ValueError(f"protocol.handoff must be one of {list(HANDOFFS)}, got '{protocol.handoff}'")
-    if protocol.turn_order not in TURN_ORDERS:
-        raise ValueError(f"protocol.turn_order must be one of {list(TURN_ORDERS)}, got '{protocol.turn_order}'")
-    if protocol.wire_dtype not in WIRE_DTYPES:
-        raise ValueError(f"protocol.wire_dtype must be one of {list(WIRE_DTYPES)}, got '{protocol.wire_dtype}'")
+    require_choice("protocol.handoff", protocol.handoff, HANDOFFS)
+    require_choice("protocol.turn_order", protocol.turn_order, TURN_ORDERS)
+    require_choice("protocol.wire_dtype", protocol.wire_dtype, WIRE_DTYPES)
     if protocol.turn_batches is not None and int(protocol.turn_batches) < 1:
         raise ValueError("protocol.turn_batches must be >= 1 or null (one local epoch per turn)")
     if float(protocol.turn_timeout_s) <= 0 or float(protocol.max_frame_mb) <= 0:
