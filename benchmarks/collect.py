@@ -6,10 +6,12 @@ concatenates the tables under one introduction, in a fixed order.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-ORDER = ["fedavg_scale", "split", "ko_table4", "dssgd", "features"]
+ORDER = ["fedavg_scale", "split_overhead", "split_accuracy", "ko_table4", "features"]
+COMBINED = {"split"}  # split.md is split_overhead.md + split_accuracy.md again (benchmarks/split_accuracy.py)
 
 INTRO = """# Benchmarks
 
@@ -20,9 +22,20 @@ raw figures are in `docs/benchmarks/<name>.json`.
 """
 
 
+def demoted(markdown: str) -> str:
+    """Each report's headings one level down, so that its title is a section of benchmarks.md."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines())
+
+
+def relinked(markdown: str) -> str:
+    """Images beside a report (``](x.png)``) seen from docs/benchmarks.md."""
+    return re.sub(r"\]\((?![a-z]+:|/)([^)/]+\.png)\)", r"](benchmarks/\1)", markdown)
+
+
 def main() -> None:
-    tables = sorted((DOCS / "benchmarks").glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem))
-    parts = [INTRO] + [path.read_text().strip() + "\n" for path in tables]
+    tables = [p for p in (DOCS / "benchmarks").glob("*.md") if p.stem not in COMBINED]
+    tables.sort(key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem))
+    parts = [INTRO] + [relinked(demoted(path.read_text().strip())) + "\n" for path in tables]
     (DOCS / "benchmarks.md").write_text("\n".join(parts))
     print(f"wrote {DOCS / 'benchmarks.md'} from {[p.name for p in tables]}")
 
