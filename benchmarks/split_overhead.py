@@ -294,7 +294,9 @@ def write_report(results: dict) -> None:
         f"Target (b) >= 0.85 x (a): **{'met' if s['data_plane_process']['steps_per_s'] >= 0.85 * a else 'missed'}** "
         f"({s['data_plane_process']['steps_per_s'] / a:.2f}).",
         f"Data-plane bytes per step (float32): {s['data_plane_process']['bytes_up_per_step']:.0f} up, {s['data_plane_process']['bytes_down_per_step']:.0f} down.",
-        ("(b) inside `deploy-local` was measured with graftfl/deploy.py present; " if "data_plane_deploy_local" in s else
+        ("(b) inside `deploy-local`: its ClientApp and ServerApp run with torch's default thread count "
+         f"({os.cpu_count()} here), not the 1 thread of (a), so that ratio is not like-for-like and the target is judged "
+         "on the two-process figure at equal threads; " if "data_plane_deploy_local" in s else
          "(b) is measured with the client as its own process on loopback, not inside a `graftfl deploy-local` run (no graftfl/deploy.py in this checkout); ")
         + "the Flower control-plane cost of a deployed turn is one message (~6 s, see design.md) per turn, not per batch.",
         "",
