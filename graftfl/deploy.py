@@ -43,7 +43,7 @@ from typing import Callable, TextIO
 from omegaconf import DictConfig
 
 from graftfl.tls import TlsFiles, generate_node_auth_keys, generate_tls_files
-from graftfl.transport.handoff import KEY_ENV as SPLIT_KEY_ENV
+from graftfl.core.handoff import KEY_ENV as SPLIT_KEY_ENV
 
 CONNECTION = "graftfl-local"
 MARKER_ENV = "GRAFTFL_DEPLOYMENT"  # inherited by every process of one deployment

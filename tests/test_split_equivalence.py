@@ -16,8 +16,8 @@ from graftfl.core.models import build_model
 from graftfl.core.split import BottomClient, MiddleStage, TopStage, UShapedClient, activation_shape, model_parts
 from graftfl.core.train import make_optimizer
 from graftfl.transport.client import DataPlaneClient
-from graftfl.transport.client_turn import load_role_state, role_state
-from graftfl.transport.handoff import decrypt_state, encrypt_state
+from graftfl.clients.split_turns import load_role_state, role_state
+from graftfl.core.handoff import decrypt_state, encrypt_state
 from graftfl.transport.server import DataPlaneServer
 
 INPUT_SHAPE, NUM_CLASSES, BATCH = (1, 8, 8), 10, 16

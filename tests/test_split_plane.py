@@ -13,9 +13,9 @@ from graftfl.core.models import build_model
 from graftfl.core.split import BottomClient, MiddleStage, TopStage, UShapedClient, activation_shape, model_parts
 from graftfl.core.train import make_optimizer
 from graftfl.transport.client import DataPlaneClient, DataPlaneError
-from graftfl.transport.client_turn import role_state
+from graftfl.clients.split_turns import role_state
 from graftfl.transport.frames import Frame, encode_frame, parse_header
-from graftfl.transport.handoff import decrypt_state, encrypt_state, parse_key, simulation_key
+from graftfl.core.handoff import decrypt_state, encrypt_state, parse_key, simulation_key
 from graftfl.transport.server import DataPlaneServer
 
 INPUT_SHAPE, NUM_CLASSES, BATCH = (1, 8, 8), 10, 8

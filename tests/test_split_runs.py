@@ -134,7 +134,7 @@ def test_relay_ciphertext_on_server_is_not_the_weights(tmp_path):
     grid, run_dir, rows, summary = run_in_process(tmp_path, ["protocol=split", "rounds=1"], num_nodes=2)
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     stored = checkpoint["extra"]["relay-ciphertext"]
-    from graftfl.transport.handoff import decrypt_state, parse_key
+    from graftfl.core.handoff import decrypt_state, parse_key
 
     bottom = decrypt_state(parse_key(SPLIT_KEY), stored)["modules"]["bottom"]  # only a key holder can do this
     weights = bottom["conv1.0.weight"].numpy().tobytes()

@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 import graftfl.clients as clients_package
 
 CATEGORIES = ("train", "evaluate", "query")
-NOT_PROTOCOLS = {"app", "utils"}
+NOT_PROTOCOLS = {"app", "utils", "split_turns"}
 
 
 def protocol_handler_modules():

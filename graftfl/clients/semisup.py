@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 
 from graftfl.core.split import SemisupClient, activation_shape, build_decoder, model_parts
-from graftfl.transport.client_turn import evaluate_turn, train_turn
+from graftfl.clients.split_turns import evaluate_turn, train_turn
 
 PROTOCOL = "semisup"
 

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 
 from graftfl.core.split import TopStage, activation_shape, model_parts
 from graftfl.strategies.utils import ServerRun
-from graftfl.transport.turns import SplitRunner, server_optimizer, validate_split_config
+from graftfl.strategies.split_turns import SplitRunner, server_optimizer, validate_split_config
 
 PROTOCOL = "split"
 

@@ -28,6 +28,11 @@ MAX_HEADER_BYTES = 64 * 1024
 FLOAT_WIRE_DTYPES = ("float32", "float16", "bfloat16")
 
 
+def max_frame_bytes(cfg) -> int:
+    """The frame size limit of a run (``protocol.max_frame_mb``) in bytes."""
+    return int(float(cfg.protocol.max_frame_mb) * (1 << 20))
+
+
 class FrameError(ValueError):
     """A frame that cannot be parsed or does not match what the receiver expects."""
 

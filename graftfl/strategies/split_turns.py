@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY
 from graftfl.core.train import make_optimizer
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
+from graftfl.transport.frames import max_frame_bytes
 from graftfl.transport.server import DataPlaneServer
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,6 @@ log = logging.getLogger(__name__)
 HANDOFFS = ("relay", "local", "average")
 TURN_ORDERS = ("round_robin", "random")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
-RELAY_KEY = "relay-ciphertext"
-AVERAGE_KEY = "average"
 
 
 def validate_split_config(cfg) -> None:
@@ -57,10 +57,6 @@ def validate_split_config(cfg) -> None:
 
     # stage names do not depend on the input size: a 3x32x32 stand-in is enough to check the cut
     cut_points(build_model(cfg.model.name, (3, 32, 32), 10, **cfg.model.get("kwargs", {})), protocol.cut_stage, protocol.get("head_stages"))
-
-
-def max_frame_bytes(cfg) -> int:
-    return int(float(cfg.protocol.max_frame_mb) * (1 << 20))
 
 
 def start_data_plane(cfg, stage) -> DataPlaneServer:

@@ -32,6 +32,9 @@ KEY_NODE_CONFIG = "split-key"
 KEY_ENV = "GRAFTFL_SPLIT_KEY"
 ASSOCIATED_DATA = b"graftfl-split-relay-v1"
 NONCE_BYTES = 12
+# Names of the hand-off records in the turn messages (relay: ciphertext; average: weights).
+RELAY_KEY = "relay-ciphertext"
+AVERAGE_KEY = "average"
 
 
 class MissingSplitKey(RuntimeError):

@@ -21,12 +21,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from graftfl.clients.utils import client_device, config_of, local_data, new_model, num_classes_of, partition_id_of
 from graftfl.core.data import dataset_from_config
+from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY, client_key, decrypt_state, encrypt_state
 from graftfl.core.meter import count_train_flops
 from graftfl.core.split import SemisupClient, hidden_label_mask, test_subset
 from graftfl.core.train import make_optimizer, seed_everything
 from graftfl.transport.client import DataPlaneClient
-from graftfl.transport.handoff import client_key, decrypt_state, encrypt_state
-from graftfl.transport.turns import AVERAGE_KEY, RELAY_KEY, max_frame_bytes
+from graftfl.transport.frames import max_frame_bytes
 
 STATE_KEY = "split-client"
 PROGRESS_KEY = "split-progress"
