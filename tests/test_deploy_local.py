@@ -59,10 +59,32 @@ def tagged_processes(tag: str) -> dict[int, str]:
     return found
 
 
+def _default_sigint() -> None:
+    # A CI job started in the background by a non-interactive shell inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler: give the child a real Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def graftfl_process(args: list[str], cwd: Path, tag: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", TAG_ENV: tag}
     return subprocess.Popen([sys.executable, "-m", "graftfl.cli", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
+
+
+def stop_deploy_local(process: subprocess.Popen, tag: str) -> None:
+    """After a failed test: SIGTERM (deploy-local then stops its own processes), then what is left."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pid in tagged_processes(tag):  # only processes carrying this test's tag: ours
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def run_deploy_local(args: list[str], cwd: Path, timeout: float = 240) -> tuple[Path, str]:
@@ -71,11 +93,11 @@ def run_deploy_local(args: list[str], cwd: Path, timeout: float = 240) -> tuple[
     process = graftfl_process(["deploy-local", *args], cwd, tag)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
+        survivors = tagged_processes(tag)  # before any cleanup of ours
     finally:
-        if process.poll() is None:
-            process.kill()
+        stop_deploy_local(process, tag)
     assert process.returncode == 0, f"deploy-local {shlex.join(args)} exited {process.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
-    assert tagged_processes(tag) == {}, "processes of the deployment survived the command"
+    assert survivors == {}, "processes of the deployment survived the command"
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("run: "), f"last stdout line is not 'run: ...': {last!r}"
     return cwd / last.removeprefix("run: "), stderr
@@ -169,12 +191,12 @@ def test_ctrl_c_stops_every_process(tmp_path):
         assert running.count("flower-supernode") == 2 and "flower-superlink" in running and "flower-superexec" in running
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
+        survivors = tagged_processes(tag)  # before any cleanup of ours
     finally:
-        if process.poll() is None:
-            process.kill()
+        stop_deploy_local(process, tag)
     reader.join(timeout=5)
     assert process.returncode == 130, "".join(stderr_lines[-40:])
-    assert tagged_processes(tag) == {}
+    assert survivors == {}
     assert not workdir_from("".join(stderr_lines)).exists()
 
 
