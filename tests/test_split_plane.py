@@ -75,6 +75,7 @@ def test_bad_frame_gets_status_while_other_client_is_served(top_server, case):
     with DataPlaneClient(server.address, good_turn.token) as good:
         reply, meta = good.exchange("train", good_frame(act_shape, "").tensors)
         assert reply["gradient"].shape == (BATCH, *act_shape)
+        server.settle()  # the top's update of that reply may still be running in the server's thread
         steps = server.stage.steps
         weights = [p.detach().clone() for p in server.stage.top.parameters()]
 
@@ -87,9 +88,11 @@ def test_bad_frame_gets_status_while_other_client_is_served(top_server, case):
         assert error.value.code == code, error.value
         assert MESSAGE_HINTS[case] in error.value.details  # a message that says what was wrong
         # the bad frame changed nothing, and the good client's stream goes on
+        server.settle()
         assert server.stage.steps == steps
         assert all(torch.equal(a, b.detach()) for a, b in zip(weights, server.stage.top.parameters()))
         reply, _ = good.exchange("train", good_frame(act_shape, "").tensors)
+        server.settle()
         assert torch.isfinite(reply["gradient"]).all() and server.stage.steps == steps + 1
     assert good_turn.ended_cleanly
 
@@ -275,6 +278,7 @@ def test_tls_data_plane(tmp_path):
                 client.exchange("train", good_frame(act_shape, "").tensors)
             client.abandon()
             assert error.value.code == grpc.StatusCode.UNAVAILABLE
+        server.settle()
         assert server.stage.steps == 1
     finally:
         server.stop()

@@ -98,19 +98,62 @@ def test_subset(x: torch.Tensor, y: torch.Tensor, size: int | None, seed: int) -
 # ------------------------------------------------------------ server stages ---
 
 
+class _PendingStep:
+    """A server stage's parameter update, split from the gradient the client waits for.
+
+    :meth:`start` back-propagates only to the incoming activations (autograd
+    skips the parameters' gradient kernels) and keeps the graph;
+    :meth:`complete` back-propagates to the parameters and steps the optimizer.
+    The two passes give the same gradients as one ``backward()``.
+    """
+
+    def __init__(self):
+        self._update: tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]] | None = None
+
+    def start(self, outputs: torch.Tensor, activations: torch.Tensor, module: nn.Module, output_gradient: torch.Tensor | None = None) -> torch.Tensor:
+        (gradient,) = torch.autograd.grad(outputs, activations, output_gradient, retain_graph=True)
+        self._update = (outputs, output_gradient, [p for p in module.parameters() if p.requires_grad])
+        return gradient.detach()
+
+    def complete(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Apply the started update; ``False`` when none is pending."""
+        if self._update is None:
+            return False
+        outputs, output_gradient, parameters = self._update
+        self._update = None
+        optimizer.zero_grad(set_to_none=True)
+        outputs.backward(output_gradient, inputs=parameters)
+        optimizer.step()
+        return True
+
+
+
 class TopStage:
     """Server side of ``split``/``semisup``: the top of the model and the loss.
 
     Frames: ``train`` (activations, labels) -> ``gradient`` (gradient of the
-    activations) after one optimizer step of the top; ``eval`` (activations,
-    labels) -> ``eval_result`` with the batch's loss sum and correct count
-    (also accumulated in the session state under ``"eval"``).
+    activations); ``eval`` (activations, labels) -> ``eval_result`` with the
+    batch's loss sum and correct count (also accumulated in the session state
+    under ``"eval"``).
+
+    The client waits only for the gradient of its activations, so ``train``
+    computes that alone and leaves the top's own parameter gradients and
+    optimizer step pending (:meth:`complete_step`): the data plane completes
+    it after the reply has left, while the client runs its backward pass.
+    Every ``handle`` completes a pending step first, so the order of updates,
+    and the weights, are those of one step per batch.
     """
 
     def __init__(self, top: nn.Module, optimizer: torch.optim.Optimizer, act_shape: Sequence[int], num_classes: int, device: torch.device | str = "cpu"):
         self.top, self.optimizer = top.to(device), optimizer
         self.act_shape, self.num_classes, self.device = tuple(act_shape), int(num_classes), torch.device(device)
-        self.steps = 0
+        self.steps = 0  # completed optimizer steps
+        self._pending = _PendingStep()
+
+    def complete_step(self) -> None:
+        """Apply the parameter update of the last ``train`` frame, if not yet done."""
+        if self._pending.complete(self.optimizer):
+            self.steps += 1
 
     def input_specs(self, kind: str, state: dict) -> dict[str, TensorSpec] | None:
         if kind in ("train", "eval"):
@@ -118,6 +161,7 @@ class TopStage:
         return None
 
     def handle(self, kind: str, tensors: dict[str, torch.Tensor], state: dict) -> tuple[str, dict[str, torch.Tensor], dict]:
+        self.complete_step()
         activations = tensors["activations"].to(self.device)
         labels = tensors["labels"].to(self.device)
         if kind == "eval":
@@ -133,12 +177,9 @@ class TopStage:
             return "eval_result", {}, {"loss_sum": loss_sum, "correct": correct}
         self.top.train()
         activations.requires_grad_(True)
-        self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.top(activations), labels)
-        loss.backward()
-        self.optimizer.step()
-        self.steps += 1
-        return "gradient", {"gradient": activations.grad.detach().cpu()}, {"loss": float(loss.detach())}
+        gradient = self._pending.start(loss, activations, self.top)
+        return "gradient", {"gradient": gradient.cpu()}, {"loss": float(loss.detach())}
 
 
 class MiddleStage:
@@ -148,13 +189,21 @@ class MiddleStage:
     in the session state; ``backward`` (gradient of those outputs) ->
     ``gradient`` (gradient of the activations) after one optimizer step;
     ``eval_forward`` (activations) -> ``middle`` without a graph. A session that
-    ends between ``forward`` and ``backward`` leaves the middle untouched.
+    ends between ``forward`` and ``backward`` leaves the middle untouched. As in
+    :class:`TopStage`, the middle's own update is completed after the reply
+    (:meth:`complete_step`).
     """
 
     def __init__(self, middle: nn.Module, optimizer: torch.optim.Optimizer, act_shape: Sequence[int], out_shape: Sequence[int], device: torch.device | str = "cpu"):
         self.middle, self.optimizer = middle.to(device), optimizer
         self.act_shape, self.out_shape, self.device = tuple(act_shape), tuple(out_shape), torch.device(device)
-        self.steps = 0
+        self.steps = 0  # completed optimizer steps
+        self._pending = _PendingStep()
+
+    def complete_step(self) -> None:
+        """Apply the parameter update of the last ``backward`` frame, if not yet done."""
+        if self._pending.complete(self.optimizer):
+            self.steps += 1
 
     def input_specs(self, kind: str, state: dict) -> dict[str, TensorSpec] | None:
         if kind in ("forward", "eval_forward"):
@@ -164,6 +213,7 @@ class MiddleStage:
         return None
 
     def handle(self, kind: str, tensors: dict[str, torch.Tensor], state: dict) -> tuple[str, dict[str, torch.Tensor], dict]:
+        self.complete_step()
         if kind == "eval_forward":
             self.middle.eval()
             with torch.no_grad():
@@ -175,11 +225,8 @@ class MiddleStage:
             state["pending"] = (activations, outputs)
             return "middle", {"outputs": outputs.detach().cpu()}, {}
         activations, outputs = state.pop("pending")
-        self.optimizer.zero_grad(set_to_none=True)
-        outputs.backward(tensors["gradient"].to(self.device))
-        self.optimizer.step()
-        self.steps += 1
-        return "gradient", {"gradient": activations.grad.detach().cpu()}, {}
+        gradient = self._pending.start(outputs, activations, self.middle, tensors["gradient"].to(self.device))
+        return "gradient", {"gradient": gradient.cpu()}, {}
 
 
 # ------------------------------------------------------------- client roles ---

@@ -13,7 +13,9 @@ revokes it. Every frame is validated before it reaches the model:
 A bad frame ends only its own stream; the server keeps serving the others. The
 stage (the model part the server holds) is shared by all turns and guarded by a
 lock, so a late frame of a stalled client cannot interleave with the next
-client's step.
+client's step. The stage's own parameter update runs after its reply has been
+sent (``stage.complete_step``), overlapping the client's backward pass; read
+the stage's weights from another thread only after :meth:`DataPlaneServer.settle`.
 """
 
 from __future__ import annotations
@@ -149,10 +151,16 @@ class DataPlaneServer:
         with self.lock:
             turn.open = False
             turn.state.pop("pending", None)
+            self.stage.complete_step()
             stream = turn.stream
         if stream is not None and not turn.ended_cleanly:
             stream.cancel()  # a stalled client's stream must not hold a server thread forever
         return turn
+
+    def settle(self) -> None:
+        """Complete the stage's update of the last reply (a no-op when it is done): call before reading its weights."""
+        with self.lock:
+            self.stage.complete_step()
 
     # ------------------------------------------------------------- the stream
     def _stream(self, request_iterator, context):
@@ -164,6 +172,7 @@ class DataPlaneServer:
                 if reply is None:
                     return
                 yield reply
+                self.settle()  # gRPC resumes here once the reply is sent: update while the client computes
         except _Reject as reject:
             if turn is not None:
                 turn.error = f"{reject.code.name}: {reject.message}"
