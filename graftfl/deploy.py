@@ -254,7 +254,14 @@ class LocalDeployment:
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PYTHONUNBUFFERED": "1",
         })
+        # One machine runs the ServerApp and every ClientApp at once: share its cores among them
+        # instead of letting each torch process spin one thread per core (unless the caller chose).
+        env.setdefault("OMP_NUM_THREADS", str(self.threads_per_process()))
         return env
+
+    def threads_per_process(self) -> int:
+        """Cores per co-located torch process: the ServerApp and one ClientApp per SuperNode."""
+        return max(1, (os.cpu_count() or 1) // (self.num_nodes + 1))
 
     def start(self, name: str, args: list[str], flwr_home: Path | None = None, pipe: bool = False,
               supernode: bool = False) -> ManagedProcess:
