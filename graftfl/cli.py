@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from graftfl.config import ConfigError, expand_sweep, resolve_job_config
@@ -34,10 +35,12 @@ def simulate(cfg) -> Path:
         "client_resources": {"num_cpus": cfg.client_resources.num_cpus, "num_gpus": cfg.client_resources.num_gpus},
         "init_args": {"include_dashboard": False, "log_to_driver": True},
     }
+    started = time.time()
     run_simulation(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, backend_config=backend_config)
     run_dir = run_dir_of(cfg)
-    if not (run_dir / "summary.json").exists():
-        raise RuntimeError(f"the simulation ended without finishing the run (no {run_dir}/summary.json); see the log above")
+    summary = run_dir / "summary.json"
+    if not summary.exists() or summary.stat().st_mtime < started - 1:  # resume: the old run's summary does not count
+        raise RuntimeError(f"the simulation ended without finishing the run (no new {summary}); see the log above")
     return run_dir
 
 

@@ -63,9 +63,12 @@ def _check_override_keys(overrides: Iterable[str], base: DictConfig) -> None:
         key = override.key_or_group
         if override.is_add() or override.is_force_add() or key in GROUPS:
             continue  # '+key=value' deliberately adds a key
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(base, parent) if parent else base
-        if not isinstance(node, DictConfig) or leaf not in node:
+        parts = key.split(".")
+        node, depth = base, 0
+        while depth < len(parts) and isinstance(node, DictConfig) and parts[depth] in node:
+            node, depth = node[parts[depth]], depth + 1
+        if depth < len(parts):  # parts[depth] is the first name that does not exist
+            parent = ".".join(parts[:depth])
             valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
             where = f"'{parent}'" if parent else "the top level"
             raise ConfigError(f"unknown config key '{key}'; valid keys at {where}: {valid}")
@@ -90,9 +93,16 @@ def compose_config(overrides: Iterable[str] = (), validate_values: bool = True) 
     _check_group_choices(overrides)
     groups_only = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
     _check_override_keys(overrides, _compose(groups_only))
-    cfg = _compose(overrides)
+    cfg = _with_target_epsilon_noise(_compose(overrides))
     if validate_values:
         validate(cfg)
+    return cfg
+
+
+def _with_target_epsilon_noise(cfg: DictConfig) -> DictConfig:
+    """``privacy.target_epsilon`` decides the noise: it replaces the default ``noise_multiplier``."""
+    if cfg.privacy.name == "dpsgd" and cfg.privacy.get("target_epsilon") is not None:
+        cfg.privacy.noise_multiplier = None
     return cfg
 
 
@@ -110,8 +120,9 @@ def resolve_job_config(overrides: Iterable[str]) -> DictConfig:
     if not stored.exists():
         raise ConfigError(f"resume={cfg.resume}: no config.yaml there (not a graftfl run directory)")
     plain = [o for o in overrides if o.split("=", 1)[0] not in (*GROUPS, "resume")]
-    resumed = OmegaConf.merge(OmegaConf.load(stored), OmegaConf.from_dotlist(plain))
+    resumed = _with_target_epsilon_noise(OmegaConf.merge(OmegaConf.load(stored), OmegaConf.from_dotlist(plain)))
     resumed.resume = cfg.resume
+    validate(resumed)  # the stored protocol's own checks, e.g. whether it can resume at all
     return resumed
 
 

@@ -16,6 +16,8 @@ def test_default_config_composes():
         ("model=alexnet", r"valid model choices: \[.*'lenet'"),
         ("lrr=0.1", r"unknown config key 'lrr'; valid keys at the top level: \[.*'rounds'"),
         ("train.lrr=0.1", r"valid keys at 'train': \[.*'lr'"),
+        ("data.root=x", r"unknown config key 'data.root'; valid keys at the top level: \[.*'dataset'"),
+        ("train.lr.x=1", r"unknown config key 'train.lr.x'; valid keys at 'train.lr': \[\]"),
         ("train.lr=-0.1", r"train.lr must be > 0"),
         ("protocol.fraction_train=1.5", r"must be in \(0, 1\]"),
         ("protocol.fraction_train=0", r"must be in \(0, 1\]"),
@@ -26,6 +28,22 @@ def test_default_config_composes():
 def test_bad_values_fail_with_a_message_naming_the_valid_ones(override, message):
     with pytest.raises(ConfigError, match=message):
         compose_config([override])
+
+
+def test_target_epsilon_replaces_the_default_noise_multiplier():
+    assert compose_config(["privacy=dpsgd"]).privacy.noise_multiplier == 1.0
+    cfg = compose_config(["privacy=dpsgd", "privacy.target_epsilon=3"])
+    assert cfg.privacy.target_epsilon == 3 and cfg.privacy.noise_multiplier is None
+
+
+def test_resumed_config_is_validated_as_the_stored_protocol(tmp_path):
+    from graftfl.config import resolve_job_config, to_yaml
+
+    run_dir = tmp_path / "split-run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(to_yaml(compose_config(["protocol=split", "dataset=digits"])))
+    with pytest.raises(ConfigError, match="cannot resume"):
+        resolve_job_config([f"resume={run_dir}"])
 
 
 def test_sweep_expands_the_cross_product():
@@ -47,4 +65,4 @@ def test_cli_reports_missing_data_with_instructions(workdir):
 
     proc = run_graftfl("sim", "dataset=mnist", f"dataset.root={workdir}", "dataset.download=false", cwd=workdir, check=False, timeout=60)
     assert proc.returncode == 2
-    assert "MNIST not found" in proc.stderr and "data.download" in proc.stderr
+    assert "MNIST not found" in proc.stderr and "dataset.download" in proc.stderr

@@ -60,8 +60,21 @@ def test_missing_dataset_offline_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setitem(data_module.DATASETS, "fashion_mnist", data_module._mnist_like("FashionMNIST", tmp_path / "no-debian"))
     with pytest.raises(DatasetUnavailable, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion_mnist", root=tmp_path, download=False)
-    with pytest.raises(DatasetUnavailable, match="data.download"):
+    with pytest.raises(DatasetUnavailable, match="dataset.download"):
         load_dataset("mnist", root=tmp_path, download=False)
+
+
+def test_failed_download_still_says_how_to_get_fashion_mnist(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    monkeypatch.setitem(data_module.DATASETS, "fashion_mnist", data_module._mnist_like("FashionMNIST", tmp_path / "no-debian"))
+    with pytest.raises(DatasetUnavailable, match="apt-get install dataset-fashion-mnist") as error:
+        load_dataset("fashion_mnist", root=tmp_path, download=True)
+    assert "Error downloading" in str(error.value)
 
 
 def test_idx_files_under_root_are_read(tmp_path):

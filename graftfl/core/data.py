@@ -68,13 +68,13 @@ def _load_idx_folder(folder: Path) -> tuple[np.ndarray, ...] | None:
     return tuple(_read_idx(path) for path in paths)
 
 
-def _torchvision_download(cls_name: str, root: Path, download: bool, **split_kwargs) -> tuple[np.ndarray, ...]:
+def _torchvision_download(cls_name: str, root: Path, download: bool, hint: str | None = None, **split_kwargs) -> tuple[np.ndarray, ...]:
     from torchvision import datasets as tv_datasets
 
     cls = getattr(tv_datasets, cls_name)
-    hint = (
-        f"{cls_name} is not under data.root={root}. Put the files there (torchvision layout) "
-        f"or run once online with data.download=true"
+    hint = hint or (
+        f"{cls_name} is not under dataset.root={root}. Put the files there (torchvision layout) "
+        f"or run once online with dataset.download=true"
     )
     try:
         train = cls(str(root), download=download, **split_kwargs["train"])
@@ -101,13 +101,14 @@ def _mnist_like(cls_name: str, debian_dir: Path | None) -> Callable[[Path, bool]
             arrays = _load_idx_folder(folder)
             if arrays is not None:
                 return arrays
+        hint = (
+            f"{cls_name} not found in {[str(f) for f in folders]}. "
+            + ("Install Debian's package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), " if debian_dir else "")
+            + "put the IDX files under dataset.root, or allow dataset.download=true when online."
+        )
         if not download:
-            raise DatasetUnavailable(
-                f"{cls_name} not found in {[str(f) for f in folders]}. "
-                + ("Install Debian's package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), " if debian_dir else "")
-                + "put the IDX files under data.root, or allow data.download=true when online."
-            )
-        return _torchvision_download(cls_name, root, download, train={"train": True}, test={"train": False})
+            raise DatasetUnavailable(hint)
+        return _torchvision_download(cls_name, root, download, hint, train={"train": True}, test={"train": False})
 
     return load
 
@@ -141,7 +142,7 @@ def _medmnist(subset: str) -> Callable[[Path, bool], tuple[np.ndarray, ...]]:
             if not download:
                 raise DatasetUnavailable(
                     f"MedMNIST subset '{subset}' not found at {path}. Download {subset}.npz with the "
-                    f"`medmnist` package (python -m medmnist download) into data.root, or set data.download=true."
+                    f"`medmnist` package (python -m medmnist download) into dataset.root, or set dataset.download=true."
                 )
             try:
                 import medmnist
