@@ -29,16 +29,28 @@ class FedAvgWithMetrics(FedAvg):
         super().__init__(**fedavg_kwargs)
         self.run = run
         self.client_rows: list[dict] = []
+        self.client_errors: list[str] = []
         self.bytes_down = 0
+        self.sent = 0
         self.privacy_histories: dict[str, str] = dict((run.resume_state or {}).get("extra", {}).get("privacy_histories", {}))
 
     def _construct_messages(self, record, node_ids, message_type) -> Iterable[Message]:
         # Flower sends plain "train"; the graftfl ClientApp routes "<category>.<protocol>".
         self.bytes_down = arrays_nbytes(record[self.arrayrecord_key]) * len(node_ids)
+        self.sent = len(node_ids)
         return super()._construct_messages(record, node_ids, f"{message_type}.{PROTOCOL}")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
+        self.client_errors = [f"node {reply.metadata.src_node_id}: {reply.error.reason}" for reply in replies if reply.has_error()]
+        missing = self.sent - len(replies)
+        if missing > 0:
+            self.client_errors.append(f"{missing} client(s) did not reply within timeout_s")
+        if self.client_errors:
+            print(f"[fedavg] round {server_round}: {len(self.client_errors)} client failure(s): {'; '.join(self.client_errors)}", flush=True)
+        if not any(not reply.has_error() for reply in replies):
+            # Flower would keep the old model and go on: a run in which nobody trains must stop, and say why.
+            raise RuntimeError(f"round {server_round}: no client finished training ({'; '.join(self.client_errors)})")
         self.client_rows = [
             {**dict(reply.content["metrics"]), "bytes_up": arrays_nbytes(reply.content[self.arrayrecord_key])}
             for reply in replies
@@ -51,8 +63,8 @@ class FedAvgWithMetrics(FedAvg):
         return super().aggregate_train(server_round, replies)
 
 
-def round_row(server_round: int, evaluation: dict, client_rows: list[dict], bytes_down: int, wall_s: float) -> dict:
-    """One metrics.jsonl row from the server evaluation and the clients' replies."""
+def round_row(server_round: int, evaluation: dict, client_rows: list[dict], bytes_down: int, wall_s: float, client_errors: list[str] = ()) -> dict:
+    """One metrics.jsonl row from the server evaluation and the clients' replies (and failures)."""
     by_client = sorted(client_rows, key=lambda r: r.get("partition-id", 0))
     row = {
         "round": server_round,
@@ -65,6 +77,8 @@ def round_row(server_round: int, evaluation: dict, client_rows: list[dict], byte
         "clients": [int(r.get("partition-id", -1)) for r in by_client],
         "client_train_loss": [r.get("train_loss") for r in by_client],
         "client_bytes_up": [r["bytes_up"] for r in by_client],
+        "failed_clients": len(client_errors),
+        "client_errors": list(client_errors),
     }
     epsilons = [r["epsilon"] for r in by_client if "epsilon" in r]
     if epsilons:
@@ -93,7 +107,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
             return None
         model.load_state_dict(arrays.to_torch_state_dict())
         evaluation = run.evaluate(model)
-        row = round_row(offset + server_round, evaluation, strategy.client_rows, strategy.bytes_down, run.round_seconds())
+        row = round_row(offset + server_round, evaluation, strategy.client_rows, strategy.bytes_down, run.round_seconds(), strategy.client_errors)
         run.recorder.log_round(row)
         run.checkpoint(offset + server_round, model, {"privacy_histories": strategy.privacy_histories})
         print(f"[fedavg] round {offset + server_round}/{cfg.rounds} accuracy {evaluation['accuracy']:.4f}", flush=True)
