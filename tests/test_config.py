@@ -46,6 +46,16 @@ def test_resumed_config_is_validated_as_the_stored_protocol(tmp_path):
         resolve_job_config([f"resume={run_dir}"])
 
 
+def test_dssgd_with_privacy_does_not_resume(tmp_path):
+    from graftfl.config import resolve_job_config, to_yaml
+
+    run_dir = tmp_path / "dssgd-run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(to_yaml(compose_config(["protocol=dssgd", "dataset=digits", "privacy=dpsgd"])))
+    with pytest.raises(ConfigError, match="cumulative epsilon would be wrong"):
+        resolve_job_config([f"resume={run_dir}"])
+
+
 def test_sweep_expands_the_cross_product():
     jobs = expand_sweep(["rounds=1,2", "dataset=digits,mnist", "seed=3"])
     assert len(jobs) == 4

@@ -49,6 +49,11 @@ def validate_config(cfg) -> None:
             raise ValueError(f"protocol.upload_epsilon must be > 0 or null, got {protocol.upload_epsilon}")
         if protocol.clip is None:
             raise ValueError("protocol.upload_epsilon (Laplace noise) needs protocol.clip (gamma) to bound the sensitivity")
+    if cfg.resume and (cfg.privacy.name != "none" or protocol.upload_epsilon is not None):
+        # The participants' accountant and Laplace histories live in their context.state, which a
+        # resumed run does not have: its cumulative epsilon would restart at 0 and under-report.
+        raise ValueError("protocol=dssgd cannot resume a run with privacy (privacy=dpsgd or protocol.upload_epsilon): "
+                         "the participants' privacy histories are not in the checkpoint, so the cumulative epsilon would be wrong")
 
 
 class SelectiveServer:
