@@ -74,7 +74,7 @@ def train(message: Message, context: Context) -> Message:
     downloaded = download_into(model, message.content["download"])
     before = flatten_parameters(model).clone()
     metrics = local_train(model, x, y, cfg, context, seed=seed)
-    delta = flatten_parameters(model) - before
+    delta = flatten_parameters(model).cpu() - before  # training may have moved the model to the GPU
     upload = make_upload(
         delta,
         theta_upload=float(protocol.theta_upload),

@@ -150,11 +150,15 @@ def laplace_scale(epsilon: float, sensitivity: float) -> float:
 
 
 def add_laplace_noise(values: torch.Tensor, epsilon: float, sensitivity: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``values`` plus i.i.d. Laplace(0, sensitivity / epsilon) noise."""
+    """``values`` plus i.i.d. Laplace(0, sensitivity / epsilon) noise.
+
+    The noise is drawn on the CPU (where ``generator`` lives), so a seed gives the
+    same noise whatever device ``values`` are on.
+    """
     scale = laplace_scale(epsilon, sensitivity)
     uniform = torch.rand(values.shape, generator=generator, dtype=torch.float64) - 0.5
     noise = -scale * torch.sign(uniform) * torch.log1p(-2 * uniform.abs())
-    return values + noise.to(values.dtype)
+    return values + noise.to(values.device, values.dtype)
 
 
 def compose_laplace_epsilon(per_upload_epsilons: list[float]) -> float:

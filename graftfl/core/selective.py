@@ -59,8 +59,8 @@ def select_threshold(delta: torch.Tensor, tau: float, count: int, generator: tor
     """Indices (ascending) of a random subset of the coordinates with ``|delta| > tau``, at most ``count``."""
     candidates = torch.nonzero(delta.abs() > tau, as_tuple=False).reshape(-1)
     if len(candidates) > count:
-        keep = torch.randperm(len(candidates), generator=generator)[: max(int(count), 0)]
-        candidates = candidates[keep]
+        keep = torch.randperm(len(candidates), generator=generator)[: max(int(count), 0)]  # CPU, like generator
+        candidates = candidates[keep.to(candidates.device)]
     return candidates.sort().values
 
 
@@ -131,7 +131,8 @@ def make_upload(
             raise ValueError("Laplace upload noise needs protocol.clip (gamma) to bound the sensitivity")
         scale = upload_noise_scale(clip, budget, upload_epsilon)
         values = add_laplace_noise(values, upload_epsilon, upload_sensitivity(clip, budget), generator=generator)
-    return Upload(indices=indices.to(torch.long), values=values.to(torch.float32), noise_scale=scale)
+    # An upload is bound for the wire: CPU tensors, whatever device the update was computed on.
+    return Upload(indices=indices.to("cpu", torch.long), values=values.to("cpu", torch.float32), noise_scale=scale)
 
 
 # ------------------------------------------------------ sparse wire format ---
