@@ -27,6 +27,7 @@ def simulate(cfg) -> Path:
     from flwr.simulation import run_simulation
 
     from graftfl.clients.app import app as client_app
+    from graftfl.core.handoff import KEY_ENV as SPLIT_KEY_ENV
 
     # Ray workers must import this checkout's graftfl, whatever their working directory.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project_root()), os.environ.get("PYTHONPATH")]))
@@ -35,8 +36,17 @@ def simulate(cfg) -> Path:
         "client_resources": {"num_cpus": cfg.client_resources.num_cpus, "num_gpus": cfg.client_resources.num_gpus},
         "init_args": {"include_dashboard": False, "log_to_driver": True},
     }
+    # protocol.handoff=relay: the clients' key comes from their environment, as in deployment. Without the
+    # caller's GRAFTFL_SPLIT_KEY, a fresh random key for this run only (Ray workers inherit it at start).
+    own_key = not os.environ.get(SPLIT_KEY_ENV)
+    if own_key:
+        os.environ[SPLIT_KEY_ENV] = os.urandom(32).hex()
     started = time.time()
-    run_simulation(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, backend_config=backend_config)
+    try:
+        run_simulation(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, backend_config=backend_config)
+    finally:
+        if own_key:
+            os.environ.pop(SPLIT_KEY_ENV, None)
     run_dir = run_dir_of(cfg)
     summary = run_dir / "summary.json"
     if not summary.exists() or summary.stat().st_mtime < started - 1:  # resume: the old run's summary does not count

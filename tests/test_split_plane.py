@@ -15,7 +15,7 @@ from graftfl.core.train import make_optimizer
 from graftfl.transport.client import DataPlaneClient, DataPlaneError
 from graftfl.clients.split_turns import role_state
 from graftfl.transport.frames import Frame, encode_frame, parse_header
-from graftfl.core.handoff import decrypt_state, encrypt_state, parse_key, simulation_key
+from graftfl.core.handoff import MissingSplitKey, client_key, decrypt_state, encrypt_state, parse_key
 from graftfl.transport.server import DataPlaneServer
 
 INPUT_SHAPE, NUM_CLASSES, BATCH = (1, 8, 8), 10, 8
@@ -206,7 +206,7 @@ def test_ushaped_never_sends_labels_but_split_does():
     assert any(t["name"] == "labels" for h in split_headers for t in h["tensors"])
 
 
-def test_relayed_weights_are_encrypted():
+def test_relayed_weights_are_encrypted(monkeypatch):
     bottom, _ = model_parts(lenet(), None)
     role = BottomClient(bottom)
     role.optimizer = make_optimizer("sgd", bottom.parameters(), 0.1, momentum=0.9)
@@ -225,7 +225,12 @@ def test_relayed_weights_are_encrypted():
     with pytest.raises(InvalidTag):
         decrypt_state(key, bytes(tampered))
     assert parse_key(key.hex()) == key
-    assert simulation_key(7) == simulation_key("7") != simulation_key(8)
+    # the key comes from the client's node config, else its environment, else nowhere
+    monkeypatch.setenv("GRAFTFL_SPLIT_KEY", "22" * 32)
+    assert client_key({"split-key": key.hex()}) == key and client_key({}) == bytes.fromhex("22" * 32)
+    monkeypatch.delenv("GRAFTFL_SPLIT_KEY")
+    with pytest.raises(MissingSplitKey, match="GRAFTFL_SPLIT_KEY"):
+        client_key({})
     with pytest.raises(ValueError):
         parse_key("abcd")
 

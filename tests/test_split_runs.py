@@ -142,6 +142,59 @@ def test_relay_ciphertext_on_server_is_not_the_weights(tmp_path):
     assert set(checkpoint["model"]) == {k for k in checkpoint["model"] if not k.startswith("conv1.")}, "the server holds the bottom"
 
 
+class ClaimsSimulationGrid(InProcessGrid):
+    """Keyless nodes behind a server that tells them they run in simulation (a server-known key would follow)."""
+
+    def __init__(self, num_nodes: int):
+        super().__init__(num_nodes)
+        for context in self.contexts.values():
+            del context.node_config["split-key"]
+
+    def send_and_receive(self, messages, timeout=None):
+        for message in messages:
+            message.content["config"]["simulated"] = True
+        return super().send_and_receive(messages, timeout)
+
+
+def test_keyless_client_refuses_to_relay_whatever_the_server_says(tmp_path, monkeypatch):
+    monkeypatch.delenv("GRAFTFL_SPLIT_KEY", raising=False)
+    cfg = compose_config(["dataset=digits", "num_clients=2", "rounds=1", "progress=false", f"output_dir={tmp_path}", "protocol.turn_batches=3", "protocol=split"])
+    grid = ClaimsSimulationGrid(2)
+    summary = json.loads((run_protocol(grid, cfg) / "summary.json").read_text())
+    failed = summary["failed_turns"]
+    assert [f["node"] for f in failed] == [100, 101]
+    for record in failed:
+        assert "MissingSplitKey" in record["reason"] and "GRAFTFL_SPLIT_KEY" in record["reason"] and "split-key" in record["reason"]
+        assert record["server_steps_kept"] == 0  # refused before any activation left the site
+    trains = [(m, r) for m, r in grid.log if m.metadata.message_type == "train.split"]
+    assert trains and all(m.content["config"]["simulated"] and r.has_error() for m, r in trains)  # no ciphertext came back
+
+
+def test_sim_gives_the_clients_a_fresh_key_per_run_and_keeps_the_callers(tmp_path, monkeypatch):
+    from graftfl import cli
+
+    seen = []
+
+    def fake_run_simulation(*args, **kwargs):
+        seen.append(os.environ.get("GRAFTFL_SPLIT_KEY"))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("flwr.simulation.run_simulation", fake_run_simulation)
+    monkeypatch.delenv("GRAFTFL_SPLIT_KEY", raising=False)
+    for name, default in (("PYTHONPATH", ""), ("RAY_DEDUP_LOGS", "0")):  # simulate() sets these: restore them afterwards
+        monkeypatch.setenv(name, os.environ.get(name, default))
+    cfg = compose_config(["dataset=digits", "num_clients=2", "rounds=1", "progress=false", f"output_dir={tmp_path}", "protocol=split"])
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="stop here"):
+            cli.simulate(cfg)
+        assert "GRAFTFL_SPLIT_KEY" not in os.environ  # the run's key does not outlive the run
+    assert len(seen) == 2 and seen[0] != seen[1] and all(len(bytes.fromhex(k)) == 32 for k in seen)
+    monkeypatch.setenv("GRAFTFL_SPLIT_KEY", "33" * 32)
+    with pytest.raises(RuntimeError, match="stop here"):
+        cli.simulate(cfg)
+    assert seen[-1] == "33" * 32 and os.environ["GRAFTFL_SPLIT_KEY"] == "33" * 32
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

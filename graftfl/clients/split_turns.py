@@ -65,8 +65,13 @@ def ca_cert_of(cfg, context: Context) -> str | None:
     return str(context.node_config.get("ca-cert") or "") or (cfg.get("tls") or {}).get("ca_cert")
 
 
-def prepare_role(cfg, message: Message, context: Context, build_role: RoleBuilder, input_shape, num_classes: int):
-    """The client's role, restored according to ``protocol.handoff``."""
+def relay_key(context: Context) -> bytes:
+    """This client's relay key: its node config or environment only, never the server's message."""
+    return client_key(dict(context.node_config))
+
+
+def prepare_role(cfg, message: Message, context: Context, build_role: RoleBuilder, input_shape, num_classes: int, key: bytes | None = None):
+    """The client's role, restored according to ``protocol.handoff`` (``key``: the relay key, when known)."""
     device = client_device(cfg, context)
     seed_everything(cfg.seed, cfg.deterministic)  # the shared seed: same initial model as the server's
     model = new_model(cfg, input_shape, num_classes)
@@ -74,9 +79,8 @@ def prepare_role(cfg, message: Message, context: Context, build_role: RoleBuilde
     role.optimizer = role_optimizer(cfg, role)
     handoff = cfg.protocol.handoff
     content = message.content
-    fields = content["config"]
     if handoff == "relay" and "handoff" in content and RELAY_KEY in content["handoff"]:
-        key = client_key(dict(context.node_config), context.run_id, bool(fields.get("simulated", False)))
+        key = key if key is not None else relay_key(context)
         load_role_state(role, decrypt_state(key, bytes(content["handoff"][RELAY_KEY])))
     elif handoff in ("local", "average") and STATE_KEY in context.state:
         load_role_state(role, torch.load(io.BytesIO(bytes(context.state[STATE_KEY]["state"])), map_location="cpu", weights_only=True))
@@ -126,8 +130,10 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
     """Handle ``train.<protocol>``: one turn over the data plane."""
     cfg = config_of(message)
     partition_id, _ = partition_id_of(context)
+    # relay: no key of its own -> refuse the turn before any data-plane traffic (MissingSplitKey)
+    key = relay_key(context) if cfg.protocol.handoff == "relay" else None
     x, y = local_data(cfg, context)
-    role = prepare_role(cfg, message, context, build_role, tuple(x.shape[1:]), num_classes_of(cfg))
+    role = prepare_role(cfg, message, context, build_role, tuple(x.shape[1:]), num_classes_of(cfg), key)
     batches, progress = turn_batches(cfg, context, len(y), partition_id)
     hidden = hidden_label_mask(len(y), cfg.protocol.unlabeled_fraction, cfg.seed * 31 + partition_id) if isinstance(role, SemisupClient) else None
     fields = message.content["config"]
@@ -155,7 +161,6 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
     records = {"metrics": MetricRecord(metrics)}
     handoff = cfg.protocol.handoff
     if handoff == "relay":
-        key = client_key(dict(context.node_config), context.run_id, bool(fields.get("simulated", False)))
         records["handoff"] = ConfigRecord({RELAY_KEY: encrypt_state(key, role_state(role))})
     else:
         buffer = io.BytesIO()

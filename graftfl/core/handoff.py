@@ -4,16 +4,15 @@ The finishing client serialises its bottom (and optimizer) state with
 ``torch.save`` and seals it with AES-256-GCM; the server stores and forwards the
 ciphertext only. The key belongs to the clients:
 
-- deployment: node-config ``split-key`` (32 bytes as 64 hex characters or
-  base64), given to each ``flower-supernode --node-config`` and never to the
-  SuperLink or ServerApp; or the environment variable ``GRAFTFL_SPLIT_KEY`` of the
-  SuperNode/ClientApp processes;
-- simulation only (``graftfl sim``, where every process is on one machine
-  anyway): when no key is configured, the clients derive one with HKDF-SHA256
-  from the Flower run id and a fixed label. The server could derive it too, so
-  this demonstrates the data flow; it is not a secret. The server tells the
-  client it runs in simulation, and a client with a configured key always uses
-  its own key.
+- node-config ``split-key`` (32 bytes as 64 hex characters or base64), given to
+  each ``flower-supernode --node-config`` and never to the SuperLink or ServerApp;
+- or the environment variable ``GRAFTFL_SPLIT_KEY`` of the SuperNode/ClientApp
+  processes (``graftfl deploy-local`` sets it for the SuperNodes only; ``graftfl sim``
+  sets a fresh random one for the run's Ray workers when none is set).
+
+The key comes from the client's own node config or environment only, never from
+the server's message: a client without a key refuses the relay hand-off
+(:class:`MissingSplitKey`) instead of falling back to anything the server knows.
 """
 
 from __future__ import annotations
@@ -24,9 +23,7 @@ import io
 import os
 
 import torch
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_NODE_CONFIG = "split-key"
 KEY_ENV = "GRAFTFL_SPLIT_KEY"
@@ -38,7 +35,7 @@ AVERAGE_KEY = "average"
 
 
 class MissingSplitKey(RuntimeError):
-    """Relay hand-off in deployment without a client key."""
+    """Relay hand-off on a client without a key of its own."""
 
 
 def parse_key(text: str) -> bytes:
@@ -56,22 +53,16 @@ def parse_key(text: str) -> bytes:
     return key
 
 
-def simulation_key(run_id: int | str) -> bytes:
-    """The simulation-only key: HKDF-SHA256 of the Flower run id (NOT secret from the server)."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"graftfl-split-simulation-key").derive(str(run_id).encode())
-
-
-def client_key(node_config: dict, run_id: int | str, simulated: bool) -> bytes:
-    """The relay key of this client: node config, then environment, then (simulation only) derived."""
+def client_key(node_config: dict) -> bytes:
+    """The relay key of this client: node config ``split-key``, else ``GRAFTFL_SPLIT_KEY``; nothing else."""
     if KEY_NODE_CONFIG in node_config:
         return parse_key(str(node_config[KEY_NODE_CONFIG]))
     if os.environ.get(KEY_ENV):
         return parse_key(os.environ[KEY_ENV])
-    if simulated:
-        return simulation_key(run_id)
     raise MissingSplitKey(
-        f"protocol.handoff=relay needs a client-held key: start each SuperNode with --node-config \"... {KEY_NODE_CONFIG}=<64 hex chars>\" "
-        f"(the same key on every SuperNode, never on the SuperLink) or set {KEY_ENV}"
+        f"protocol.handoff=relay needs a client-held key and this client has none: start each SuperNode with "
+        f"--node-config \"... {KEY_NODE_CONFIG}=<64 hex chars>\" or set {KEY_ENV} in its environment "
+        f"(the same key on every SuperNode, never on the SuperLink); `graftfl sim` and `graftfl deploy-local` set {KEY_ENV} themselves"
     )
 
 

@@ -145,11 +145,6 @@ def turn_order(nodes: list[int], mode: str, seed: int, round_number: int) -> lis
     return list(nodes)
 
 
-def is_simulation(grid) -> bool:
-    """Flower's simulation runs the ServerApp on an in-memory grid."""
-    return type(grid).__name__ == "InMemoryGrid"
-
-
 def cfg_cut_stage(run: ServerRun) -> str:
     """The stage name the model is cut after (``protocol.cut_stage`` or the first stage)."""
     return run.cfg.protocol.cut_stage or run.new_model().stage_names[0]
@@ -178,7 +173,6 @@ class SplitRunner:
         self.handoff = HandoffState(self.cfg.protocol.handoff)
         self.partition_of: dict[int, int] = {}
         self.failed_turns: list[dict] = []
-        self.simulated = is_simulation(grid)
         self.cut_stage = cfg_cut_stage(run)
 
 
@@ -205,7 +199,6 @@ class SplitRunner:
             "server-round": round_number,
             "data-plane-address": self.plane.address,
             "data-plane-token": turn.token,
-            "simulated": self.simulated,
             **fields,
         })
         content = RecordDict({"config": config, **records})
