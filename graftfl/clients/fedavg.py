@@ -21,7 +21,9 @@ PROTOCOL = "fedavg"
 
 def train(message: Message, context: Context) -> Message:
     cfg = config_of(message)
-    server_round = int(message.content["config"]["server-round"])
+    fields = message.content["config"]
+    # Flower counts a resumed run's rounds from 1 again; the offset keeps the seeds of an uninterrupted run.
+    server_round = int(fields["server-round"]) + int(fields.get("round-offset", 0))
     x, y = local_data(cfg, context)
     model = new_model(cfg, x.shape[1:], num_classes_of(cfg))
     model.load_state_dict(message.content["arrays"].to_torch_state_dict())

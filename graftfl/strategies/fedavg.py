@@ -120,7 +120,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=remaining,
             timeout=cfg.timeout_s,
-            train_config=run.config_record(**{"privacy-histories": json.dumps(strategy.privacy_histories)}),
+            train_config=run.config_record(**{"privacy-histories": json.dumps(strategy.privacy_histories), "round-offset": offset}),
             evaluate_fn=evaluate_global,
         )
     return {}
