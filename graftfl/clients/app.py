@@ -2,7 +2,8 @@
 
 Each module ``graftfl/clients/<protocol>.py`` declares ``PROTOCOL`` and any of
 ``train``, ``evaluate`` and ``query`` handlers; they are discovered here, so
-adding a protocol touches no other protocol.
+adding a protocol touches no other protocol. Modules without ``PROTOCOL``
+(shared helpers such as ``utils``) are not protocols.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from flwr.clientapp import ClientApp
 import graftfl.clients as clients_package
 
 CATEGORIES = ("train", "evaluate", "query")
-NOT_PROTOCOLS = {"app", "utils", "split_turns"}
 
 
 def protocol_handler_modules():
     for info in pkgutil.iter_modules(clients_package.__path__):
-        if info.name not in NOT_PROTOCOLS:
+        if info.name != __name__.rpartition(".")[2]:  # not this module
             module = importlib.import_module(f"graftfl.clients.{info.name}")
             if hasattr(module, "PROTOCOL"):
                 yield module
