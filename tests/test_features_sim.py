@@ -72,7 +72,10 @@ def test_sim_writes_tables_figures_store_and_metrics(features_run):
     with FeatureStore(run_dir / "features.db") as store:
         vectors, labels = store.load()
         assert vectors.shape == (600, 16) and store.count() == 600
-        assert {client for client, _ in store.upload_sizes()} == {"site-0", "site-1"}
+        clients = {client for client, _ in store.upload_sizes()}
+    assert len(clients) == 2 and all(client.startswith("node-") for client in clients)  # named by the server, per node
+    assert summary["rejected_chunks"] == summary["rejected_service_replies"] == 0 and summary["rejections"] == []
+    assert all(row["rejected"] == [] for row in rows if row["phase"] in ("upload", "service"))
 
 
 def test_serve_and_predict_on_the_run(features_run, tmp_path, capsys):

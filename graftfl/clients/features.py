@@ -46,7 +46,11 @@ AUTOENCODER_FILE = "autoencoder.pt"
 
 
 def site_name(partition_id: int) -> str:
-    """The site's ``clientID`` in the store and the paper's JSON messages."""
+    """The site's own name (its folder, figure titles, ``graftfl predict --client-id``).
+
+    Its ``clientID`` in the server's store is the name the server gives it (the
+    ``client_id`` of every server message), which the site echoes in its replies.
+    """
     return f"site-{partition_id}"
 
 
@@ -162,7 +166,7 @@ def upload_chunk(message: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord({"latents": latents, "labels": y[rows].clone()}),
             "upload": ConfigRecord(
-                {"client_id": site_name(partition_id), "upload_id": str(request["upload_id"]), "first_row": first, "num_chunks": num_chunks, "total_rows": len(y)}
+                {"client_id": str(request["client_id"]), "upload_id": str(request["upload_id"]), "first_row": first, "num_chunks": num_chunks, "total_rows": len(y)}
             ),
             "metrics": MetricRecord({"partition-id": partition_id, "acknowledged": len(acknowledged)}),
         }
@@ -180,7 +184,7 @@ def query(message: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord({"latents": latents}),
-            "upload": ConfigRecord({"client_id": site_name(partition_id), "mode": "service"}),
+            "upload": ConfigRecord({"client_id": str(message.content["config"]["client_id"]), "mode": "service"}),
             "metrics": MetricRecord({"partition-id": partition_id}),
         }
     )

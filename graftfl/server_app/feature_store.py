@@ -15,6 +15,12 @@ line (JSON Lines)::
 
 ``key`` is graftfl's addition (so re-importing an export into the same store adds
 nothing); a plain paper message without it is keyed by a hash of its content.
+
+Sites are not trusted: :class:`ChunkRules` says what a chunk must look like (latent
+length, finite values, one label per row, labels in ``[0, num_classes)``, at most
+``max_rows`` rows). The server checks every reply against them before it builds a
+:class:`Chunk`, and a store opened with ``rules`` refuses (:class:`InvalidChunk`)
+any chunk that breaks them, so no bad row reaches the store or the classifier.
 """
 
 from __future__ import annotations
@@ -51,6 +57,71 @@ def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
 
 
+class InvalidChunk(ValueError):
+    """A chunk (or a site's reply) the server refuses; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class ChunkRules:
+    """What the rows of a chunk must look like before they may be stored.
+
+    Attributes
+    ----------
+    latent_dim : int or None
+        Required length of every latent vector (``protocol.latent_dim``); None: any.
+    num_classes : int or None
+        Labels must lie in ``[0, num_classes)``; None: any non-negative integer.
+    max_rows : int or None
+        Most rows one chunk may hold (``protocol.chunk_size``); None: no limit.
+    """
+
+    latent_dim: int | None = None
+    num_classes: int | None = None
+    max_rows: int | None = None
+
+    def problem(self, vectors: np.ndarray, labels: np.ndarray | None = None) -> str | None:
+        """Why ``vectors`` (and ``labels``) break the rules, or None when they are fine.
+
+        Parameters
+        ----------
+        vectors : np.ndarray
+            The latents as received (any dtype; floating point is required).
+        labels : np.ndarray or None
+            One integer label per row; None for service-mode latents (no labels).
+
+        Returns
+        -------
+        str or None
+            A short reason, for logs and metrics.
+        """
+        return self.vector_problem(np.asarray(vectors)) or (None if labels is None else self.label_problem(np.asarray(labels), len(vectors)))
+
+    def vector_problem(self, vectors: np.ndarray) -> str | None:
+        """Shape, length, size, dtype and finiteness of the latents."""
+        if vectors.ndim != 2:
+            return f"latents have shape {tuple(vectors.shape)}, expected (rows, latent_dim)"
+        if self.latent_dim is not None and vectors.shape[1] != self.latent_dim:
+            return f"latent length {vectors.shape[1]}, expected latent_dim={self.latent_dim}"
+        if self.max_rows is not None and len(vectors) > self.max_rows:
+            return f"{len(vectors)} rows, more than chunk_size={self.max_rows}"
+        if not np.issubdtype(vectors.dtype, np.floating):
+            return f"latents of dtype {vectors.dtype}, expected floating point"
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused too
+            bad = int(np.count_nonzero(~np.isfinite(vectors.astype(np.float32))))
+        return f"{bad} non-finite latent values" if bad else None
+
+    def label_problem(self, labels: np.ndarray, rows: int) -> str | None:
+        """One integer label per row, each in ``[0, num_classes)``."""
+        if labels.ndim != 1 or len(labels) != rows:
+            return f"{rows} latent rows do not match labels of shape {tuple(labels.shape)}"
+        if len(labels) and not np.issubdtype(labels.dtype, np.integer):
+            return f"labels of dtype {labels.dtype}, expected integers"
+        outside = labels[(labels < 0) | (labels >= self.num_classes)] if self.num_classes is not None else labels[labels < 0]
+        if len(outside):
+            return f"{len(outside)} labels outside [0, {self.num_classes or 'inf'}), e.g. {int(outside[0])}"
+        return None
+
+
 @dataclass
 class Chunk:
     """One upload chunk of one site: rows ``first_row ..`` of its latent matrix.
@@ -84,10 +155,9 @@ class Chunk:
     def __post_init__(self):
         self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-        if self.vectors.ndim != 2 or len(self.vectors) != len(self.labels):
-            raise ValueError(f"chunk {self.upload_id}: vectors {self.vectors.shape} do not match {len(self.labels)} labels")
-        if not np.isfinite(self.vectors).all():
-            raise ValueError(f"chunk {self.upload_id}: non-finite values")
+        problem = ChunkRules().problem(self.vectors, self.labels)
+        if problem:
+            raise InvalidChunk(f"chunk {self.upload_id}: {problem}")
 
 
 class FeatureStore:
@@ -101,12 +171,15 @@ class FeatureStore:
         SQLite ``synchronous`` pragma: ``FULL`` (default) makes every committed
         chunk durable against power loss too; ``NORMAL`` only against a killed
         process (WAL), and is faster.
+    rules : ChunkRules or None
+        When given, :meth:`ingest_chunk` refuses chunks that break them.
     """
 
-    def __init__(self, path: Path | str, synchronous: str = "FULL"):
+    def __init__(self, path: Path | str, synchronous: str = "FULL", rules: ChunkRules | None = None):
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got '{synchronous}'")
         self.path = Path(path)
+        self.rules = rules
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
@@ -148,7 +221,15 @@ class FeatureStore:
         """Store a chunk atomically; returns the number of new rows (0 for a re-send).
 
         When this returns, the chunk is committed: only then acknowledge it.
+
+        Raises
+        ------
+        InvalidChunk
+            The chunk breaks the store's ``rules``; nothing is written.
         """
+        problem = self.rules.problem(chunk.vectors, chunk.labels if chunk.mode == "learning" else None) if self.rules else None
+        if problem:
+            raise InvalidChunk(f"chunk {chunk.client_id}/{chunk.upload_id}: {problem}")
         stamp = timestamp or utc_now()
         dim = int(chunk.vectors.shape[1])
         rows = [

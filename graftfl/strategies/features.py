@@ -13,6 +13,14 @@
    with labels (``evaluate.features``), the sites score them; the run writes the
    per-class accuracy (Table II), the per-class reconstruction error δ (Table I) and
    the sites' original/latent/reconstruction grids (Fig. 3-4).
+
+Sites are not trusted. The server names each site after its Flower node id
+(:func:`client_id_of`) and tells it the name; the store keys rows by that name, never
+by what a reply claims. Every upload and service reply is checked (the store's
+:class:`ChunkRules`, the names and row offsets the server asked for, the service
+scores' shapes and totals) before it touches the store or the classifier; a bad
+reply is refused, logged, listed under ``rejected`` in its metrics row and counted
+in the summary, and the run goes on with the other sites.
 """
 
 from __future__ import annotations
@@ -23,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from graftfl.core.autoencoder import conv_ae, save_classifier, train_autoencoder, train_classifier
 from graftfl.server_app.feature_service import CLASSIFIER_FILE, OnlineTrainer, ServedClassifier
-from graftfl.server_app.feature_store import Chunk, FeatureStore
+from graftfl.server_app.feature_store import Chunk, ChunkRules, FeatureStore, InvalidChunk
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
 
 PROTOCOL = "features"
@@ -37,6 +45,18 @@ AE_TRAINING = ("local", "federated", "public")
 CLASSIFIER_MODES = ("offline", "online")
 STORE_FILE = "features.db"
 MESSAGE_TYPE = f"train.{PROTOCOL}"
+UPLOAD_ATTEMPTS = 3  # failed or rejected tries of one chunk before a site is left out
+SCORE_FIELDS = ("correct_by_class", "count_by_class", "error_sum_by_class", "error_count_by_class")
+
+
+def client_id_of(node: int) -> str:
+    """The ``clientID`` the server gives the site on Flower node ``node`` (store key, acknowledgements)."""
+    return f"node-{node}"
+
+
+def upload_id_of(chunk: int) -> str:
+    """The ``upload_id`` the server asks for (with ``client_id`` and the row, the store's unique key)."""
+    return f"chunk-{chunk:05d}"
 
 
 def validate_config(cfg) -> None:
@@ -71,17 +91,18 @@ class FeatureRun:
         self.grid, self.run, self.cfg = grid, run, run.cfg
         self.protocol = run.cfg.protocol
         self.nodes = wait_for_nodes(grid, run.cfg.num_clients, run.cfg.timeout_s)
-        self.store = FeatureStore(run.run_dir / STORE_FILE, str(self.protocol.store_synchronous))
+        self.rules = ChunkRules(latent_dim=int(self.protocol.latent_dim), num_classes=run.data.num_classes, max_rows=int(self.protocol.chunk_size))
+        self.store = FeatureStore(run.run_dir / STORE_FILE, str(self.protocol.store_synchronous), rules=self.rules)
         self.served = ServedClassifier()
         self.round = 0
         self.acknowledged: dict[int, list[str]] = {node: [] for node in self.nodes}
-        self.site_of: dict[int, str] = {}
+        self.rejections: list[dict] = []
         self.run_dir = str(run.run_dir.resolve())
 
     # ------------------------------------------------------------ plumbing ---
 
     def message(self, node: int, message_type: str, records: dict | None = None, **config) -> Message:
-        config_record = self.run.config_record(run_dir=self.run_dir, acknowledged=json.dumps(self.acknowledged[node]), **config)
+        config_record = self.run.config_record(run_dir=self.run_dir, client_id=client_id_of(node), acknowledged=json.dumps(self.acknowledged[node]), **config)
         return Message(RecordDict({"config": config_record, **(records or {})}), dst_node_id=node, message_type=message_type)
 
     def exchange(self, messages: list[Message]) -> list[Message]:
@@ -93,6 +114,18 @@ class FeatureRun:
             else:
                 good.append(reply)
         return good
+
+    def reject(self, node: int, phase: str, reason: str, **where) -> dict:
+        """Record and print a refused reply; returns its entry for the metrics row."""
+        entry = {"phase": phase, "node": int(node), "client_id": client_id_of(node), **where, "reason": reason}
+        print(f"[features] {phase} reply of {client_id_of(node)} rejected: {reason}", flush=True)
+        self.rejections.append(entry)
+        return entry
+
+    def rejection_counts(self) -> dict:
+        """Summary fields: rejected upload chunks and service replies, and every rejection with its reason."""
+        uploads = sum(1 for entry in self.rejections if entry["phase"] == "upload")
+        return {"rejected_chunks": uploads, "rejected_service_replies": len(self.rejections) - uploads, "rejections": list(self.rejections)}
 
     def log(self, **row) -> dict:
         self.round += 1
@@ -159,51 +192,82 @@ class FeatureRun:
     # ------------------------------------------------------- learning mode ---
 
     def upload_all(self, autoencoder: ArrayRecord | None, trainer: OnlineTrainer | None) -> int:
-        """Ask every site for its chunks, one message per chunk, until all are stored."""
+        """Ask every site for its chunks, one message per chunk, until all are stored (or given up)."""
         next_chunk = {node: 0 for node in self.nodes}
         attempts: dict[tuple[int, int], int] = {}
         while next_chunk:
-            messages = []
-            for node, chunk in next_chunk.items():
-                records = {"arrays": autoencoder} if chunk == 0 and autoencoder is not None else None
-                messages.append(self.message(node, MESSAGE_TYPE, records, phase="upload", chunk=chunk, chunk_size=int(self.protocol.chunk_size), upload_id=f"chunk-{chunk:05d}"))
+            messages = [self.upload_message(node, chunk, autoencoder) for node, chunk in next_chunk.items()]
             bytes_down = arrays_nbytes(autoencoder) * sum(1 for c in next_chunk.values() if c == 0) if autoencoder is not None else 0
             replies = self.exchange(messages)
-            stored, new_rows, bytes_up = 0, 0, 0
+            stored, new_rows, rejected, accepted = 0, 0, [], set()
             for reply in replies:
                 node = reply.metadata.src_node_id
-                chunk = self.chunk_from(reply)
-                new_rows += self.store.ingest_chunk(chunk)  # committed: now it may be acknowledged
+                try:
+                    chunk, num_chunks = self.chunk_from(reply, next_chunk[node])
+                    new_rows += self.store.ingest_chunk(chunk)  # committed: now it may be acknowledged
+                except InvalidChunk as err:
+                    rejected.append(self.reject(node, "upload", str(err), chunk=next_chunk[node]))
+                    continue
+                accepted.add(node)
                 stored += len(chunk.labels)
-                bytes_up += arrays_nbytes(reply.content["arrays"])
                 self.acknowledged[node] = [f"{chunk.client_id}/{chunk.upload_id}"]
-                self.site_of[node] = chunk.client_id
-                following = next_chunk[node] + 1
-                if following >= int(reply.content["upload"]["num_chunks"]):
+                next_chunk[node] += 1
+                if next_chunk[node] >= num_chunks:
                     del next_chunk[node]
-                else:
-                    next_chunk[node] = following
-            for node in [n for n in next_chunk if n not in {r.metadata.src_node_id for r in replies}]:
-                key = (node, next_chunk[node])
-                attempts[key] = attempts.get(key, 0) + 1
-                if attempts[key] >= 3:  # a site that keeps failing is left out, the others go on
-                    print(f"[features] giving up on node {node} after 3 failed uploads of chunk {next_chunk[node]}", flush=True)
-                    del next_chunk[node]
-            self.log(phase="upload", records=stored, new_records=new_rows, duplicates=stored - new_rows, store_records=self.store.count(), bytes_up=bytes_up, bytes_down=bytes_down)
+            self.retry_or_give_up(next_chunk, accepted, attempts)
+            bytes_up = sum(received_bytes(reply) for reply in replies)
+            self.log(phase="upload", records=stored, new_records=new_rows, duplicates=stored - new_rows, store_records=self.store.count(), bytes_up=bytes_up, bytes_down=bytes_down, rejected=rejected)
             self.log_retrains(trainer)
         return self.store.count()
 
-    def chunk_from(self, reply: Message) -> Chunk:
-        arrays = reply.content["arrays"].to_torch_state_dict()
-        upload = reply.content["upload"]
-        return Chunk(
-            client_id=str(upload["client_id"]),
-            upload_id=str(upload["upload_id"]),
-            first_row=int(upload["first_row"]),
-            labels=arrays["labels"].numpy(),
-            vectors=arrays["latents"].numpy(),
-            message_id=str(reply.metadata.message_id),
-        )
+    def upload_message(self, node: int, chunk: int, autoencoder: ArrayRecord | None) -> Message:
+        records = {"arrays": autoencoder} if chunk == 0 and autoencoder is not None else None
+        return self.message(node, MESSAGE_TYPE, records, phase="upload", chunk=chunk, chunk_size=int(self.protocol.chunk_size), upload_id=upload_id_of(chunk))
+
+    def retry_or_give_up(self, next_chunk: dict[int, int], accepted: set[int], attempts: dict[tuple[int, int], int]) -> None:
+        """Count a failed try for every pending site whose chunk was not stored; drop a site after ``UPLOAD_ATTEMPTS``."""
+        for node in [n for n in next_chunk if n not in accepted]:
+            key = (node, next_chunk[node])
+            attempts[key] = attempts.get(key, 0) + 1
+            if attempts[key] >= UPLOAD_ATTEMPTS:  # a site that keeps failing is left out, the others go on
+                print(f"[features] giving up on node {node} after {UPLOAD_ATTEMPTS} failed uploads of chunk {next_chunk[node]}", flush=True)
+                del next_chunk[node]
+
+    def chunk_from(self, reply: Message, chunk_number: int) -> tuple[Chunk, int]:
+        """The chunk a reply carries, checked, keyed by the server's names; and the site's chunk count.
+
+        Parameters
+        ----------
+        reply : Message
+            A site's reply to ``upload_message(node, chunk_number, ...)``.
+        chunk_number : int
+            The chunk the server asked this site for.
+
+        Returns
+        -------
+        tuple[Chunk, int]
+            The chunk (``client_id`` from the node id, ``upload_id`` and ``first_row``
+            from the request) and the number of chunks the site says it has.
+
+        Raises
+        ------
+        InvalidChunk
+            The reply is malformed, claims another site or chunk, or its rows break
+            the store's rules.
+        """
+        node = reply.metadata.src_node_id
+        expected = {"client_id": client_id_of(node), "upload_id": upload_id_of(chunk_number), "first_row": chunk_number * int(self.protocol.chunk_size)}
+        upload = reply_config(reply, "upload")
+        require_claims(upload, expected)
+        num_chunks = upload.get("num_chunks")
+        if not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks <= chunk_number:
+            raise InvalidChunk(f"num_chunks={num_chunks!r} does not leave room for chunk {chunk_number}")
+        arrays = reply_arrays(reply, ("latents", "labels"))
+        problem = self.rules.problem(arrays["latents"], arrays["labels"])
+        if problem:
+            raise InvalidChunk(problem)
+        chunk = Chunk(labels=arrays["labels"], vectors=arrays["latents"], message_id=str(reply.metadata.message_id), **expected)
+        return chunk, num_chunks
 
     # ---------------------------------------------------------- classifier ---
 
@@ -225,6 +289,8 @@ class FeatureRun:
     def train_offline(self) -> None:
         started = time.monotonic()
         x, y = self.store.load()
+        if not len(y):
+            raise RuntimeError(f"the feature store is empty: no site's upload was accepted ({len(self.rejections)} rejected, see the upload rows' 'rejected')")
         model, metrics = train_classifier(torch.from_numpy(x), torch.from_numpy(y), self.run.data.num_classes, **self.classifier_kwargs())
         version = self.served.swap(model)
         self.log(phase="classifier", classifier_mode="offline", records=len(y), classifier_version=version, retrain_s=time.monotonic() - started, **metrics)
@@ -240,29 +306,132 @@ class FeatureRun:
         """Test latents in, labels out; the sites score the answers and report Eq. 9."""
         self.run.round_seconds()
         queries = self.exchange([self.message(node, f"query.{PROTOCOL}", mode="service") for node in self.nodes])
-        answers, bytes_up, served_samples = [], 0, 0
+        answers, answered, rejected = [], {}, []
         for reply in queries:
-            latents = reply.content["arrays"].to_torch_state_dict()["latents"]
-            predictions = torch.from_numpy(self.served.predict(latents.numpy())).long()
-            bytes_up += arrays_nbytes(reply.content["arrays"])
-            served_samples += len(predictions)
-            answers.append(self.message(reply.metadata.src_node_id, f"evaluate.{PROTOCOL}", {"arrays": ArrayRecord({"predictions": predictions})}, mode="service"))
-        scored = self.exchange(answers)
-        bytes_down = sum(arrays_nbytes(m.content["arrays"]) for m in answers)
+            node = reply.metadata.src_node_id
+            try:
+                latents = self.service_latents(reply)
+            except InvalidChunk as err:
+                rejected.append(self.reject(node, "service", str(err)))
+                continue
+            predictions = torch.from_numpy(self.served.predict(latents)).long()
+            answered[node] = len(predictions)
+            answers.append(self.message(node, f"evaluate.{PROTOCOL}", {"arrays": ArrayRecord({"predictions": predictions})}, mode="service"))
+        scored = []
+        for reply in self.exchange(answers):
+            problem = score_problem(reply, self.run.data.num_classes, answered[reply.metadata.src_node_id])
+            if problem:
+                rejected.append(self.reject(reply.metadata.src_node_id, "service", problem))
+            else:
+                scored.append(reply)
         tables = service_tables([dict(reply.content["metrics"]) for reply in scored], self.run.data.num_classes)
-        figures = sorted(str(reply.content["files"]["figure"]) for reply in scored if str(reply.content["files"]["figure"]))
         self.log(
             phase="service",
             accuracy=tables["accuracy"],
             per_class_accuracy=tables["per_class_accuracy"],
             reconstruction_error=tables["reconstruction_error"],
             per_class_reconstruction_error=tables["per_class_reconstruction_error"],
-            served_samples=served_samples,
-            bytes_up=bytes_up,
-            bytes_down=bytes_down,
+            served_samples=sum(answered.values()),
+            bytes_up=sum(received_bytes(reply) for reply in queries),
+            bytes_down=sum(arrays_nbytes(m.content["arrays"]) for m in answers),
             classifier_version=self.served.version,
+            rejected=rejected,
         )
-        return {**tables, "figures": figures}
+        return {**tables, "figures": sorted(figure for figure in map(figure_of, scored) if figure)}
+
+    def service_latents(self, reply: Message) -> np.ndarray:
+        """A site's service-mode latents, checked (name, latent length, finite, at most its test share).
+
+        Raises
+        ------
+        InvalidChunk
+            The reply is malformed, claims another site, or its latents break the rules.
+        """
+        require_claims(reply_config(reply, "upload"), {"client_id": client_id_of(reply.metadata.src_node_id)})
+        latents = reply_arrays(reply, ("latents",))["latents"]
+        rules = ChunkRules(latent_dim=self.rules.latent_dim, max_rows=self.test_share())
+        problem = rules.problem(latents)
+        if problem:
+            raise InvalidChunk(problem)
+        return latents.astype(np.float32)
+
+    def test_share(self) -> int:
+        """The most test images one site holds (``site_test_indices`` splits the test selection evenly)."""
+        size, available = self.cfg.dataset.get("test_size"), len(self.run.data.test_y)
+        count = min(int(size), available) if size else available
+        return -(-count // int(self.cfg.num_clients))
+
+
+def reply_config(reply: Message, name: str) -> ConfigRecord:
+    """The reply's ConfigRecord ``name``; ``InvalidChunk`` when it has none."""
+    record = reply.content[name] if name in reply.content else None
+    if not isinstance(record, ConfigRecord):
+        raise InvalidChunk(f"reply carries no '{name}' config record")
+    return record
+
+
+def require_claims(record: ConfigRecord, expected: dict) -> None:
+    """Raise ``InvalidChunk`` unless ``record`` holds exactly the ``expected`` values (names, offsets)."""
+    for key, value in expected.items():
+        claimed = record.get(key)
+        if claimed != value or type(claimed) is not type(value):
+            raise InvalidChunk(f"claims {key}={claimed!r}, the server expects {value!r}")
+
+
+def reply_arrays(reply: Message, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The named arrays of the reply's ``arrays`` record as numpy; ``InvalidChunk`` when missing or undecodable."""
+    record = reply.content["arrays"] if "arrays" in reply.content else None
+    if not isinstance(record, ArrayRecord):
+        raise InvalidChunk("reply carries no 'arrays' record")
+    missing = [name for name in names if name not in record]
+    if missing:
+        raise InvalidChunk(f"reply lacks arrays {missing}")
+    try:
+        return {name: record[name].numpy() for name in names}
+    except (ValueError, TypeError) as err:
+        raise InvalidChunk(f"undecodable arrays: {err}") from err
+
+
+def received_bytes(reply: Message) -> int:
+    """Payload bytes of the reply's ``arrays`` (0 when it has none or they do not decode)."""
+    try:
+        return arrays_nbytes(reply.content["arrays"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return 0
+
+
+def score_problem(reply: Message, num_classes: int, answered: int) -> str | None:
+    """Why a site's service scores cannot be pooled, or None.
+
+    Each of ``SCORE_FIELDS`` must be ``num_classes`` finite non-negative numbers, no
+    class may have more correct answers than images, and the images counted must be
+    the ``answered`` predictions the server sent to that site.
+    """
+    metrics = reply.content["metrics"] if "metrics" in reply.content else None
+    if not isinstance(metrics, MetricRecord):
+        return "reply carries no 'metrics' record"
+    values = {}
+    for key in SCORE_FIELDS:
+        try:
+            values[key] = np.asarray(metrics[key], dtype=np.float64) if key in metrics else None
+        except (TypeError, ValueError):
+            values[key] = None
+        if values[key] is None or values[key].shape != (num_classes,):
+            return f"{key} is not a list of {num_classes} numbers"
+        if not np.isfinite(values[key]).all() or (values[key] < 0).any():
+            return f"{key} holds negative or non-finite values"
+    if (values["correct_by_class"] > values["count_by_class"]).any():
+        return "a class has more correct answers than test images"
+    if values["count_by_class"].sum() != answered:
+        return f"scored {int(values['count_by_class'].sum())} test images, the server answered {answered}"
+    return None
+
+
+def figure_of(reply: Message) -> str:
+    """The figure path a site reports ('' when none)."""
+    files = reply.content["files"] if "files" in reply.content else None
+    figure = files.get("figure", "") if isinstance(files, ConfigRecord) else ""
+    return figure if isinstance(figure, str) else ""
 
 
 def service_tables(site_metrics: list[dict], num_classes: int) -> dict:
@@ -327,4 +496,5 @@ def run(grid: Grid, run: ServerRun) -> dict:
         "reconstruction_error": tables["reconstruction_error"],
         "per_class_accuracy": tables["per_class_accuracy"],
         "figures": tables["figures"],
+        **features.rejection_counts(),
     }
