@@ -23,11 +23,12 @@ def test_default_config_composes():
         ("protocol.fraction_train=0", r"must be in \(0, 1\]"),
         ("num_clients=0", r"num_clients must be >= 1"),
         ("device=tpu", r"device must be auto, cpu, cuda"),
+        ("protocol=features privacy=dpsgd", r"protocol=features does not support privacy=dpsgd"),
     ],
 )
 def test_bad_values_fail_with_a_message_naming_the_valid_ones(override, message):
     with pytest.raises(ConfigError, match=message):
-        compose_config([override])
+        compose_config(override.split())
 
 
 def test_target_epsilon_replaces_the_default_noise_multiplier():

@@ -74,6 +74,12 @@ def validate_config(cfg) -> None:
             "protocol.ae_training=public trains on training images outside every site's partition: "
             "set partition.samples_per_client (e.g. 1000) so some are left over"
         )
+    if cfg.privacy.name != "none":
+        raise ValueError(f"protocol=features does not support privacy={cfg.privacy.name}: the sites' autoencoders "
+                         "train without DP-SGD and the uploaded latents are not noised (use privacy=none)")
+    if cfg.resume:
+        raise ValueError("protocol=features cannot resume a run: a second autoencoder phase would put new latents "
+                         "in another space than the stored ones (the store itself survives a crash; start a new run)")
 
 
 class FeatureRun:
