@@ -106,3 +106,21 @@ def test_serve_and_predict_on_the_run(features_run, tmp_path, capsys):
 def test_serve_command_without_a_finished_run(tmp_path, capsys):
     assert main(["serve", "--run", str(tmp_path), "--port", "1"]) == 2
     assert "classifier.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ae_training", ["local", "public"])
+def test_sim_local_and_public_autoencoders_with_the_offline_classifier(tmp_path, ae_training):
+    """The paper's mode (one autoencoder per site) and the public one, each with one offline training."""
+    swapped = [arg for arg in SIM_ARGS if not arg.startswith(("protocol.ae_training", "protocol.classifier.mode", "protocol.ae_rounds"))]
+    run_dir = run_dir_from(run_graftfl("sim", *swapped, f"protocol.ae_training={ae_training}", "protocol.ae_epochs=3",
+                                       "protocol.public_samples=300", "protocol.classifier.mode=offline", cwd=tmp_path, timeout=400), tmp_path)
+    rows = read_metrics(run_dir)
+    autoencoder_rows = [row for row in rows if row["phase"] == "autoencoder"]
+    assert len(autoencoder_rows) == 1 and autoencoder_rows[0]["ae_training"] == ae_training
+    assert [row["classifier_mode"] for row in rows if row["phase"] == "classifier"] == ["offline"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ae_training"] == ae_training and summary["rejected_chunks"] == 0
+    assert summary["accuracy"] > 0.5  # chance is 0.1
+    autoencoders = [torch.load(run_dir / "sites" / site / "autoencoder.pt", weights_only=False)["state"] for site in ("site-0", "site-1")]
+    same = all(torch.equal(autoencoders[0][k], autoencoders[1][k]) for k in autoencoders[0])
+    assert same == (ae_training == "public")  # local: each site its own autoencoder; public: one for all
