@@ -159,6 +159,16 @@ def test_deploy_local_split_relay_gets_a_client_only_key(tmp_path, monkeypatch):
     assert len(rows) == 1 and rows[0]["accuracy"] > 0.0
 
 
+def test_deploy_local_ushaped_over_a_tls_data_plane(tmp_path):
+    """With --tls the split data plane serves TLS with deploy-local's certificates; labels stay at the sites."""
+    run_dir, _ = run_deploy_local(["--tls", "protocol=ushaped", "protocol.handoff=local", "protocol.turn_batches=3",
+                                   "dataset=digits", "num_clients=2", "rounds=1"], tmp_path, timeout=400)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["protocol"] == "ushaped" and summary["data_plane_tls"] is True and summary["failed_turns"] == []
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(rows) == 1 and rows[0]["accuracy"] > 0.0 and rows[0]["clients"] == [0, 1]
+
+
 def test_split_key_reaches_the_supernodes_only(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAFTFL_SPLIT_KEY", "00" * 32)
     first = LocalDeployment(tmp_path / "a", num_nodes=1)
