@@ -7,24 +7,14 @@ and can drop or tamper with replies to exercise the server's checks.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable
 
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from graftfl.clients import dssgd as dssgd_client
+from tests.conftest import flower_task_identity
 
-
-@contextmanager
-def server_identity():
-    """Flower needs a task identity to build messages outside its runtimes."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    try:
-        yield
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+server_identity = flower_task_identity  # messages built outside Flower's runtimes need a task
 
 
 class LocalGrid:

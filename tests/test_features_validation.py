@@ -13,13 +13,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import Metadata
-from flwr.supercore.task_identity import TaskIdentity
 
 from graftfl.config import compose_config
 from graftfl.server_app.feature_service import ServedClassifier
 from graftfl.server_app.feature_store import Chunk, ChunkRules, FeatureStore, InvalidChunk
 from graftfl.strategies.features import UPLOAD_ATTEMPTS, FeatureRun, client_id_of
 from graftfl.strategies.utils import ServerRun
+from tests.conftest import flower_task_identity
 
 LATENT, CHUNK_SIZE, NUM_CLASSES, ROWS_PER_SITE = 8, 4, 10, 8  # digits: 10 classes
 HONEST = 11
@@ -92,10 +92,8 @@ TAMPERED = {  # node -> (how its replies are broken, what the rejection must say
 @pytest.fixture(autouse=True)
 def server_task_identity():
     """Instruction messages need a run and task id (set by Flower inside a real ServerApp)."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    with flower_task_identity():
+        yield
 
 
 def reply_to(message: Message, content: RecordDict, message_id: str) -> Message:

@@ -24,6 +24,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from graftfl.config import compose_config
 from graftfl.server_app.app import run_protocol
 from graftfl.transport.client import DataPlaneClient
+from tests.conftest import flower_task_identity
 
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT_KEY = "11" * 32
@@ -62,12 +63,8 @@ class InProcessGrid:
 
 @pytest.fixture(autouse=True)
 def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with flower_task_identity(run_id=7):  # the run id of the in-process contexts
+        yield
 
 
 def crash_after(exchanges: int, handler):
