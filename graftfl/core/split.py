@@ -127,7 +127,6 @@ class _PendingStep:
         return True
 
 
-
 class TopStage:
     """Server side of ``split``/``semisup``: the top of the model and the loss.
 
@@ -187,7 +186,7 @@ class MiddleStage:
 
     Frames: ``forward`` (activations) -> ``middle`` (outputs), keeping the graph
     in the session state; ``backward`` (gradient of those outputs) ->
-    ``gradient`` (gradient of the activations) after one optimizer step;
+    ``gradient`` (gradient of the activations);
     ``eval_forward`` (activations) -> ``middle`` without a graph. A session that
     ends between ``forward`` and ``backward`` leaves the middle untouched. As in
     :class:`TopStage`, the middle's own update is completed after the reply
