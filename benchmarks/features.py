@@ -1,6 +1,6 @@
 """Benchmarks of protocol=features (Salehinejad et al.), written to docs/benchmarks/features.{json,md}.
 
-1. Classification accuracy from latents, per ``ae_training`` mode, with the real
+1. Classification accuracy from latents, per ``autoencoder.training`` mode, with the real
    ``graftfl sim experiment=features_paper`` (5 sites x 1,000 images, 1,000 test
    images), beside the same MLP trained centrally on the raw pixels of the same
    5,000 images.
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from graftfl.core.autoencoder import train_classifier  # noqa: E402
 from graftfl.core.data import DatasetUnavailable, load_dataset, partition_indices  # noqa: E402
 from graftfl.core.train import evaluate  # noqa: E402
-from graftfl.server_app.feature_store import Chunk, FeatureStore  # noqa: E402
+from graftfl.strategies.features.store import Chunk, FeatureStore  # noqa: E402
 
 OUT = ROOT / "docs" / "benchmarks"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -49,7 +49,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
 
 def run_sim(dataset: str, mode: str, workdir: Path, extra: list[str], setting: str) -> dict:
-    args = [sys.executable, "-m", "graftfl.cli", "sim", "experiment=features_paper", f"dataset={dataset}", f"protocol.ae_training={mode}", "progress=false", f"output_dir={workdir}", *extra]
+    args = [sys.executable, "-m", "graftfl.cli", "sim", "experiment=features_paper", f"dataset={dataset}", f"protocol.autoencoder.training={mode}", "progress=false", f"output_dir={workdir}", *extra]
     started = time.monotonic()
     proc = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True)
     wall = time.monotonic() - started

@@ -10,15 +10,12 @@ from pathlib import Path
 
 from graftfl.config import ConfigError, expand_sweep, resolve_job_config
 from graftfl.core.data import DatasetUnavailable, dataset_from_config
-
-
-def project_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+from graftfl.core.run_dir import project_root, run_dir_of, with_run_id
 
 
 def simulate(cfg) -> Path:
     """Run one composed config in Flower's simulation runtime (Ray), or directly when not federated."""
-    from graftfl.server_app.app import make_server_app, protocol_module, run_dir_of, run_protocol, with_run_id
+    from graftfl.server_app.app import make_server_app, protocol_module, run_protocol
 
     cfg = with_run_id(cfg)
     dataset_from_config(cfg.dataset)  # fail fast (and cache for the in-process ServerApp) before Ray starts
@@ -97,15 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def extra_command_modules():
-    """Protocols may add commands (e.g. ``serve``) through ``graftfl/server_app/*_cli.py`` modules."""
+    """Protocols may add commands (e.g. ``serve``) through ``graftfl/commands/*_cli.py`` modules."""
     import importlib
     import pkgutil
 
-    import graftfl.server_app as server_app_package
+    import graftfl.commands as commands_package
 
-    for info in pkgutil.iter_modules(server_app_package.__path__):
+    for info in pkgutil.iter_modules(commands_package.__path__):
         if info.name.endswith("_cli"):
-            yield importlib.import_module(f"graftfl.server_app.{info.name}")
+            yield importlib.import_module(f"graftfl.commands.{info.name}")
 
 
 def main(argv: list[str] | None = None) -> int:

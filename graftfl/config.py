@@ -176,6 +176,7 @@ def validate(cfg: DictConfig) -> None:
             cfg.privacy.target_epsilon is not None or (cfg.privacy.noise_multiplier or 0) > 0,
             "privacy=dpsgd needs privacy.noise_multiplier > 0 or privacy.target_epsilon",
         )
+    import graftfl.core.autoencoder  # noqa: F401  registers conv_ae in MODELS
     from graftfl.core.data import PARTITIONERS
     from graftfl.core.models import MODELS
 

@@ -14,7 +14,7 @@ import pickle
 import signal
 import sys
 
-from graftfl.server_app.feature_store import FeatureStore
+from graftfl.strategies.features.store import FeatureStore
 
 
 def main() -> None:

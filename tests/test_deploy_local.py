@@ -27,15 +27,9 @@ from cryptography.hazmat.primitives import serialization
 from omegaconf import OmegaConf
 
 from graftfl.config import compose_config
-from graftfl.deploy import (
-    CONNECTION,
-    LocalDeployment,
-    hydra_quote,
-    marked_pids,
-    run_config_overrides,
-    write_flower_config,
-    write_run_config,
-)
+from graftfl.deploy.flower_files import CONNECTION, hydra_quote, run_config_overrides, write_flower_config, write_run_config
+from graftfl.deploy.local import LocalDeployment
+from graftfl.deploy.supervise import marked_pids, processes_with_env
 from graftfl.tls import generate_node_auth_keys, generate_tls_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,17 +40,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason=
 # -- helpers ---------------------------------------------------------------------------
 def tagged_processes(tag: str) -> dict[int, str]:
     """pid -> command line of live processes whose environment carries ``TAG_ENV=tag``."""
-    found = {}
-    needle = f"{TAG_ENV}={tag}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-    return found
+    return processes_with_env(TAG_ENV, tag)
 
 
 def _default_sigint() -> None:

@@ -15,7 +15,7 @@ from graftfl.config import ConfigError, compose_config, to_container
 from graftfl.core.codec import flatten_parameters
 from graftfl.core.selective import coordinate_budget, decode_sparse, encode_sparse, sparse_nbytes
 from graftfl.server_app.app import run_protocol
-from graftfl.server_app.checkpoint import load_checkpoint
+from graftfl.strategies.checkpoint import load_checkpoint
 from graftfl.strategies.utils import CONFIG_KEY, ServerRun
 from tests.dssgd_helpers import LocalGrid, server_identity
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from graftfl.commands.feature_service import BackgroundServer, create_app
 from graftfl.core.autoencoder import train_classifier
-from graftfl.server_app.feature_service import BackgroundServer, OnlineTrainer, ServedClassifier, create_app
-from graftfl.server_app.feature_store import Chunk, FeatureStore
+from graftfl.strategies.features.classifier import OnlineTrainer, ServedClassifier
+from graftfl.strategies.features.store import Chunk, FeatureStore
 
 LATENT = 16
 

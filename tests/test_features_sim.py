@@ -14,8 +14,8 @@ from PIL import Image
 from graftfl.core.autoencoder import encode, load_autoencoder, load_classifier
 from graftfl.cli import main
 from graftfl.core.data import channel_stats, load_dataset
-from graftfl.server_app.feature_service import BackgroundServer, app_for_run
-from graftfl.server_app.feature_store import FeatureStore
+from graftfl.commands.feature_service import BackgroundServer, app_for_run
+from graftfl.strategies.features.store import FeatureStore
 from tests.conftest import read_metrics, run_dir_from, run_graftfl
 
 SIM_ARGS = [
@@ -25,9 +25,9 @@ SIM_ARGS = [
     "partition.samples_per_client=300",
     "dataset.test_size=200",
     "protocol.latent_dim=16",
-    "protocol.ae_training=federated",
-    "protocol.ae_rounds=2",
-    "protocol.ae_local_epochs=3",
+    "protocol.autoencoder.training=federated",
+    "protocol.autoencoder.rounds=2",
+    "protocol.autoencoder.local_epochs=3",
     "protocol.chunk_size=100",
     "protocol.classifier.mode=online",
     "protocol.classifier.retrain_every=200",
@@ -111,8 +111,8 @@ def test_serve_command_without_a_finished_run(tmp_path, capsys):
 @pytest.mark.parametrize("ae_training", ["local", "public"])
 def test_sim_local_and_public_autoencoders_with_the_offline_classifier(tmp_path, ae_training):
     """The paper's mode (one autoencoder per site) and the public one, each with one offline training."""
-    swapped = [arg for arg in SIM_ARGS if not arg.startswith(("protocol.ae_training", "protocol.classifier.mode", "protocol.ae_rounds"))]
-    run_dir = run_dir_from(run_graftfl("sim", *swapped, f"protocol.ae_training={ae_training}", "protocol.ae_epochs=3",
+    swapped = [arg for arg in SIM_ARGS if not arg.startswith(("protocol.autoencoder.training", "protocol.classifier.mode", "protocol.autoencoder.rounds"))]
+    run_dir = run_dir_from(run_graftfl("sim", *swapped, f"protocol.autoencoder.training={ae_training}", "protocol.autoencoder.epochs=3",
                                        "protocol.public_samples=300", "protocol.classifier.mode=offline", cwd=tmp_path, timeout=400), tmp_path)
     rows = read_metrics(run_dir)
     autoencoder_rows = [row for row in rows if row["phase"] == "autoencoder"]

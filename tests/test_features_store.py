@@ -17,7 +17,7 @@ import torch
 from graftfl.core.autoencoder import train_classifier
 from graftfl.core.data import load_dataset
 from graftfl.core.train import evaluate
-from graftfl.server_app.feature_store import Chunk, FeatureStore
+from graftfl.strategies.features.store import Chunk, FeatureStore
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "features_ingest_worker.py"

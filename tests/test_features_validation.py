@@ -15,9 +15,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common import Metadata
 
 from graftfl.config import compose_config
-from graftfl.server_app.feature_service import ServedClassifier
-from graftfl.server_app.feature_store import Chunk, ChunkRules, FeatureStore, InvalidChunk
 from graftfl.strategies.features import UPLOAD_ATTEMPTS, FeatureRun, client_id_of
+from graftfl.strategies.features.classifier import ServedClassifier
+from graftfl.strategies.features.store import Chunk, ChunkRules, FeatureStore, InvalidChunk
 from graftfl.strategies.utils import ServerRun
 from tests.conftest import flower_task_identity
 

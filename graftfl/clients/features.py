@@ -3,8 +3,9 @@
 Message types handled (``train.features`` carries a ``phase``):
 
 - ``train.features`` phase ``autoencoder``: train the site's autoencoder on its own
-  images (``ae_training=local``: ``ae_epochs``, once; ``federated``: one FedAvg
-  round of ``ae_local_epochs`` from the global weights sent along, weights returned).
+  images (``autoencoder.training=local``: ``autoencoder.epochs``, once; ``federated``: one
+  FedAvg round of ``autoencoder.local_epochs`` from the global weights sent along,
+  weights returned).
 - ``train.features`` phase ``upload``: learning mode. Encode the labelled partition
   and return rows ``[chunk * chunk_size, ...)`` as ``(latent, label)``. The first
   chunk message installs the final autoencoder (federated/public) and saves it to
@@ -102,7 +103,7 @@ def train(message: Message, context: Context) -> Message:
 
 def train_site_autoencoder(message: Message, context: Context) -> Message:
     cfg = config_of(message)
-    protocol = cfg.protocol
+    settings = cfg.protocol.autoencoder
     partition_id, _ = partition_id_of(context)
     x, _ = local_data(cfg, context)
     model = new_autoencoder(cfg, x.shape[1:])
@@ -113,9 +114,9 @@ def train_site_autoencoder(message: Message, context: Context) -> Message:
     result = train_autoencoder(
         model,
         x,
-        epochs=int(protocol.ae_local_epochs if federated else protocol.ae_epochs),
-        batch_size=int(protocol.ae_batch_size),
-        lr=float(protocol.ae_lr),
+        epochs=int(settings.local_epochs if federated else settings.epochs),
+        batch_size=int(settings.batch_size),
+        lr=float(settings.lr),
         device=client_device(cfg, context),
         seed=round_seed(cfg, server_round, partition_id),
     )

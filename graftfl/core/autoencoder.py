@@ -10,8 +10,9 @@ cross-entropy for the classifier), computes the paper's reconstruction error δ
 ``conv_ae`` is a :class:`StagedModel` with exactly two stages, ``encoder`` and
 ``decoder``: calling it reconstructs, ``model.encoder(x)`` gives the latent vector,
 and ``cut_model(model, ["encoder"])`` gives ``[encoder, decoder]``. It ignores
-``num_classes`` (an autoencoder has no labels); it is registered in
-``core.models.MODELS`` so ``build_model("conv_ae", shape, 0)`` works.
+``num_classes`` (an autoencoder has no labels). Importing this module registers it
+in the model zoo (:func:`graftfl.core.models.register_model`), so
+``build_model("conv_ae", shape, 0)`` works.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from graftfl.core.data import make_loader
-from graftfl.core.models import StagedModel, mlp
+from graftfl.core.models import StagedModel, mlp, register_model
 from graftfl.core.train import evaluate, make_optimizer, train
 
 CLASSIFIER_HIDDEN = (256, 128, 64)  # the paper's MLP: 256-128-64-P
@@ -73,6 +74,9 @@ def conv_ae(input_shape: Sequence[int], num_classes: int = 0, latent_dim: int = 
         nn.Conv2d(channels, image_channels, 5, padding=2),
     )
     return StagedModel(OrderedDict(encoder=encoder, decoder=decoder))
+
+
+register_model("conv_ae", conv_ae)
 
 
 def latent_dim_of(model: StagedModel) -> int:

@@ -135,21 +135,13 @@ def resnet18(input_shape: Sequence[int], num_classes: int) -> StagedModel:
     )
 
 
-def conv_ae(input_shape: Sequence[int], num_classes: int = 0, **kwargs) -> StagedModel:
-    """The feature protocol's autoencoder (stages ``encoder``, ``decoder``); see core/autoencoder.py."""
-    from graftfl.core.autoencoder import conv_ae as build  # imported late: autoencoder.py uses mlp from here
-
-    return build(input_shape, num_classes, **kwargs)
-
-
 MODELS: dict[str, Callable[..., StagedModel]] = {
     "lenet": lenet,
     "cnn": cnn,
     "mlp": mlp,
     "vgg11": vgg11,
     "resnet18": resnet18,
-    "conv_ae": conv_ae,
-}
+}  # core/autoencoder.py adds "conv_ae" (register_model) when it is imported
 
 
 def register_model(name: str, builder: Callable[..., StagedModel]) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib
 import shlex
-import time
-import uuid
 from pathlib import Path
 
 from flwr.app import Context
@@ -13,26 +11,8 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from graftfl.config import resolve_job_config, to_yaml
+from graftfl.core.run_dir import run_dir_of, with_run_id
 from graftfl.strategies.utils import ServerRun
-
-
-def new_run_id(cfg: DictConfig) -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.protocol.name}-{cfg.dataset.name}-{uuid.uuid4().hex[:4]}"
-
-
-def with_run_id(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with ``run_id`` filled in (resume keeps the resumed run's id and folder)."""
-    cfg = cfg.copy()
-    if cfg.resume:
-        resumed = Path(cfg.resume)
-        cfg.output_dir, cfg.run_id = str(resumed.parent), resumed.name
-    elif not cfg.run_id:
-        cfg.run_id = new_run_id(cfg)
-    return cfg
-
-
-def run_dir_of(cfg: DictConfig) -> Path:
-    return Path(cfg.output_dir) / cfg.run_id
 
 
 def protocol_module(name: str):

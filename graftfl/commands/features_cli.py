@@ -36,7 +36,7 @@ def add_commands(subparsers) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from graftfl.server_app.feature_service import run_service
+    from graftfl.commands.feature_service import run_service
 
     try:
         run_service(args.run, args.host, args.port, args.max_body_bytes, on_start=lambda url: print(f"serving {args.run} at {url}/predict", flush=True))
@@ -72,7 +72,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import httpx
 
     from graftfl.core.autoencoder import encode, load_autoencoder
-    from graftfl.server_app.feature_store import utc_now
+    from graftfl.strategies.features.store import utc_now
 
     site = site_name_of(str(args.client_id))
     path = (args.site_dir or args.run / "sites" / site) / "autoencoder.pt"

@@ -1,9 +1,9 @@
-"""Feature upload, "internet of autoencoders" (Salehinejad et al.): the server side.
+"""The four phases of a ``protocol=features`` run, driven by :class:`FeatureRun`.
 
-1. Autoencoders (``protocol.ae_training``): ``local`` — each site trains its own
-   (the paper); ``federated`` — ``ae_rounds`` FedAvg rounds (Flower's FedAvg
-   aggregation) so all latents share one space; ``public`` — the server trains one
-   on images outside every site's partition and hands it to the sites.
+1. Autoencoders (``protocol.autoencoder.training``): ``local`` — each site trains its
+   own (the paper); ``federated`` — ``autoencoder.rounds`` FedAvg rounds (Flower's
+   FedAvg aggregation) so all latents share one space; ``public`` — the server trains
+   one on images outside every site's partition and hands it to the sites.
 2. Learning mode: each site uploads ``(latent, label)`` in chunks, one Flower message
    per chunk; each chunk is committed to the SQLite feature store before it is
    acknowledged (in the site's next message).
@@ -11,16 +11,12 @@
    uploads or ``online`` by a background thread every ``retrain_every`` records.
 4. Service mode: sites send test latents (``query.features``), the server answers
    with labels (``evaluate.features``), the sites score them; the run writes the
-   per-class accuracy (Table II), the per-class reconstruction error δ (Table I) and
-   the sites' original/latent/reconstruction grids (Fig. 3-4).
+   per-class accuracy and reconstruction error (:mod:`.tables`).
 
-Sites are not trusted. The server names each site after its Flower node id
-(:func:`client_id_of`) and tells it the name; the store keys rows by that name, never
-by what a reply claims. Every upload and service reply is checked (the store's
-:class:`ChunkRules`, the names and row offsets the server asked for, the service
-scores' shapes and totals) before it touches the store or the classifier; a bad
-reply is refused, logged, listed under ``rejected`` in its metrics row and counted
-in the summary, and the run goes on with the other sites.
+Every reply is checked (:mod:`.replies`, the store's :class:`ChunkRules`) before it
+touches the store or the classifier; a bad reply is refused, logged, listed under
+``rejected`` in its metrics row and counted in the summary, and the run goes on with
+the other sites.
 """
 
 from __future__ import annotations
@@ -31,55 +27,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from graftfl.core.autoencoder import conv_ae, save_classifier, train_autoencoder, train_classifier
-from graftfl.server_app.feature_service import CLASSIFIER_FILE, OnlineTrainer, ServedClassifier
-from graftfl.server_app.feature_store import Chunk, ChunkRules, FeatureStore, InvalidChunk
-from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
+from graftfl.strategies.features.classifier import CLASSIFIER_FILE, OnlineTrainer, ServedClassifier
+from graftfl.strategies.features.replies import (
+    client_id_of,
+    figure_of,
+    received_bytes,
+    reply_arrays,
+    reply_config,
+    require_claims,
+    score_problem,
+    upload_id_of,
+)
+from graftfl.strategies.features.store import Chunk, ChunkRules, FeatureStore, InvalidChunk
+from graftfl.strategies.features.tables import service_tables
+from graftfl.strategies.utils import ServerRun, arrays_nbytes, wait_for_nodes
 
 PROTOCOL = "features"
-AE_TRAINING = ("local", "federated", "public")
-CLASSIFIER_MODES = ("offline", "online")
 STORE_FILE = "features.db"
 MESSAGE_TYPE = f"train.{PROTOCOL}"
 UPLOAD_ATTEMPTS = 3  # failed or rejected tries of one chunk before a site is left out
-SCORE_FIELDS = ("correct_by_class", "count_by_class", "error_sum_by_class", "error_count_by_class")
-
-
-def client_id_of(node: int) -> str:
-    """The ``clientID`` the server gives the site on Flower node ``node`` (store key, acknowledgements)."""
-    return f"node-{node}"
-
-
-def upload_id_of(chunk: int) -> str:
-    """The ``upload_id`` the server asks for (with ``client_id`` and the row, the store's unique key)."""
-    return f"chunk-{chunk:05d}"
-
-
-def validate_config(cfg) -> None:
-    protocol = cfg.protocol
-    require_choice("protocol.ae_training", protocol.ae_training, AE_TRAINING)
-    require_choice("protocol.classifier.mode", protocol.classifier.mode, CLASSIFIER_MODES)
-    for key in ("latent_dim", "conv_channels", "chunk_size", "ae_batch_size", "ae_epochs", "ae_rounds", "ae_local_epochs", "public_samples"):
-        if int(protocol[key]) < 1:
-            raise ValueError(f"protocol.{key} must be >= 1, got {protocol[key]}")
-    for key in ("epochs", "batch_size", "retrain_every"):
-        if int(protocol.classifier[key]) < 1:
-            raise ValueError(f"protocol.classifier.{key} must be >= 1, got {protocol.classifier[key]}")
-    if protocol.ae_training == "public" and not cfg.partition.get("samples_per_client"):
-        raise ValueError(
-            "protocol.ae_training=public trains on training images outside every site's partition: "
-            "set partition.samples_per_client (e.g. 1000) so some are left over"
-        )
-    if cfg.privacy.name != "none":
-        raise ValueError(f"protocol=features does not support privacy={cfg.privacy.name}: the sites' autoencoders "
-                         "train without DP-SGD and the uploaded latents are not noised (use privacy=none)")
-    if cfg.resume:
-        raise ValueError("protocol=features cannot resume a run: a second autoencoder phase would put new latents "
-                         "in another space than the stored ones (the store itself survives a crash; start a new run)")
 
 
 class FeatureRun:
@@ -142,7 +113,7 @@ class FeatureRun:
 
     def prepare_autoencoders(self) -> ArrayRecord | None:
         """Train the autoencoder(s); returns the weights to hand to the sites (None: local)."""
-        mode = self.protocol.ae_training
+        mode = self.protocol.autoencoder.training
         self.run.round_seconds()
         if mode == "local":
             replies = self.exchange([self.message(node, MESSAGE_TYPE, phase="autoencoder") for node in self.nodes])
@@ -157,7 +128,7 @@ class FeatureRun:
         losses = [m["ae_loss"] for m in metrics]
         self.log(
             phase="autoencoder",
-            ae_training=self.protocol.ae_training,
+            ae_training=self.protocol.autoencoder.training,
             ae_loss=float(np.mean(losses)) if losses else None,
             bytes_up=bytes_up,
             bytes_down=bytes_down,
@@ -171,14 +142,14 @@ class FeatureRun:
         torch.manual_seed(self.cfg.seed)
         arrays = ArrayRecord(model.state_dict())
         aggregator = FedAvg()  # Flower's weighted average ("num-examples") of the replies' ArrayRecords
-        for server_round in range(1, int(self.protocol.ae_rounds) + 1):
+        for server_round in range(1, int(self.protocol.autoencoder.rounds) + 1):
             messages = [self.message(node, MESSAGE_TYPE, {"arrays": arrays}, phase="autoencoder", **{"server-round": server_round}) for node in self.nodes]
             replies = self.exchange(messages)
             if not replies:
                 raise RuntimeError("no site returned autoencoder weights")
             arrays, _ = aggregator.aggregate_train(server_round, replies)
             self.log_autoencoder_round(replies, bytes_down=arrays_nbytes(arrays) * len(messages), bytes_up=sum(arrays_nbytes(r.content["arrays"]) for r in replies))
-            print(f"[features] federated autoencoder round {server_round}/{self.protocol.ae_rounds}", flush=True)
+            print(f"[features] federated autoencoder round {server_round}/{self.protocol.autoencoder.rounds}", flush=True)
         return arrays
 
     def public_autoencoder(self) -> ArrayRecord:
@@ -191,7 +162,7 @@ class FeatureRun:
             raise ValueError(f"no training images are left outside the {assigned} the sites hold; lower partition.samples_per_client")
         torch.manual_seed(self.cfg.seed)
         model = conv_ae(data.input_shape, latent_dim=int(protocol.latent_dim), channels=int(protocol.conv_channels))
-        result = train_autoencoder(model, data.train_x[public], epochs=int(protocol.ae_epochs), batch_size=int(protocol.ae_batch_size), lr=float(protocol.ae_lr), device=self.run.device, seed=self.cfg.seed)
+        result = train_autoencoder(model, data.train_x[public], epochs=int(protocol.autoencoder.epochs), batch_size=int(protocol.autoencoder.batch_size), lr=float(protocol.autoencoder.lr), device=self.run.device, seed=self.cfg.seed)
         self.log(phase="autoencoder", ae_training="public", ae_loss=result["ae_loss"], public_samples=len(public))
         return ArrayRecord(model.cpu().state_dict())
 
@@ -366,141 +337,3 @@ class FeatureRun:
         size, available = self.cfg.dataset.get("test_size"), len(self.run.data.test_y)
         count = min(int(size), available) if size else available
         return -(-count // int(self.cfg.num_clients))
-
-
-def reply_config(reply: Message, name: str) -> ConfigRecord:
-    """The reply's ConfigRecord ``name``; ``InvalidChunk`` when it has none."""
-    record = reply.content[name] if name in reply.content else None
-    if not isinstance(record, ConfigRecord):
-        raise InvalidChunk(f"reply carries no '{name}' config record")
-    return record
-
-
-def require_claims(record: ConfigRecord, expected: dict) -> None:
-    """Raise ``InvalidChunk`` unless ``record`` holds exactly the ``expected`` values (names, offsets)."""
-    for key, value in expected.items():
-        claimed = record.get(key)
-        if claimed != value or type(claimed) is not type(value):
-            raise InvalidChunk(f"claims {key}={claimed!r}, the server expects {value!r}")
-
-
-def reply_arrays(reply: Message, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The named arrays of the reply's ``arrays`` record as numpy; ``InvalidChunk`` when missing or undecodable."""
-    record = reply.content["arrays"] if "arrays" in reply.content else None
-    if not isinstance(record, ArrayRecord):
-        raise InvalidChunk("reply carries no 'arrays' record")
-    missing = [name for name in names if name not in record]
-    if missing:
-        raise InvalidChunk(f"reply lacks arrays {missing}")
-    try:
-        return {name: record[name].numpy() for name in names}
-    except (ValueError, TypeError) as err:
-        raise InvalidChunk(f"undecodable arrays: {err}") from err
-
-
-def received_bytes(reply: Message) -> int:
-    """Payload bytes of the reply's ``arrays`` (0 when it has none or they do not decode)."""
-    try:
-        return arrays_nbytes(reply.content["arrays"])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return 0
-
-
-def score_problem(reply: Message, num_classes: int, answered: int) -> str | None:
-    """Why a site's service scores cannot be pooled, or None.
-
-    Each of ``SCORE_FIELDS`` must be ``num_classes`` finite non-negative numbers, no
-    class may have more correct answers than images, and the images counted must be
-    the ``answered`` predictions the server sent to that site.
-    """
-    metrics = reply.content["metrics"] if "metrics" in reply.content else None
-    if not isinstance(metrics, MetricRecord):
-        return "reply carries no 'metrics' record"
-    values = {}
-    for key in SCORE_FIELDS:
-        try:
-            values[key] = np.asarray(metrics[key], dtype=np.float64) if key in metrics else None
-        except (TypeError, ValueError):
-            values[key] = None
-        if values[key] is None or values[key].shape != (num_classes,):
-            return f"{key} is not a list of {num_classes} numbers"
-        if not np.isfinite(values[key]).all() or (values[key] < 0).any():
-            return f"{key} holds negative or non-finite values"
-    if (values["correct_by_class"] > values["count_by_class"]).any():
-        return "a class has more correct answers than test images"
-    if values["count_by_class"].sum() != answered:
-        return f"scored {int(values['count_by_class'].sum())} test images, the server answered {answered}"
-    return None
-
-
-def figure_of(reply: Message) -> str:
-    """The figure path a site reports ('' when none)."""
-    files = reply.content["files"] if "files" in reply.content else None
-    figure = files.get("figure", "") if isinstance(files, ConfigRecord) else ""
-    return figure if isinstance(figure, str) else ""
-
-
-def service_tables(site_metrics: list[dict], num_classes: int) -> dict:
-    """Pool the sites' counts into Table I (δ per class, Eq. 9) and Table II (accuracy per class)."""
-
-    def pooled(key: str) -> np.ndarray:
-        return np.sum([np.asarray(m[key], dtype=np.float64) for m in site_metrics], axis=0) if site_metrics else np.zeros(num_classes)
-
-    correct, count = pooled("correct_by_class"), pooled("count_by_class")
-    error_sum, error_count = pooled("error_sum_by_class"), pooled("error_count_by_class")
-    ratio = lambda a, b: [float(x / y) if y else None for x, y in zip(a, b)]  # noqa: E731
-    return {
-        "accuracy": float(correct.sum() / count.sum()) if count.sum() else None,
-        "per_class_accuracy": ratio(correct, count),
-        "test_samples": int(count.sum()),
-        "per_class_test_samples": [int(c) for c in count],
-        "reconstruction_error": float(error_sum.sum() / error_count.sum()) if error_count.sum() else None,
-        "per_class_reconstruction_error": ratio(error_sum, error_count),
-    }
-
-
-def write_tables(run_dir: Path, tables: dict, cfg) -> None:
-    """``tables.json`` plus Markdown Tables I (reconstruction error) and II (accuracy)."""
-    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-    header = f"dataset {cfg.dataset.name}, {cfg.num_clients} sites, ae_training={cfg.protocol.ae_training}, classifier={cfg.protocol.classifier.mode}, latent_dim={cfg.protocol.latent_dim}"
-    table1 = ["# Table I: reconstruction error δ per class (Eq. 9)", "", header, "", "| class | δ |", "|---|---|"]
-    table1 += [f"| {c} | {fmt(v, '.4f')} |" for c, v in enumerate(tables["per_class_reconstruction_error"])]
-    table1.append(f"| **overall** | **{fmt(tables['reconstruction_error'], '.4f')}** |")
-    table2 = ["# Table II: classification accuracy per class (service mode)", "", header, "", "| class | test images | accuracy |", "|---|---|---|"]
-    table2 += [f"| {c} | {n} | {fmt(v, '.2%')} |" for c, (n, v) in enumerate(zip(tables["per_class_test_samples"], tables["per_class_accuracy"]))]
-    table2.append(f"| **total** | **{tables['test_samples']}** | **{fmt(tables['accuracy'], '.2%')}** |")
-    (run_dir / "table_reconstruction.md").write_text("\n".join(table1) + "\n")
-    (run_dir / "table_accuracy.md").write_text("\n".join(table2) + "\n")
-    (run_dir / "tables.json").write_text(json.dumps({"setting": header, **tables}, indent=2) + "\n")
-
-
-def run(grid: Grid, run: ServerRun) -> dict:
-    """Autoencoders, learning-mode uploads, classifier, service mode; returns summary fields."""
-    features = FeatureRun(grid, run)
-    protocol = run.cfg.protocol
-    autoencoder = features.prepare_autoencoders()
-    trainer = None
-    if protocol.classifier.mode == "online":
-        trainer = OnlineTrainer(features.store, features.served, int(protocol.classifier.retrain_every), run.data.num_classes, features.classifier_kwargs())
-        trainer.start()
-    records = features.upload_all(autoencoder, trainer)
-    print(f"[features] {records} records in the store", flush=True)
-    if trainer is not None:
-        trainer.finish()
-        features.log_retrains(trainer)
-    else:
-        features.train_offline()
-    features.save_classifier()
-    tables = features.service_round()
-    write_tables(run.run_dir, tables, run.cfg)
-    features.store.close()
-    print(f"[features] service-mode accuracy {tables['accuracy']:.4f}, reconstruction error {tables['reconstruction_error']:.4f}", flush=True)
-    return {
-        "ae_training": protocol.ae_training,
-        "classifier_mode": protocol.classifier.mode,
-        "store_records": records,
-        "reconstruction_error": tables["reconstruction_error"],
-        "per_class_accuracy": tables["per_class_accuracy"],
-        "figures": tables["figures"],
-        **features.rejection_counts(),
-    }

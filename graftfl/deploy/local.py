@@ -4,7 +4,8 @@ What happens, in order:
 
 1. A temporary directory holds everything of the deployment: a ``FLWR_HOME`` whose
    ``config.toml`` names one SuperLink connection, the SuperLink database, logs,
-   and with ``--tls``/``--auth`` the generated certificates and keys.
+   and with ``--tls``/``--auth`` the generated certificates and keys
+   (:mod:`graftfl.deploy.flower_files` writes the files).
 2. ``flower-superlink`` starts on a free loopback port (all its APIs share it).
 3. With ``--auth``: one EC key pair per SuperNode, each public key registered with
    ``flwr supernode register`` (the SuperLink must be up; SuperNodes start after).
@@ -17,20 +18,15 @@ What happens, in order:
    when the run ends.
 6. Every process we started, and every process they started (``flower-superexec``,
    ``flwr-serverapp``, ``flwr-clientapp``), is stopped: on success, on failure and on
-   Ctrl-C. Each process we start leads its own session, and all of them carry a marker
-   in their environment, so the stragglers that Flower detaches are found too.
+   Ctrl-C (:class:`graftfl.deploy.supervise.ProcessGroup`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,28 +34,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from omegaconf import DictConfig
 
-from graftfl.tls import TlsFiles, generate_node_auth_keys, generate_tls_files
 from graftfl.core.handoff import KEY_ENV as SPLIT_KEY_ENV
+from graftfl.core.run_dir import project_root, run_dir_of, with_run_id
+from graftfl.deploy.flower_files import CONNECTION, run_config_overrides, tls_overrides, write_flower_config, write_run_config
+from graftfl.deploy.supervise import MARKER_ENV, DeploymentError, ManagedProcess, ProcessGroup, tail
+from graftfl.tls import TlsFiles, generate_node_auth_keys, generate_tls_files
 
-CONNECTION = "graftfl-local"
-MARKER_ENV = "GRAFTFL_DEPLOYMENT"  # inherited by every process of one deployment
-LOG_TAIL_LINES = 40
 READY_TIMEOUT_S = 120.0  # ample on a loaded 2-core machine; a healthy start takes seconds
-STOP_GRACE_S = 5.0
 ACTIVATED_LINE = "SuperNode ID:"  # flower-supernode logs it once the SuperLink accepted it
-
-
-class DeploymentError(RuntimeError):
-    """The local deployment failed; the message carries the tail of the relevant logs."""
-
-
-def project_root() -> Path:
-    """The Flower app that ``flwr run`` builds (this checkout: pyproject.toml + graftfl + conf)."""
-    return Path(__file__).resolve().parent.parent
 
 
 def flower_binary(name: str) -> str:
@@ -95,108 +81,6 @@ def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def toml_string(text: str) -> str:
-    """``text`` as a TOML basic string (JSON string escapes are valid TOML escapes)."""
-    return json.dumps(text)
-
-
-def hydra_quote(value: object) -> str:
-    """``value`` as a quoted Hydra override value (paths with spaces, commas or ``=`` stay one string).
-
-    Hydra reads backslashes literally except in runs that precede a quote, which it halves.
-    """
-    text = re.sub(r"(\\+)(?='|$)", lambda run: run.group(1) * 2, str(value))
-    return "'" + text.replace("'", "\\'") + "'"
-
-
-def tls_overrides(files: TlsFiles) -> list[str]:
-    """Hydra overrides that point ``cfg.tls`` at the generated files (the split data plane uses them)."""
-    return [f"tls.ca_cert={hydra_quote(files.ca_cert)}", f"tls.server_cert={hydra_quote(files.server_cert)}",
-            f"tls.server_key={hydra_quote(files.server_key)}"]
-
-
-def run_config_overrides(overrides: list[str], run_id: str, output_dir: Path, extra: list[str] = ()) -> str:
-    """The ``overrides`` run-config value: the ServerApp ``shlex.split``s it back into the list.
-
-    ``run_id`` and the absolute ``output_dir`` make the ServerApp, another process started
-    by the SuperLink, write the run directory this command reports.
-    """
-    return shlex.join([*overrides, *extra, f"run_id={hydra_quote(run_id)}", f"output_dir={hydra_quote(output_dir)}"])
-
-
-def write_run_config(path: Path, overrides: str) -> Path:
-    """A ``flwr run --run-config`` TOML file; unlike ``key="value"`` arguments it keeps any quoting."""
-    path.write_text(f"overrides = {toml_string(overrides)}\n")
-    return path
-
-
-def write_flower_config(flwr_home: Path, port: int, ca_cert: Path | None) -> Path:
-    """``$FLWR_HOME/config.toml`` with one default SuperLink connection named ``CONNECTION``."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f"default = {toml_string(CONNECTION)}", "", f"[superlink.{CONNECTION}]",
-             f"address = {toml_string(f'127.0.0.1:{port}')}"]
-    lines.append(f"root-certificates = {toml_string(str(ca_cert))}" if ca_cert else "insecure = true")
-    path = flwr_home / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return "(no log)"
-    return "\n".join(text[-lines:]) or "(empty log)"
-
-
-@dataclass
-class ManagedProcess:
-    """One process we started, its own session leader, logging to ``log``."""
-
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    @property
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def signal_group(self, signum: int) -> None:
-        """Signal the process group we lead; only while unreaped, so the group id is still ours."""
-        if not self.alive:
-            return  # its group's stragglers carry the deployment marker and are signalled by pid
-        try:
-            os.killpg(self.popen.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def marked_pids(marker: str) -> list[int]:
-    """Live processes whose environment carries ``MARKER_ENV=marker`` (Linux ``/proc``)."""
-    needle = f"{MARKER_ENV}={marker}".encode()
-    pids = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return pids
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:  # gone, or not ours
-            continue
-    return pids
-
-
-def _signal_pids(pids: list[int], signum: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
 @dataclass
 class LocalDeployment:
     """A SuperLink and its SuperNodes on loopback, with everything in ``workdir``.
@@ -222,7 +106,6 @@ class LocalDeployment:
     cwd: Path = field(default_factory=Path.cwd)
     echo: TextIO | None = None
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
-    processes: list[ManagedProcess] = field(default_factory=list)
     tls_files: TlsFiles | None = None
     port: int = 0
     # The split-learning relay key (AES-256) is the clients' secret: a fresh one per run,
@@ -235,8 +118,8 @@ class LocalDeployment:
         self.workdir = Path(self.workdir).resolve()
         self.flwr_home = self.workdir / "flwr-home"
         self.logs = self.workdir / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
         self.started_at = time.monotonic()
+        self.group = ProcessGroup(self.logs, self.cwd, self.marker, note=self.note)
 
     # -- processes ---------------------------------------------------------------------
     def env(self, flwr_home: Path | None = None, supernode: bool = False) -> dict[str, str]:
@@ -266,41 +149,24 @@ class LocalDeployment:
     def start(self, name: str, args: list[str], flwr_home: Path | None = None, pipe: bool = False,
               supernode: bool = False) -> ManagedProcess:
         """Start ``args`` in a new session, output to ``logs/<name>.log`` (or a pipe we read)."""
-        log = self.logs / f"{name}.log"
-        log_file = open(log, "ab")
-        popen = subprocess.Popen(
-            args, cwd=self.cwd, env=self.env(flwr_home, supernode), start_new_session=True, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if pipe else log_file, stderr=subprocess.STDOUT,
-        )
-        log_file.close()
-        process = ManagedProcess(name, popen, log)
-        self.processes.append(process)
-        return process
+        return self.group.start(name, args, self.env(flwr_home, supernode), pipe=pipe)
 
     def run_cli(self, name: str, args: list[str], timeout: float = 60.0) -> str:
         """A short ``flwr`` CLI command against our connection; its output, or an error with it."""
-        try:
-            done = subprocess.run(args, cwd=self.cwd, env=self.env(), stdin=subprocess.DEVNULL, capture_output=True,
-                                  text=True, timeout=timeout, start_new_session=True)
-        except subprocess.TimeoutExpired as err:
-            raise DeploymentError(f"{name} did not finish in {timeout:.0f}s: {shlex.join(args)}") from err
-        (self.logs / f"{name}.log").write_text(done.stdout + done.stderr)
-        if done.returncode != 0:
-            raise DeploymentError(f"{name} failed (exit {done.returncode}): {shlex.join(args)}\n{done.stdout}{done.stderr}"
-                                  + self.log_report())
-        return done.stdout
+        return self.group.run(name, args, self.env(), timeout)
 
-    def wait_until(self, what: str, ready: Callable[[], bool], watched: list[ManagedProcess], timeout: float) -> None:
-        """Poll ``ready`` until true; fail early when a watched process dies, or at ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while not ready():
-            for process in watched:
-                if not process.alive:
-                    raise DeploymentError(f"{process.name} exited ({process.popen.returncode}) while waiting for {what}"
-                                          + self.log_report())
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"timed out after {timeout:.0f}s waiting for {what}" + self.log_report())
-            time.sleep(0.2)
+    @property
+    def processes(self) -> list[ManagedProcess]:
+        """Every process started so far, in start order."""
+        return self.group.processes
+
+    def log_report(self) -> str:
+        """The tail of every log of this deployment, for an error message."""
+        return self.group.log_report()
+
+    def stop(self) -> list[int]:
+        """Stop every process of this deployment; returns the pids that would not die (should be empty)."""
+        return self.group.stop()
 
     # -- the deployment ----------------------------------------------------------------
     def note(self, text: str) -> None:
@@ -325,7 +191,7 @@ class LocalDeployment:
         if self.auth:
             args.append("--enable-supernode-auth")
         superlink = self.start("superlink", args)
-        self.wait_until(f"the SuperLink on port {self.port}", lambda: port_accepts(self.port), [superlink], READY_TIMEOUT_S)
+        self.group.wait_until(f"the SuperLink on port {self.port}", lambda: port_accepts(self.port), [superlink], READY_TIMEOUT_S)
         self.note(f"SuperLink up on 127.0.0.1:{self.port} ({'TLS' if self.tls else 'insecure'}"
                   f"{', SuperNode auth' if self.auth else ''}); workdir {self.workdir}")
         return superlink
@@ -351,7 +217,7 @@ class LocalDeployment:
             # Each SuperNode has its own FLWR_HOME, as on separate machines (no shared app cache).
             nodes.append(self.start(f"supernode-{index}", args, flwr_home=self.workdir / f"supernode-{index}",
                                     supernode=True))
-        self.wait_until(f"{self.num_nodes} SuperNodes online at the SuperLink", self.all_nodes_online,
+        self.group.wait_until(f"{self.num_nodes} SuperNodes online at the SuperLink", self.all_nodes_online,
                         [*self.processes], READY_TIMEOUT_S)
         self.note(f"{self.num_nodes} SuperNodes online")
         return nodes
@@ -391,38 +257,6 @@ class LocalDeployment:
                     self.echo.write(line.decode(errors="replace"))
                     self.echo.flush()
 
-    def log_report(self) -> str:
-        parts = [f"\n--- {log.name} (last {LOG_TAIL_LINES} lines) ---\n{tail(log)}" for log in sorted(self.logs.glob("*.log"))]
-        return "\n" + "".join(parts) + f"\n(all logs: {self.logs})"
-
-    def stop(self) -> list[int]:
-        """Stop every process of this deployment; returns the pids that would not die (should be empty)."""
-        stopping_at = time.monotonic()
-        count = len(set(marked_pids(self.marker)) | {p.popen.pid for p in self.processes if p.alive})
-        for process in reversed(self.processes):
-            process.signal_group(signal.SIGTERM)
-        _signal_pids(marked_pids(self.marker), signal.SIGTERM)
-        if not self._wait_all_gone(STOP_GRACE_S):
-            for process in self.processes:
-                process.signal_group(signal.SIGKILL)
-            _signal_pids(marked_pids(self.marker), signal.SIGKILL)
-            self._wait_all_gone(STOP_GRACE_S)
-        survivors = marked_pids(self.marker)
-        self.note(f"stopped {count} processes in {time.monotonic() - stopping_at:.1f}s"
-                  + (f"; still alive: {survivors}" if survivors else ""))
-        return survivors
-
-    def _wait_all_gone(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            for process in self.processes:
-                process.popen.poll()  # reap our direct children (zombies keep no environ, but keep pids)
-            if not marked_pids(self.marker) and all(not p.alive for p in self.processes):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-
 
 def _raise_system_exit(signum, frame):  # SIGTERM -> unwind through `finally` and stop everything
     raise SystemExit(128 + signum)
@@ -446,8 +280,6 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
         Keep the temporary directory (logs, certificates) after a successful or interrupted
         run; after a failure it is always kept and its path printed.
     """
-    from graftfl.server_app.app import run_dir_of, with_run_id
-
     if not (project_root() / "pyproject.toml").is_file():
         raise DeploymentError(f"deploy-local submits the app from a graftfl checkout, but {project_root()} has no "
                               "pyproject.toml (run it from a clone of the repository)")

@@ -1,4 +1,4 @@
-"""Checkpoints of the global state after each completed round (atomic writes)."""
+"""Checkpoints of the global state after each completed round (atomic writes), for :class:`~graftfl.strategies.utils.ServerRun`."""
 
 from __future__ import annotations
 
