@@ -36,11 +36,12 @@ def add_commands(subparsers) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from graftfl.core.weights_file import UnsafeWeightsFile
     from graftfl.server_app.feature_service import run_service
 
     try:
         run_service(args.run, args.host, args.port, args.max_body_bytes, on_start=lambda url: print(f"serving {args.run} at {url}/predict", flush=True))
-    except FileNotFoundError as err:
+    except (FileNotFoundError, UnsafeWeightsFile) as err:
         print(f"graftfl serve: {err}", file=sys.stderr)
         return 2
     return 0
