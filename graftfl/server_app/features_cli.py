@@ -127,10 +127,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from graftfl.service_auth import TOKEN_ENV
 
     site = site_name_of(str(args.client_id))
-    token = args.token or os.environ.get(TOKEN_ENV)
-    if not token:
-        print(f"graftfl predict: no service token: pass --token or set ${TOKEN_ENV} (graftfl serve issued one per site)", file=sys.stderr)
-        return 2
     url = urlsplit(args.url)
     if url.scheme != "https" and url.hostname not in ("127.0.0.1", "localhost", "::1"):
         print(f"graftfl predict: warning: sending the token and latents to {url.hostname} without TLS (use an https URL)", file=sys.stderr)
@@ -147,6 +143,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     missing = [str(p) for p in args.images if not p.exists()]
     if missing:
         print(f"graftfl predict: no such image(s): {missing}", file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not token:
+        print(f"graftfl predict: no service token: pass --token or set ${TOKEN_ENV} (graftfl serve issued one per site)", file=sys.stderr)
         return 2
     latents = encode(model, load_images(args.images, stored["input_shape"], stored["normalisation"]))
     failures = 0
