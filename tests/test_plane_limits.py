@@ -21,7 +21,7 @@ from graftfl.transport.client import DataPlaneClient, DataPlaneError
 from graftfl.transport.frames import MAGIC, Frame, encode_frame
 from graftfl.transport.server import SERVICE_METHOD, DataPlaneServer
 from tests.conftest import flower_task_identity
-from tests.test_split_plane import BATCH, NUM_CLASSES, good_frame, make_top_server, write_test_pki
+from tests.test_split_plane import BATCH, good_frame, make_top_server, write_test_pki
 
 
 def crafted(token: str, entries, payload: bytes = b"", kind: str = "train", **header) -> bytes:

@@ -90,7 +90,7 @@ def test_plain_files_still_round_trip(tmp_path):
     classifier = feature_classifier(4, 3, [8])
     save_classifier(tmp_path / "classifier.pt", classifier, 4, 3, [8], version=2)
     restored, stored = load_classifier(tmp_path / "classifier.pt")
-    assert stored["version"] == 2 and all(torch.equal(a, b) for a, b in zip(classifier.state_dict().values(), restored.state_dict().values()))
+    assert stored["version"] == 2 and all(torch.equal(a, b) for a, b in zip(classifier.state_dict().values(), restored.state_dict().values(), strict=True))
 
     autoencoder = conv_ae((1, 8, 8), latent_dim=4, channels=2)
     save_autoencoder(tmp_path / "ae.pt", autoencoder, (1, 8, 8), 2, ([0.5], [0.25]))

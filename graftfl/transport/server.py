@@ -230,6 +230,8 @@ class DataPlaneServer:
         try:
             for raw in request_iterator:
                 stream.last_activity = time.monotonic()
+                if stream.turn is None:  # a live token: no longer pending (eviction) while its first frame is served
+                    stream.turn = self._claimed_turn(raw)
                 turn, reply = self._serve_frame(raw, turn)
                 turn.stream, stream.turn = context, turn
                 if reply is None:
@@ -264,6 +266,16 @@ class DataPlaneServer:
             log.warning("data plane: %d streams without a token frame; evicting the oldest (peer %s)", self.max_pending_streams, old.peer)
             old.context.cancel()
         return stream
+
+    def _claimed_turn(self, raw: bytes) -> Turn | None:
+        """The open turn whose token ``raw`` carries, if any (the real checks follow in :meth:`_serve_frame`)."""
+        try:
+            token = parse_header(raw)[0].get("token", "")
+        except FrameError:
+            return None
+        with self.lock:
+            found = self.turns.get(token)
+        return found if found is not None and found.open else None
 
     def _watch_idle(self) -> None:
         """Cancel streams that sent no frame for ``idle_timeout_s`` (checked a few times per timeout)."""
