@@ -294,3 +294,24 @@ def test_a_site_that_requires_tls_never_sends_activations_in_plaintext(tmp_path,
                 assert len(received) == 3  # two batches and the end frame
     finally:
         server.stop()
+
+
+def test_ushaped_run_over_a_tls_data_plane_with_sites_requiring_tls(tmp_path):
+    """The whole ServerApp pipeline (turn kinds, batch caps, idle limits) over TLS, every site insisting on it."""
+    from graftfl.server_app.app import run_protocol
+    from graftfl.tls import generate_tls_files
+    from tests.test_split_runs import InProcessGrid
+
+    files = generate_tls_files(tmp_path / "tls")
+    cfg = compose_config(["protocol=ushaped", "protocol.handoff=local", "protocol.turn_batches=3", "dataset=digits", "num_clients=2",
+                          "rounds=1", "progress=false", "dataset.test_size=64", f"output_dir={tmp_path}",
+                          f"tls.ca_cert={files.ca_cert}", f"tls.server_cert={files.server_cert}", f"tls.server_key={files.server_key}"])
+    grid = InProcessGrid(2)
+    for context in grid.contexts.values():
+        context.node_config["require-tls"] = True
+    with flower_task_identity(run_id=7):
+        run_dir = run_protocol(grid, cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data_plane_tls"] is True and summary["failed_turns"] == []
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["client_steps"] == [3, 3] and row["accuracy"] is not None
