@@ -44,6 +44,7 @@ import torch
 
 from graftfl.core.split import TensorSpec
 from graftfl.transport.frames import FLOAT_WIRE_DTYPES, Frame, FrameError, decode_tensors, encode_frame, parse_header, wire_dtypes_of
+from graftfl.transport.streams import StreamGuard
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +82,6 @@ class Turn:
         if self.first_frame_at is None or self.frames < 3:
             return None
         return (self.frames - 1) / max(self.last_frame_at - self.first_frame_at, 1e-9)
-
-
-@dataclass
-class _Stream:
-    """One open gRPC stream, watched for idleness."""
-
-    context: object
-    peer: str
-    last_activity: float = field(default_factory=time.monotonic)
-    turn: Turn | None = None
-    closed_idle: bool = False
 
 
 class _Reject(Exception):
@@ -139,17 +129,11 @@ class DataPlaneServer:
         if bool(server_cert) != bool(server_key):
             raise ValueError("data-plane TLS needs both a server certificate and its key (tls.server_cert and tls.server_key); "
                              f"got only the {'certificate' if server_cert else 'key'}")
-        if float(idle_timeout_s) <= 0 or int(max_pending_streams) < 1 or int(workers) < 1:
-            raise ValueError("idle_timeout_s must be > 0, max_pending_streams and workers >= 1")
         self.stage, self.wire_dtype, self.max_batch, self.max_frame_bytes = stage, wire_dtype, int(max_batch), int(max_frame_bytes)
-        self.idle_timeout_s, self.max_pending_streams = float(idle_timeout_s), int(max_pending_streams)
+        self.guard = StreamGuard(idle_timeout_s, max_pending_streams)
         self.lock = threading.Lock()
         self.turns: dict[str, Turn] = {}
-        self._streams_lock = threading.Lock()
-        self._streams: list[_Stream] = []
-        self._stopping = threading.Event()
-        self._watchdog = threading.Thread(target=self._watch_idle, name="graftfl-data-plane-idle", daemon=True)
-        threads = int(workers) + self.max_pending_streams
+        threads = max(1, int(workers)) + self.guard.max_pending_streams
         options = [("grpc.max_receive_message_length", self.max_frame_bytes + GRPC_SLACK_BYTES), ("grpc.max_send_message_length", self.max_frame_bytes + GRPC_SLACK_BYTES)]
         # every admitted stream has a thread of its own: beyond that gRPC answers RESOURCE_EXHAUSTED instead of queueing
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options, maximum_concurrent_rpcs=threads)
@@ -170,12 +154,12 @@ class DataPlaneServer:
     # -------------------------------------------------------------- lifecycle
     def start(self) -> "DataPlaneServer":
         self._server.start()
-        self._watchdog.start()
+        self.guard.start()
         log.info("data plane listening on %s (advertised %s, tls=%s)", self.port, self.address, self.tls)
         return self
 
     def stop(self, grace: float | None = 1.0) -> None:
-        self._stopping.set()
+        self.guard.stop()
         self._server.stop(grace).wait()
 
     def __enter__(self) -> "DataPlaneServer":
@@ -226,7 +210,7 @@ class DataPlaneServer:
     # ------------------------------------------------------------- the stream
     def _stream(self, request_iterator, context):
         turn: Turn | None = None
-        stream = self._admit(context)
+        stream = self.guard.admit(context)
         try:
             for raw in request_iterator:
                 stream.last_activity = time.monotonic()
@@ -248,24 +232,8 @@ class DataPlaneServer:
             pass
         finally:
             if stream.closed_idle and turn is not None and turn.error is None:
-                turn.error = f"CANCELLED: no frame for {self.idle_timeout_s:g} s (idle stream closed)"
-            with self._streams_lock:
-                if stream in self._streams:
-                    self._streams.remove(stream)
-
-    def _admit(self, context) -> _Stream:
-        """Register a new stream; beyond ``max_pending_streams`` unauthenticated ones, evict the oldest."""
-        stream = _Stream(context, str(context.peer()))
-        with self._streams_lock:
-            pending = [s for s in self._streams if s.turn is None]
-            evicted = pending[: max(0, len(pending) - self.max_pending_streams + 1)]
-            for old in evicted:
-                self._streams.remove(old)
-            self._streams.append(stream)
-        for old in evicted:
-            log.warning("data plane: %d streams without a token frame; evicting the oldest (peer %s)", self.max_pending_streams, old.peer)
-            old.context.cancel()
-        return stream
+                turn.error = f"CANCELLED: no frame for {self.guard.idle_timeout_s:g} s (idle stream closed)"
+            self.guard.release(stream)
 
     def _claimed_turn(self, raw: bytes) -> Turn | None:
         """The open turn whose token ``raw`` carries, if any (the real checks follow in :meth:`_serve_frame`)."""
@@ -277,24 +245,9 @@ class DataPlaneServer:
             found = self.turns.get(token)
         return found if found is not None and found.open else None
 
-    def _watch_idle(self) -> None:
-        """Cancel streams that sent no frame for ``idle_timeout_s`` (checked a few times per timeout)."""
-        while not self._stopping.wait(min(1.0, self.idle_timeout_s / 4)):
-            now = time.monotonic()
-            with self._streams_lock:
-                idle = [s for s in self._streams if now - s.last_activity > self.idle_timeout_s]
-                for stream in idle:
-                    self._streams.remove(stream)
-                    stream.closed_idle = True
-            for stream in idle:
-                log.warning("data plane: closing a stream idle for %.0f s (peer %s, turn %s)", now - stream.last_activity, stream.peer,
-                            stream.turn.label if stream.turn else "none: no token frame")
-                stream.context.cancel()
-
     def open_streams(self) -> int:
         """Streams currently open (tests, diagnostics)."""
-        with self._streams_lock:
-            return len(self._streams)
+        return self.guard.count()
 
     def _serve_frame(self, raw: bytes, turn: Turn | None) -> tuple[Turn, bytes | None]:
         try:
