@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import signal
 import socket
 import subprocess
@@ -144,13 +145,20 @@ def service_load(run_dir: Path, clients: int, requests_per_client: int) -> dict:
     with FeatureStore(run_dir / "features.db") as store:
         vectors, _ = store.load()
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "graftfl.cli", "serve", "--run", str(run_dir), "--port", str(port)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL)
+    # per-site bearer tokens, kept outside the run directory (graftfl serve stores only their hashes there)
+    tokens = {f"site-{number}": secrets.token_urlsafe(32) for number in range(5)}
+    tokens_dir = tempfile.mkdtemp(prefix="graftfl-bench-tokens-")
+    tokens_file = Path(tokens_dir) / "tokens.json"
+    tokens_file.write_text(json.dumps(tokens))
+    tokens_file.chmod(0o600)
+    server = subprocess.Popen([sys.executable, "-m", "graftfl.cli", "serve", "--run", str(run_dir), "--port", str(port), "--tokens", str(tokens_file)],
+                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             try:
-                if httpx.get(f"{url}/health", timeout=2).json()["ready"]:
+                if httpx.get(f"{url}/health", timeout=2, headers={"Authorization": f"Bearer {tokens['site-0']}"}).json()["ready"]:
                     break
             except httpx.TransportError:
                 time.sleep(0.3)
@@ -163,7 +171,7 @@ def service_load(run_dir: Path, clients: int, requests_per_client: int) -> dict:
         def client(number: int) -> None:
             rng = np.random.default_rng(number)
             mine = []
-            with httpx.Client(base_url=url, timeout=30) as session:
+            with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {tokens[f'site-{number % 5}']}"}) as session:
                 for _ in range(requests_per_client):
                     vector = vectors[rng.integers(len(vectors))].tolist()
                     body = {"message": {"clientID": f"site-{number % 5}", "value": vector, "mode": "service", "timestamp": "t"}}
@@ -185,6 +193,8 @@ def service_load(run_dir: Path, clients: int, requests_per_client: int) -> dict:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
+        tokens_file.unlink()
+        os.rmdir(tokens_dir)
     ms = np.asarray(latencies) * 1000
     return {
         "clients": clients,

@@ -16,6 +16,7 @@ from graftfl.cli import main
 from graftfl.core.data import channel_stats, load_dataset
 from graftfl.commands.feature_service import BackgroundServer, app_for_run
 from graftfl.strategies.features.store import FeatureStore
+from graftfl.service_auth import TokenTable
 from tests.conftest import read_metrics, run_dir_from, run_graftfl
 
 SIM_ARGS = [
@@ -92,12 +93,14 @@ def test_serve_and_predict_on_the_run(features_run, tmp_path, capsys):
     classifier, _ = load_classifier(run_dir / "classifier.pt")
     expected = classifier(encode(autoencoder, digits.test_x[:4])).argmax(dim=1).tolist()
 
-    with BackgroundServer(app_for_run(run_dir)) as server:  # the app `graftfl serve` runs
-        assert httpx.get(f"{server.url}/health").json()["latent_dim"] == 16
-        assert main(["predict", "--run", str(run_dir), "--client-id", "1", "--url", server.url, *map(str, images)]) == 0
+    token = "site-1-" + "t" * 32
+    auth = {"Authorization": f"Bearer {token}"}
+    with BackgroundServer(app_for_run(run_dir, TokenTable.from_tokens({"site-1": token}))) as server:  # the app `graftfl serve` runs
+        assert httpx.get(f"{server.url}/health", headers=auth).json()["latent_dim"] == 16
+        assert main(["predict", "--run", str(run_dir), "--client-id", "1", "--url", server.url, "--token", token, *map(str, images)]) == 0
         answered = [int(line.split("\t")[1]) for line in capsys.readouterr().out.strip().splitlines()]
         assert answered == expected
-        bad = httpx.post(f"{server.url}/predict", json={"message": {"clientID": "site-1", "value": [0.0] * 15, "mode": "service"}})
+        bad = httpx.post(f"{server.url}/predict", json={"message": {"clientID": "site-1", "value": [0.0] * 15, "mode": "service"}}, headers=auth)
         assert bad.status_code == 422 and "length 16" in bad.json()["detail"]
     assert main(["predict", "--run", str(run_dir), "--client-id", "7", str(images[0])]) == 2
     assert "no encoder" in capsys.readouterr().err
@@ -121,6 +124,6 @@ def test_sim_local_and_public_autoencoders_with_the_offline_classifier(tmp_path,
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["ae_training"] == ae_training and summary["rejected_chunks"] == 0
     assert summary["accuracy"] > 0.5  # chance is 0.1
-    autoencoders = [torch.load(run_dir / "sites" / site / "autoencoder.pt", weights_only=False)["state"] for site in ("site-0", "site-1")]
+    autoencoders = [torch.load(run_dir / "sites" / site / "autoencoder.pt", weights_only=True)["state"] for site in ("site-0", "site-1")]
     same = all(torch.equal(autoencoders[0][k], autoencoders[1][k]) for k in autoencoders[0])
     assert same == (ae_training == "public")  # local: each site its own autoencoder; public: one for all

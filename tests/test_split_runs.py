@@ -129,7 +129,7 @@ def test_crashed_and_stalled_turns_are_skipped_and_relay_resumes(tmp_path):
 
 def test_relay_ciphertext_on_server_is_not_the_weights(tmp_path):
     grid, run_dir, rows, summary = run_in_process(tmp_path, ["protocol=split", "rounds=1"], num_nodes=2)
-    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     stored = checkpoint["extra"]["relay-ciphertext"]
     from graftfl.core.handoff import decrypt_state, parse_key
 

@@ -60,9 +60,34 @@ def load_role_arrays(role, arrays: ArrayRecord) -> None:
         module.load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
 
 
+class PlaintextRefused(RuntimeError):
+    """This site requires TLS on the data plane (node-config ``require-tls=true``) and has no CA to verify with."""
+
+
+def requires_tls(context: Context) -> bool:
+    """Node-config ``require-tls`` (a local fact the server cannot change): ``true`` / ``false``, default false."""
+    value = context.node_config.get("require-tls", False)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise ValueError(f"node-config require-tls must be true or false, got '{value}'")
+
+
 def ca_cert_of(cfg, context: Context) -> str | None:
-    """The CA the client trusts for the data plane: node-config ``ca-cert`` wins (a local fact)."""
-    return str(context.node_config.get("ca-cert") or "") or (cfg.get("tls") or {}).get("ca_cert")
+    """The CA the client trusts for the data plane: node-config ``ca-cert`` wins (a local fact).
+
+    With node-config ``require-tls=true`` and no CA at all, the turn is refused before
+    any stream opens (:class:`PlaintextRefused`): the site never sends an activation
+    in plaintext. With a CA the channel is TLS only, so a plaintext server cannot be
+    reached either (the handshake fails before any frame).
+    """
+    ca_cert = str(context.node_config.get("ca-cert") or "") or (cfg.get("tls") or {}).get("ca_cert")
+    if not ca_cert and requires_tls(context):
+        raise PlaintextRefused("this site requires TLS on the data plane (node-config require-tls=true), but neither its node-config "
+                               "ca-cert nor the run's tls.ca_cert names a CA: refusing to send activations in plaintext")
+    return ca_cert or None
 
 
 def relay_key(context: Context) -> bytes:

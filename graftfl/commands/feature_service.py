@@ -43,15 +43,24 @@ class ServiceRequest(BaseModel):
 
 
 
-def create_app(served: ServedClassifier, latent_dim: int, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+def create_app(served: ServedClassifier, latent_dim: int, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, tokens=None):
     """The FastAPI prediction service for one served classifier.
 
     ``POST /predict`` takes the paper's service-mode message and answers with the
     predicted label. Malformed input is answered with HTTP 422 and a message that
     says what is wrong; a body over ``max_body_bytes`` with HTTP 413.
+
+    ``tokens`` (a :class:`graftfl.service_auth.TokenTable`): every request needs a
+    site's bearer token (HTTP 401 before the body is read), and ``clientID`` must
+    be that site (HTTP 403). ``graftfl serve`` always passes one; ``None`` (no
+    authentication) is for in-process use only. No OpenAPI/docs pages are served.
     """
-    app = FastAPI(title="graftfl feature classifier", version="1")
+    from graftfl.service_auth import BearerAuth
+
+    app = FastAPI(title="graftfl feature classifier", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    if tokens is not None:
+        app.add_middleware(BearerAuth, tokens=tokens)  # added last = outermost: runs before the body limit and parsing
     app.add_exception_handler(RequestValidationError, _validation_error)
 
     @app.get("/health")
@@ -59,8 +68,11 @@ def create_app(served: ServedClassifier, latent_dim: int, max_body_bytes: int = 
         return {"ready": served.ready, "classifier_version": served.version, "latent_dim": latent_dim}
 
     @app.post("/predict")
-    def predict(request: ServiceRequest) -> dict:
+    def predict(request: ServiceRequest, http: Request) -> dict:
         message = request.message
+        site = getattr(http.state, "site", None)
+        if tokens is not None and str(message.clientID) != site and f"site-{message.clientID}" != site:
+            raise HTTPException(403, f"this token belongs to {site}; message.clientID {message.clientID!r} is another site")
         if len(message.value) != latent_dim:
             raise HTTPException(422, f"message.value has {len(message.value)} numbers; this classifier takes latent vectors of length {latent_dim}")
         if not all(math.isfinite(v) for v in message.value):
@@ -114,31 +126,35 @@ class BodySizeLimit:
         return await self.app(scope, limited_receive, send)
 
 
-def app_for_run(run_dir: Path, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
-    """The prediction service for a finished ``protocol=features`` run."""
+def app_for_run(run_dir: Path, tokens, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """The prediction service for a finished ``protocol=features`` run (``tokens``: a ``TokenTable``; required)."""
+    if tokens is None:
+        raise ValueError("the prediction service of a run needs site tokens (graftfl.service_auth.TokenTable)")
     path = Path(run_dir) / CLASSIFIER_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a finished protocol=features run?")
     model, stored = load_classifier(path)
-    return create_app(ServedClassifier(model, version=int(stored.get("version", 1))), stored["latent_dim"], max_body_bytes)
+    return create_app(ServedClassifier(model, version=int(stored.get("version", 1))), stored["latent_dim"], max_body_bytes, tokens=tokens)
 
 
 class BackgroundServer:
     """uvicorn serving ``app`` on 127.0.0.1 in a thread (tests, benchmarks); ``stop()`` ends it."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, ssl_certfile: str | None = None, ssl_keyfile: str | None = None):
         import uvicorn
 
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, port))
         self.host, self.port = host, self.socket.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.scheme = "https" if ssl_certfile else "http"
+        tls = {"ssl_certfile": str(ssl_certfile), "ssl_keyfile": str(ssl_keyfile)} if ssl_certfile else {}
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **tls))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> "BackgroundServer":
         self.thread.start()
@@ -161,11 +177,19 @@ class BackgroundServer:
         self.stop()
 
 
-def run_service(run_dir: Path, host: str, port: int, max_body_bytes: int, on_start: Callable[[str], None] | None = None) -> None:
-    """Serve a run's classifier in the foreground until interrupted (``graftfl serve``)."""
+def run_service(run_dir: Path, host: str, port: int, max_body_bytes: int, on_start: Callable[[str], None] | None = None, *,
+                tokens=None, ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+    """Serve a run's classifier in the foreground until interrupted (``graftfl serve``).
+
+    ``tokens``: the sites' ``TokenTable`` (required); ``ssl_certfile``/``ssl_keyfile``:
+    HTTPS with uvicorn's TLS (both or neither).
+    """
     import uvicorn
 
-    app = app_for_run(run_dir, max_body_bytes)
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise ValueError("HTTPS needs both --tls-cert and --tls-key")
+    app = app_for_run(run_dir, tokens, max_body_bytes)
     if on_start:
-        on_start(f"http://{host}:{port}")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+        on_start(f"{'https' if ssl_certfile else 'http'}://{host}:{port}")
+    tls = {"ssl_certfile": str(ssl_certfile), "ssl_keyfile": str(ssl_keyfile)} if ssl_certfile else {}
+    uvicorn.run(app, host=host, port=port, log_level="warning", **tls)

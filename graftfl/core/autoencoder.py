@@ -30,6 +30,7 @@ from torch import nn
 from graftfl.core.data import make_loader
 from graftfl.core.models import StagedModel, mlp, register_model
 from graftfl.core.train import evaluate, make_optimizer, train
+from graftfl.core.weights_file import load_weights_file
 
 CLASSIFIER_HIDDEN = (256, 128, 64)  # the paper's MLP: 256-128-64-P
 
@@ -197,7 +198,7 @@ def save_autoencoder(path: Path, model: StagedModel, input_shape: Sequence[int],
 
 
 def load_autoencoder(path: Path) -> tuple[StagedModel, dict]:
-    stored = torch.load(path, map_location="cpu", weights_only=False)
+    stored = load_weights_file(path)  # weights only: the file may come from elsewhere
     model = conv_ae(stored["input_shape"], latent_dim=stored["latent_dim"], channels=stored["channels"])
     model.load_state_dict(stored["state"])
     return model.eval(), stored
@@ -211,7 +212,7 @@ def save_classifier(path: Path, model: StagedModel, latent_dim: int, num_classes
 
 
 def load_classifier(path: Path) -> tuple[StagedModel, dict]:
-    stored = torch.load(path, map_location="cpu", weights_only=False)
+    stored = load_weights_file(path)  # weights only: the file may come from elsewhere
     model = feature_classifier(stored["latent_dim"], stored["num_classes"], stored["hidden"])
     model.load_state_dict(stored["state"])
     return model.eval(), stored

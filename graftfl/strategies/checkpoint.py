@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from graftfl.core.weights_file import load_weights_file
+
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -21,8 +23,17 @@ def save_checkpoint(run_dir: Path, round_number: int, model_state: dict[str, tor
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The last checkpoint of ``run_dir``, or None when the run has none yet."""
+    """The last checkpoint of ``run_dir``, or None when the run has none yet.
+
+    Loaded with PyTorch's weights-only unpickler: a run directory may come from
+    elsewhere (``resume=``), and a full pickle would run any code it names.
+
+    Raises
+    ------
+    UnsafeWeightsFile
+        When the file holds anything but tensors and plain containers.
+    """
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_weights_file(path)

@@ -17,6 +17,7 @@ the next client continues (from the last handed-back ciphertext with relay).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY
+from graftfl.core.split import MiddleStage
 from graftfl.core.train import make_optimizer
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
 from graftfl.transport.frames import max_frame_bytes
@@ -48,6 +50,13 @@ def validate_split_config(cfg) -> None:
         raise ValueError("protocol.turn_batches must be >= 1 or null (one local epoch per turn)")
     if float(protocol.turn_timeout_s) <= 0 or float(protocol.max_frame_mb) <= 0:
         raise ValueError("protocol.turn_timeout_s and protocol.max_frame_mb must be > 0")
+    if float(protocol.idle_timeout_s) <= 0 or int(protocol.max_pending_streams) < 1:
+        raise ValueError("protocol.idle_timeout_s must be > 0 and protocol.max_pending_streams >= 1")
+    tls = cfg.get("tls") or {}
+    if bool(tls.get("server_cert")) != bool(tls.get("server_key")):
+        # one without the other would silently serve the data plane in plaintext
+        raise ValueError("tls.server_cert and tls.server_key must be set together (both: a TLS data plane; neither: plaintext); "
+                         f"got only tls.{'server_cert' if tls.get('server_cert') else 'server_key'}")
     if cfg.privacy.name != "none":
         raise ValueError(f"protocol={protocol.name} does not support privacy={cfg.privacy.name} (use privacy=none)")
     if cfg.resume:
@@ -71,7 +80,25 @@ def start_data_plane(cfg, stage) -> DataPlaneServer:
         max_frame_bytes=max_frame_bytes(cfg),
         server_cert=tls.get("server_cert"),
         server_key=tls.get("server_key"),
+        idle_timeout_s=float(cfg.protocol.idle_timeout_s),
+        max_pending_streams=int(cfg.protocol.max_pending_streams),
     ).start()
+
+
+def frame_kinds(stage, category: str) -> tuple[str, ...]:
+    """The frame kinds a ``train`` or ``evaluate`` turn of ``stage`` accepts (an evaluation turn trains nothing)."""
+    three_part = isinstance(stage, MiddleStage)  # ushaped: the server holds the middle
+    if category == "evaluate":
+        return ("eval_forward",) if three_part else ("eval",)
+    return ("forward", "backward") if three_part else ("train",)
+
+
+def train_batch_cap(cfg, run: ServerRun) -> int:
+    """Most batches a training turn may send: ``turn_batches``, else whole epochs of the largest possible partition."""
+    if cfg.protocol.turn_batches is not None:
+        return int(cfg.protocol.turn_batches)
+    samples = cfg.partition.get("samples_per_client") or len(run.data.train_y)
+    return int(cfg.train.local_epochs) * math.ceil(int(samples) / int(cfg.train.batch_size))
 
 
 def server_optimizer(cfg, module: torch.nn.Module) -> torch.optim.Optimizer:
@@ -205,7 +232,8 @@ class SplitRunner:
         return Message(content=content, dst_node_id=node, message_type=f"{category}.{self.protocol}"), nbytes
 
     def client_turn(self, node: int, round_number: int, index: int) -> dict | None:
-        turn = self.plane.open_turn(label=f"round {round_number} node {node}")
+        turn = self.plane.open_turn(label=f"round {round_number} node {node}", accept=frame_kinds(self.stage, "train"),
+                                    max_batches=train_batch_cap(self.cfg, self.run))
         steps_before = self.stage.steps
         message, bytes_down = self.message(node, "train", turn, round_number, **{"turn-index": index})
         started = time.monotonic()
@@ -255,7 +283,9 @@ class SplitRunner:
         }
 
     def evaluate_on(self, node: int, round_number: int) -> dict | None:
-        turn = self.plane.open_turn(label=f"evaluate round {round_number} node {node}")
+        # at most one frame per test sample: an evaluation turn cannot stream more than the test set
+        turn = self.plane.open_turn(label=f"evaluate round {round_number} node {node}", accept=frame_kinds(self.stage, "evaluate"),
+                                    max_batches=max(1, len(self.run.test_set()[1])))
         message, bytes_down = self.message(node, "evaluate", turn, round_number)
         reply, failure = send_one(self.grid, message, float(self.cfg.protocol.turn_timeout_s))
         self.plane.close_turn(turn)

@@ -25,6 +25,7 @@ from graftfl.core.codec import WIRE_DTYPES, tensor_from_bytes, tensor_to_bytes, 
 
 MAGIC = b"GFL1"
 MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSOR_DIMS = 8
 FLOAT_WIRE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -73,20 +74,43 @@ def parse_header(raw: bytes) -> tuple[dict, int]:
         raise FrameError(f"frame header is not JSON: {err}") from err
     if not isinstance(header, dict) or not isinstance(header.get("kind"), str) or not isinstance(header.get("tensors", []), list):
         raise FrameError("frame header needs a 'kind' string and a 'tensors' list")
+    if not isinstance(header.get("meta", {}), dict) or not isinstance(header.get("token", ""), str):
+        raise FrameError("frame header 'meta' must be an object and 'token' a string")
+    names = [_checked_entry(entry) for entry in header.get("tensors", [])]
+    if len(set(names)) != len(names):
+        raise FrameError(f"frame header names a tensor twice: {names}")
     return header, 8 + length
+
+
+def _checked_entry(entry) -> str:
+    """Validate one ``tensors`` entry of a header; returns its name.
+
+    Shapes must be lists of non-negative JSON integers (``2.7``, ``"8"`` or ``true``
+    are refused, not truncated or coerced) with at least one element in total:
+    no graftfl frame carries an empty tensor.
+    """
+    if not isinstance(entry, dict):
+        raise FrameError(f"each 'tensors' entry must be an object with name, shape and dtype, got {type(entry).__name__}: {entry!r:.80}")
+    name, shape, dtype = entry.get("name"), entry.get("shape"), entry.get("dtype")
+    if not isinstance(name, str) or not name:
+        raise FrameError(f"tensor entry needs a non-empty 'name' string, got {name!r:.80}")
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+        raise FrameError(f"tensor '{name}': dtype must be one of {sorted(WIRE_DTYPES)}, got {dtype!r:.40}")
+    if not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS:
+        raise FrameError(f"tensor '{name}': shape must be a list of at most {MAX_TENSOR_DIMS} integers, got {shape!r:.80}")
+    if any(type(d) is not int or d < 0 for d in shape):  # type(...) is int: bool and float are not sizes
+        raise FrameError(f"tensor '{name}': shape values must be non-negative integers, got {shape!r:.80}")
+    if math.prod(shape) == 0:
+        raise FrameError(f"tensor '{name}' has no elements (shape {shape}); empty tensors are not valid frames")
+    return name
 
 
 def decode_tensors(header: dict, raw: bytes, offset: int) -> dict[str, torch.Tensor]:
     """The tensors of a parsed frame (floating ones widened to float32)."""
     tensors: dict[str, torch.Tensor] = {}
     view = memoryview(raw)  # slices of a memoryview do not copy; tensor_from_bytes copies once
-    for entry in header.get("tensors", []):
-        try:
-            name, shape, dtype = str(entry["name"]), [int(d) for d in entry["shape"]], str(entry["dtype"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise FrameError(f"bad tensor entry {entry!r}: {err}") from err
-        if dtype not in WIRE_DTYPES or any(d < 0 for d in shape):
-            raise FrameError(f"tensor '{name}': bad dtype '{dtype}' or shape {shape}")
+    for entry in header.get("tensors", []):  # entries were checked by parse_header
+        name, shape, dtype = entry["name"], entry["shape"], entry["dtype"]
         size = math.prod(shape) * torch.empty((), dtype=wire_dtype(dtype)).element_size()
         if offset + size > len(raw):
             raise FrameError(f"tensor '{name}' ({shape}, {dtype}) runs past the end of the frame")
@@ -105,4 +129,4 @@ def decode_frame(raw: bytes) -> Frame:
 
 def wire_dtypes_of(header: dict) -> dict[str, str]:
     """``{tensor name: wire dtype}`` as declared in a frame header."""
-    return {str(entry.get("name")): str(entry.get("dtype")) for entry in header.get("tensors", [])}
+    return {entry["name"]: entry["dtype"] for entry in header.get("tensors", [])}  # entries checked by parse_header

@@ -7,8 +7,18 @@ client presents it in every frame of one stream; :meth:`DataPlaneServer.close_tu
 revokes it. Every frame is validated before it reaches the model:
 
 - unknown, revoked or reused token -> ``UNAUTHENTICATED``;
-- frame over ``max_frame_bytes``, unknown kind, wrong tensor names, shape or
-  dtype, non-finite values, labels out of range -> ``INVALID_ARGUMENT``.
+- frame over ``max_frame_bytes``, unknown kind, a kind the turn does not accept
+  (an evaluation turn takes evaluation frames only), malformed header, wrong
+  tensor names, shape or dtype, zero-element tensors, non-finite values, labels
+  out of range -> ``INVALID_ARGUMENT``;
+- more frames of a kind than the turn's declared batches -> ``RESOURCE_EXHAUSTED``.
+
+Streams cannot starve the turns: a stream that has sent no frame for
+``idle_timeout_s`` is cancelled (authenticated or not), and at most
+``max_pending_streams`` streams may wait for their first (token-bearing) frame;
+one more evicts the oldest. The thread pool has room for all of them plus
+``workers`` authenticated streams, so an idle or garbage stream never holds the
+thread a turn needs.
 
 A bad frame ends only its own stream; the server keeps serving the others. The
 stage (the model part the server holds) is shared by all turns and guarded by a
@@ -34,6 +44,7 @@ import torch
 
 from graftfl.core.split import TensorSpec
 from graftfl.transport.frames import FLOAT_WIRE_DTYPES, Frame, FrameError, decode_tensors, encode_frame, parse_header, wire_dtypes_of
+from graftfl.transport.streams import StreamGuard
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +73,9 @@ class Turn:
     first_frame_at: float | None = None
     last_frame_at: float = field(default_factory=time.monotonic)
     stream: object | None = None  # the gRPC context of the attached stream (cancelled when the turn closes)
+    accept: frozenset[str] | None = None  # frame kinds this turn accepts (None: whatever the stage expects)
+    max_batches: int | None = None  # most frames of any one kind (None: no cap)
+    kind_counts: dict = field(default_factory=dict)
 
     def frames_per_second(self) -> float | None:
         """Frames served per second between the turn's first and last frame (the data plane's pace)."""
@@ -97,18 +111,32 @@ class DataPlaneServer:
         Frames above this are rejected with ``INVALID_ARGUMENT``; gRPC itself
         refuses messages above this plus 1 MiB (``RESOURCE_EXHAUSTED``).
     server_cert, server_key : path, optional
-        PEM files; when both are given the stream is TLS only.
+        PEM files; both or neither (one without the other is a ``ValueError``,
+        never a silent plaintext fallback). With both the stream is TLS only.
+    workers : int
+        Threads for authenticated streams (turns) on top of the pending ones.
+    idle_timeout_s : float
+        A stream with no frame for this long is cancelled (its turn fails).
+    max_pending_streams : int
+        Streams that may wait for their first frame at once; one more evicts the oldest.
     """
 
     def __init__(self, stage, bind_address: str = "127.0.0.1:0", advertise_address: str | None = None, *, wire_dtype: str = "float32",
-                 max_batch: int = 1024, max_frame_bytes: int = 64 << 20, server_cert: str | None = None, server_key: str | None = None, workers: int = 8):
+                 max_batch: int = 1024, max_frame_bytes: int = 64 << 20, server_cert: str | None = None, server_key: str | None = None, workers: int = 8,
+                 idle_timeout_s: float = 60.0, max_pending_streams: int = 32):
         if wire_dtype not in FLOAT_WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {list(FLOAT_WIRE_DTYPES)}, got '{wire_dtype}'")
+        if bool(server_cert) != bool(server_key):
+            raise ValueError("data-plane TLS needs both a server certificate and its key (tls.server_cert and tls.server_key); "
+                             f"got only the {'certificate' if server_cert else 'key'}")
         self.stage, self.wire_dtype, self.max_batch, self.max_frame_bytes = stage, wire_dtype, int(max_batch), int(max_frame_bytes)
+        self.guard = StreamGuard(idle_timeout_s, max_pending_streams)
         self.lock = threading.Lock()
         self.turns: dict[str, Turn] = {}
+        threads = max(1, int(workers)) + self.guard.max_pending_streams
         options = [("grpc.max_receive_message_length", self.max_frame_bytes + GRPC_SLACK_BYTES), ("grpc.max_send_message_length", self.max_frame_bytes + GRPC_SLACK_BYTES)]
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+        # every admitted stream has a thread of its own: beyond that gRPC answers RESOURCE_EXHAUSTED instead of queueing
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options, maximum_concurrent_rpcs=threads)
         handler = grpc.stream_stream_rpc_method_handler(self._stream, request_deserializer=_identity, response_serializer=_identity)
         service, method = SERVICE_METHOD.strip("/").split("/")
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {method: handler}),))
@@ -126,10 +154,12 @@ class DataPlaneServer:
     # -------------------------------------------------------------- lifecycle
     def start(self) -> "DataPlaneServer":
         self._server.start()
+        self.guard.start()
         log.info("data plane listening on %s (advertised %s, tls=%s)", self.port, self.address, self.tls)
         return self
 
     def stop(self, grace: float | None = 1.0) -> None:
+        self.guard.stop()
         self._server.stop(grace).wait()
 
     def __enter__(self) -> "DataPlaneServer":
@@ -139,9 +169,24 @@ class DataPlaneServer:
         self.stop()
 
     # ------------------------------------------------------------------ turns
-    def open_turn(self, label: str = "") -> Turn:
-        """A new turn with a fresh one-time token (``secrets.token_urlsafe``)."""
-        turn = Turn(token=secrets.token_urlsafe(24), label=label)
+    def open_turn(self, label: str = "", accept=None, max_batches: int | None = None) -> Turn:
+        """A new turn with a fresh one-time token (``secrets.token_urlsafe``).
+
+        Parameters
+        ----------
+        label : str
+            For logs.
+        accept : iterable of str, optional
+            The frame kinds this turn accepts (e.g. only the evaluation kinds for an
+            evaluation turn); others get ``INVALID_ARGUMENT``. ``end`` is always accepted.
+        max_batches : int, optional
+            The turn's declared batches: more frames than this of any one kind
+            get ``RESOURCE_EXHAUSTED``.
+        """
+        if max_batches is not None and int(max_batches) < 1:
+            raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+        turn = Turn(token=secrets.token_urlsafe(24), label=label, accept=None if accept is None else frozenset(accept),
+                    max_batches=None if max_batches is None else int(max_batches))
         with self.lock:
             self.turns[turn.token] = turn
         return turn
@@ -165,19 +210,44 @@ class DataPlaneServer:
     # ------------------------------------------------------------- the stream
     def _stream(self, request_iterator, context):
         turn: Turn | None = None
+        stream = self.guard.admit(context)
         try:
             for raw in request_iterator:
+                stream.last_activity = time.monotonic()
+                if stream.turn is None:  # a live token: no longer pending (eviction) while its first frame is served
+                    stream.turn = self._claimed_turn(raw)
                 turn, reply = self._serve_frame(raw, turn)
-                turn.stream = context
+                turn.stream, stream.turn = context, turn
                 if reply is None:
                     return
                 yield reply
+                stream.last_activity = time.monotonic()
                 self.settle()  # gRPC resumes here once the reply is sent: update while the client computes
         except _Reject as reject:
             if turn is not None:
                 turn.error = f"{reject.code.name}: {reject.message}"
-            log.warning("data plane rejected a frame (%s): %s", reject.code.name, reject.message)
+            log.warning("data plane rejected a frame from %s (%s): %s", stream.peer, reject.code.name, reject.message)
             context.abort(reject.code, reject.message)
+        except grpc.RpcError:  # cancelled (idle, evicted, turn closed) while waiting for a frame
+            pass
+        finally:
+            if stream.closed_idle and turn is not None and turn.error is None:
+                turn.error = f"CANCELLED: no frame for {self.guard.idle_timeout_s:g} s (idle stream closed)"
+            self.guard.release(stream)
+
+    def _claimed_turn(self, raw: bytes) -> Turn | None:
+        """The open turn whose token ``raw`` carries, if any (the real checks follow in :meth:`_serve_frame`)."""
+        try:
+            token = parse_header(raw)[0].get("token", "")
+        except FrameError:
+            return None
+        with self.lock:
+            found = self.turns.get(token)
+        return found if found is not None and found.open else None
+
+    def open_streams(self) -> int:
+        """Streams currently open (tests, diagnostics)."""
+        return self.guard.count()
 
     def _serve_frame(self, raw: bytes, turn: Turn | None) -> tuple[Turn, bytes | None]:
         try:
@@ -197,6 +267,11 @@ class DataPlaneServer:
             if kind == "end":
                 turn.ended_cleanly = True
                 return turn, None
+            if turn.accept is not None and kind not in turn.accept:
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"frame kind '{kind}' is not accepted in this turn (it accepts {sorted(turn.accept)})")
+            turn.kind_counts[kind] = turn.kind_counts.get(kind, 0) + 1
+            if turn.max_batches is not None and turn.kind_counts[kind] > turn.max_batches:
+                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more '{kind}' frames than the turn's {turn.max_batches} batches")
             specs = self.stage.input_specs(kind, turn.state)
             if specs is None:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected frame kind '{kind}' at this point of the turn")
