@@ -36,6 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from graftfl.core.autoencoder import conv_ae, save_classifier, train_autoencoder, train_classifier
+from graftfl.core.meter import metrics_row
 from graftfl.server_app.feature_service import CLASSIFIER_FILE, OnlineTrainer, ServedClassifier
 from graftfl.server_app.feature_store import Chunk, ChunkRules, FeatureStore, InvalidChunk
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
@@ -135,7 +136,7 @@ class FeatureRun:
 
     def log(self, **row) -> dict:
         self.round += 1
-        base = {"round": self.round, "accuracy": None, "loss": None, "bytes_up": 0, "bytes_down": 0, "client_flops": 0, "wall_s": self.run.round_seconds()}
+        base = metrics_row(self.round, accuracy=None, loss=None, bytes_up=0, bytes_down=0, client_flops=0, wall_s=self.run.round_seconds())
         return self.run.recorder.log_round({**base, **row})
 
     # -------------------------------------------------------- autoencoders ---
