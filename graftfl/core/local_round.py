@@ -40,6 +40,7 @@ def train_round(
     if dp_config is None:
         result = train(model, loader, optimizer, **loop)
         return {"train_loss": result["loss"], "steps": result["steps"], "samples": result["samples"]}, list(history or [])
+    model.train()  # Opacus refuses a model in eval mode, as a baseline's model is after last round's evaluation
     private = PrivateTraining(dp_config, history)
     dp_model, dp_optimizer, dp_loader = private.attach(model, optimizer, loader)
     result = train(dp_model, dp_loader, dp_optimizer, **loop)

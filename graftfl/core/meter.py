@@ -73,6 +73,8 @@ def train_flops_per_sample(
         modes = [(m, m.training) for m in module.modules()]
         buffers = [(b, b.detach().clone()) for b in module.buffers()]
         grads = [(p, p.grad) for p in module.parameters()]
+        for p, _ in grads:
+            p.grad = None  # set aside: the counting backward pass would add into them
         with torch.random.fork_rng(devices=[]):
             flops = count_train_flops(module, example, loss_fn, targets)
         with torch.no_grad():
