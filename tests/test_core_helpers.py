@@ -1,4 +1,4 @@
-"""The helpers every protocol shares: FLOP count, metrics row, round seed, model/optimizer from config, server stages."""
+"""Helpers every protocol shares: FLOP count, metrics row, round seed, model/optimizer from config, stages."""
 
 from __future__ import annotations
 
@@ -14,7 +14,15 @@ from graftfl.core import meter
 from graftfl.core.local_round import train_round
 from graftfl.core.meter import count_train_flops, metrics_row, train_flops_per_sample
 from graftfl.core.models import build_model, model_from_config
-from graftfl.core.split import MiddleStage, ServerStage, TopStage, UShapedClient, activation_shape, model_parts, split_at_cut
+from graftfl.core.split import (
+    MiddleStage,
+    ServerStage,
+    TopStage,
+    UShapedClient,
+    activation_shape,
+    model_parts,
+    split_at_cut,
+)
 from graftfl.core.train import optimizer_from_config, round_seed
 
 CE = nn.functional.cross_entropy
@@ -56,7 +64,8 @@ def test_flop_count_is_cached_per_architecture_and_input_shape(monkeypatch):
     monkeypatch.setattr(meter, "count_train_flops", lambda *args: calls.append(1) or real(*args))
     small, large = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 16, 16)
     first = train_flops_per_sample(nn.Sequential(nn.Conv2d(1, 4, 3)), small)
-    assert train_flops_per_sample(nn.Sequential(nn.Conv2d(1, 4, 3)), small) == first  # another instance, same architecture
+    # another instance of the same architecture: no second count
+    assert train_flops_per_sample(nn.Sequential(nn.Conv2d(1, 4, 3)), small) == first
     assert len(calls) == 1
     assert train_flops_per_sample(nn.Sequential(nn.Conv2d(1, 4, 3)), large) > first  # a larger input costs more
     assert train_flops_per_sample(nn.Sequential(nn.Conv2d(1, 8, 3)), small) > first  # so does a wider layer
@@ -86,14 +95,15 @@ def test_split_role_flops_on_a_device_match_the_whole_model_on_the_cpu():
     role.middle_shape = activation_shape(middle, act_shape)
     client = role_flops_per_sample(role, x, y)
     assert 0 < client < whole
-    # the bottom is counted without its input gradient (nothing upstream needs it), so the parts add up to at most the whole
+    # the bottom is counted without its input gradient (nothing upstream needs it): parts <= whole
     assert client + middle_flops <= whole
 
 
 def test_metrics_row_has_the_common_fields_per_client_lists_and_privacy():
     clients = [{"partition-id": 0, "train_loss": 0.5}, {"train_loss": 0.7}]
     row = metrics_row(3, accuracy=0.9, loss=0.2, bytes_up=10, bytes_down=20, client_flops=5.0, wall_s=1.5,
-                      client_rows=clients, client_columns={"client_train_loss": "train_loss"}, client_epsilon=[1.0, 2.5], extra="x")
+                      client_rows=clients, client_columns={"client_train_loss": "train_loss"},
+                      client_epsilon=[1.0, 2.5], extra="x")
     assert {k: row[k] for k in ("round", "accuracy", "loss", "bytes_up", "bytes_down", "client_flops", "wall_s")} == {
         "round": 3, "accuracy": 0.9, "loss": 0.2, "bytes_up": 10, "bytes_down": 20, "client_flops": 5.0, "wall_s": 1.5}
     assert row["clients"] == [0, -1] and row["client_train_loss"] == [0.5, 0.7] and row["extra"] == "x"
@@ -101,7 +111,8 @@ def test_metrics_row_has_the_common_fields_per_client_lists_and_privacy():
 
     single = metrics_row(1, accuracy=None, loss=None, bytes_up=0, bytes_down=0, client_flops=0, wall_s=0.0, epsilon=4.0)
     assert single["epsilon"] == 4.0 and "client_epsilon" not in single and "clients" not in single
-    off = metrics_row(1, accuracy=None, loss=None, bytes_up=0, bytes_down=0, client_flops=0, wall_s=0.0, client_epsilon=[])
+    off = metrics_row(1, accuracy=None, loss=None, bytes_up=0, bytes_down=0, client_flops=0, wall_s=0.0,
+                      client_epsilon=[])
     assert "epsilon" not in off and "client_epsilon" not in off
 
 
@@ -112,7 +123,8 @@ def test_round_seeds_differ_per_run_round_and_participant():
 
 
 def test_model_and_optimizer_come_from_the_config():
-    cfg = compose_config(["dataset=digits", "model=mlp", "train.optimizer=adam", "train.lr=0.01", "train.weight_decay=0.001"])
+    cfg = compose_config(["dataset=digits", "model=mlp", "train.optimizer=adam", "train.lr=0.01",
+                          "train.weight_decay=0.001"])
     model = model_from_config(cfg, (1, 8, 8), 10)
     assert model.stage_names == build_model("mlp", (1, 8, 8), 10).stage_names
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
@@ -141,7 +153,8 @@ def test_top_and_middle_stages_share_the_server_stage_base():
     top_stage = TopStage(top, torch.optim.SGD(top.parameters(), lr=0.1), act_shape, 10)
     bottom2, middle, _head = model_parts(build_model("lenet", (1, 28, 28), 10), None, 1)
     mid_act = activation_shape(bottom2, (1, 28, 28))
-    middle_stage = MiddleStage(middle, torch.optim.SGD(middle.parameters(), lr=0.1), mid_act, activation_shape(middle, mid_act))
+    middle_optimizer = torch.optim.SGD(middle.parameters(), lr=0.1)
+    middle_stage = MiddleStage(middle, middle_optimizer, mid_act, activation_shape(middle, mid_act))
     for stage, part in ((top_stage, top), (middle_stage, middle)):
         assert isinstance(stage, ServerStage) and stage.module is part
         stage.complete_step()  # nothing pending: no step

@@ -119,7 +119,8 @@ def flops_per_sample(role, x: torch.Tensor, y: torch.Tensor) -> float:
     """Client FLOPs (forward + backward) per training sample of this role: its bottom, head and decoder."""
     flops = train_flops_per_sample(role.bottom, x)
     if hasattr(role, "head"):
-        flops += train_flops_per_sample(role.head, torch.zeros(len(y[:2]), *role.middle_shape), torch.nn.functional.cross_entropy, y)
+        head_input = torch.zeros(len(y[:2]), *role.middle_shape)
+        flops += train_flops_per_sample(role.head, head_input, torch.nn.functional.cross_entropy, y)
     if hasattr(role, "decoder"):
         flops += train_flops_per_sample(role.decoder, torch.zeros(len(x[:2]), *role.act_shape))
     return flops

@@ -36,7 +36,8 @@ def train_round(
     loader = make_loader(x, y, cfg.train.batch_size, shuffle=True, seed=seed)
     optimizer = optimizer_from_config(cfg.train, model.parameters())
     dp_config = dpsgd_config_from(cfg.privacy, planned_epochs=cfg.rounds * cfg.train.local_epochs)
-    loop = dict(device=device, epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps, show_progress=show_progress)
+    loop = dict(device=device, epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps,
+                show_progress=show_progress)
     if dp_config is None:
         result = train(model, loader, optimizer, **loop)
         return {"train_loss": result["loss"], "steps": result["steps"], "samples": result["samples"]}, list(history or [])

@@ -1,6 +1,6 @@
 """Pure-torch pieces of split learning shared by ``split``, ``ushaped`` and ``semisup``.
 
-Server stages (:class:`TopStage`, :class:`MiddleStage`, both :class:`ServerStage`) turn the tensors of one
+Server stages (:class:`TopStage`, :class:`MiddleStage`; :class:`ServerStage`) turn the tensors of one
 incoming data-plane frame into the tensors of the reply; client roles
 (:class:`BottomClient`, :class:`UShapedClient`, :class:`SemisupClient`) run one
 batch given an ``exchange(kind, tensors) -> (tensors, meta)`` callable. The
@@ -356,7 +356,9 @@ def model_parts(model: StagedModel, cut_stage: str | None, head_stages: int | No
     return cut_model(model, cut_points(model, cut_stage, head_stages))
 
 
-def split_at_cut(model: StagedModel, cut_stage: str | None, input_shape: Sequence[int]) -> tuple[StagedModel, StagedModel, tuple[int, ...]]:
+def split_at_cut(
+    model: StagedModel, cut_stage: str | None, input_shape: Sequence[int]
+) -> tuple[StagedModel, StagedModel, tuple[int, ...]]:
     """``(bottom, top, per-sample shape of the activations at the cut)`` for ``split`` and ``semisup``."""
     bottom, top = model_parts(model, cut_stage)
     return bottom, top, activation_shape(bottom, input_shape)

@@ -136,7 +136,8 @@ class FeatureRun:
 
     def log(self, **row) -> dict:
         self.round += 1
-        base = metrics_row(self.round, accuracy=None, loss=None, bytes_up=0, bytes_down=0, client_flops=0, wall_s=self.run.round_seconds())
+        wall_s = self.run.round_seconds()
+        base = metrics_row(self.round, accuracy=None, loss=None, bytes_up=0, bytes_down=0, client_flops=0, wall_s=wall_s)
         return self.run.recorder.log_round({**base, **row})
 
     # -------------------------------------------------------- autoencoders ---

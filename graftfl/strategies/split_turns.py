@@ -75,9 +75,10 @@ def start_data_plane(cfg, stage) -> DataPlaneServer:
 
 
 def top_stage(run: ServerRun) -> tuple[TopStage, torch.nn.Module]:
-    """The server's part for ``split`` and ``semisup``: the top of the shared-seed model (never the bottom's weights)."""
+    """The server's part for ``split`` and ``semisup``: the top of the shared-seed model (not the bottom's weights)."""
     _bottom, top, act_shape = split_at_cut(run.new_model(), run.cfg.protocol.cut_stage, run.data.input_shape)
-    return TopStage(top, optimizer_from_config(run.cfg.train, top.parameters()), act_shape, run.data.num_classes, run.device), top
+    optimizer = optimizer_from_config(run.cfg.train, top.parameters())
+    return TopStage(top, optimizer, act_shape, run.data.num_classes, run.device), top
 
 
 def middle_stage(run: ServerRun) -> tuple[MiddleStage, torch.nn.Module]:
@@ -85,7 +86,8 @@ def middle_stage(run: ServerRun) -> tuple[MiddleStage, torch.nn.Module]:
     bottom, middle, _head = model_parts(run.new_model(), run.cfg.protocol.cut_stage, int(run.cfg.protocol.head_stages))
     act_shape = activation_shape(bottom, run.data.input_shape)
     out_shape = activation_shape(middle, act_shape)
-    return MiddleStage(middle, optimizer_from_config(run.cfg.train, middle.parameters()), act_shape, out_shape, run.device), middle
+    optimizer = optimizer_from_config(run.cfg.train, middle.parameters())
+    return MiddleStage(middle, optimizer, act_shape, out_shape, run.device), middle
 
 
 @dataclass
