@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from graftfl.clients import dssgd as dssgd_client
 from graftfl.config import ConfigError, compose_config, to_container
 from graftfl.core.codec import flatten_parameters
+from graftfl.core.models import model_from_config
 from graftfl.core.selective import coordinate_budget, decode_sparse, encode_sparse, sparse_nbytes
 from graftfl.server_app.app import run_protocol
 from graftfl.strategies.checkpoint import load_checkpoint
@@ -111,7 +112,7 @@ def test_local_model_persists_between_rounds_and_only_downloaded_values_are_repl
     context = Context(run_id=1, node_id=101, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config={})
     with server_identity():
         torch.manual_seed(cfg.seed)
-        global_params = flatten_parameters(dssgd_client.new_model(cfg, (1, 8, 8), 10))
+        global_params = flatten_parameters(model_from_config(cfg, (1, 8, 8), 10))
         n = global_params.numel()
         dssgd_client.train(_train_message(cfg, 1, None, global_params, n), context)  # θd = 1 in round 1
         after_round_1 = flatten_parameters(dssgd_client.local_model(cfg, context, (1, 8, 8), 10))

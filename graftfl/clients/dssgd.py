@@ -13,12 +13,13 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from graftfl.clients.utils import client_device, config_of, local_data, local_train, new_model, partition_id_of, round_seed
+from graftfl.clients.utils import client_device, config_of, local_data, local_train, partition_id_of
 from graftfl.core.codec import assign_flat_parameters, flatten_parameters
 from graftfl.core.data import dataset_from_config
+from graftfl.core.models import model_from_config
 from graftfl.core.privacy import compose_laplace_epsilon
 from graftfl.core.selective import decode_sparse, encode_sparse, make_upload, overwrite
-from graftfl.core.train import evaluate
+from graftfl.core.train import evaluate, round_seed
 
 PROTOCOL = "dssgd"
 LOCAL_MODEL_KEY = "dssgd-local-model"
@@ -28,7 +29,7 @@ LAPLACE_STATE_KEY = "dssgd-laplace"
 def local_model(cfg, context: Context, input_shape, num_classes: int) -> torch.nn.Module:
     """The participant's own model: from ``context.state``, or the run's seeded initial model."""
     torch.manual_seed(int(cfg.seed))  # the same initial weights as the server's global model
-    model = new_model(cfg, input_shape, num_classes)
+    model = model_from_config(cfg, input_shape, num_classes)
     if LOCAL_MODEL_KEY in context.state:
         model.load_state_dict(context.state[LOCAL_MODEL_KEY].to_torch_state_dict())
     return model
@@ -68,7 +69,7 @@ def train(message: Message, context: Context) -> Message:
     protocol = cfg.protocol
     server_round = int(message.content["config"]["server-round"])
     partition_id, _ = partition_id_of(context)
-    seed = round_seed(cfg, server_round, partition_id)
+    seed = round_seed(cfg.seed, server_round, partition_id)
     x, y = local_data(cfg, context)
     model = local_model(cfg, context, x.shape[1:], dataset_from_config(cfg.dataset).num_classes)
     downloaded = download_into(model, message.content["download"])

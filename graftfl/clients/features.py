@@ -34,11 +34,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from omegaconf import DictConfig
 
-from graftfl.clients.utils import client_device, config_of, local_data, partition_id_of, round_seed
+from graftfl.clients.utils import client_device, config_of, local_data, partition_id_of
 from graftfl.core.autoencoder import class_grid_figure, encode, reconstruction_error_by_class, save_autoencoder, train_autoencoder
 from graftfl.core.data import channel_stats, dataset_from_config
-from graftfl.core.meter import count_train_flops
+from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import StagedModel, build_model
+from graftfl.core.train import round_seed
 
 PROTOCOL = "features"
 AUTOENCODER_STATE = "features.autoencoder"
@@ -118,11 +119,11 @@ def train_site_autoencoder(message: Message, context: Context) -> Message:
         batch_size=int(settings.batch_size),
         lr=float(settings.lr),
         device=client_device(cfg, context),
-        seed=round_seed(cfg, server_round, partition_id),
+        seed=round_seed(cfg.seed, server_round, partition_id),
     )
     model.cpu()
     context.state[AUTOENCODER_STATE] = ArrayRecord(model.state_dict())
-    flops = count_train_flops(model, x[:2], torch.nn.functional.mse_loss, x[:2]) / 2 * result["samples"]
+    flops = train_flops_per_sample(model, x, torch.nn.functional.mse_loss, x) * result["samples"]
     metrics = MetricRecord({"num-examples": len(x), "ae_loss": result["ae_loss"], "partition-id": partition_id, "client_flops": flops})
     content = RecordDict({"metrics": metrics})
     if federated:

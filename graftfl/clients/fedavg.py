@@ -8,13 +8,13 @@ from graftfl.clients.utils import (
     config_of,
     local_data,
     local_train,
-    new_model,
     num_classes_of,
     partition_id_of,
     privacy_history_of,
     restored_history_for,
-    round_seed,
 )
+from graftfl.core.models import model_from_config
+from graftfl.core.train import round_seed
 
 PROTOCOL = "fedavg"
 
@@ -25,10 +25,10 @@ def train(message: Message, context: Context) -> Message:
     # Flower counts a resumed run's rounds from 1 again; the offset keeps the seeds of an uninterrupted run.
     server_round = int(fields["server-round"]) + int(fields.get("round-offset", 0))
     x, y = local_data(cfg, context)
-    model = new_model(cfg, x.shape[1:], num_classes_of(cfg))
+    model = model_from_config(cfg, x.shape[1:], num_classes_of(cfg))
     model.load_state_dict(message.content["arrays"].to_torch_state_dict())
     partition_id, _ = partition_id_of(context)
-    seed = round_seed(cfg, server_round, partition_id)
+    seed = round_seed(cfg.seed, server_round, partition_id)
     metrics = local_train(model, x, y, cfg, context, seed, restored_history_for(message, partition_id))
     metrics["partition-id"] = partition_id
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from flwr.app import Context, Message
 
-from graftfl.core.split import SemisupClient, activation_shape, build_decoder, model_parts
+from graftfl.core.split import SemisupClient, build_decoder, split_at_cut
 from graftfl.clients.split_turns import evaluate_turn, train_turn
 
 PROTOCOL = "semisup"
 
 
 def build_role(cfg, model, input_shape, num_classes: int, device) -> SemisupClient:
-    bottom, _top = model_parts(model, cfg.protocol.cut_stage)
-    act_shape = activation_shape(bottom, input_shape)
+    bottom, _top, act_shape = split_at_cut(model, cfg.protocol.cut_stage, input_shape)  # the same bottom as split
     role = SemisupClient(bottom, build_decoder(act_shape, input_shape), alpha=float(cfg.protocol.alpha), device=device)
     role.act_shape = act_shape
     return role

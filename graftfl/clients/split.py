@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from flwr.app import Context, Message
 
-from graftfl.core.split import BottomClient, activation_shape, model_parts
+from graftfl.core.split import BottomClient, split_at_cut
 from graftfl.clients.split_turns import evaluate_turn, train_turn
 
 PROTOCOL = "split"
 
 
 def build_role(cfg, model, input_shape, num_classes: int, device) -> BottomClient:
-    bottom, _top = model_parts(model, cfg.protocol.cut_stage)
+    bottom, _top, act_shape = split_at_cut(model, cfg.protocol.cut_stage, input_shape)
     role = BottomClient(bottom, device=device)
-    role.act_shape = activation_shape(bottom, input_shape)
+    role.act_shape = act_shape
     return role
 
 

@@ -19,12 +19,13 @@ from typing import Callable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from graftfl.clients.utils import client_device, config_of, local_data, new_model, num_classes_of, partition_id_of
+from graftfl.clients.utils import client_device, config_of, local_data, num_classes_of, partition_id_of
 from graftfl.core.data import dataset_from_config
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY, client_key, decrypt_state, encrypt_state
-from graftfl.core.meter import count_train_flops
+from graftfl.core.meter import train_flops_per_sample
+from graftfl.core.models import model_from_config
 from graftfl.core.split import SemisupClient, hidden_label_mask, test_subset
-from graftfl.core.train import make_optimizer, seed_everything
+from graftfl.core.train import optimizer_from_config, seed_everything
 from graftfl.transport.client import DataPlaneClient
 from graftfl.transport.frames import max_frame_bytes
 
@@ -34,8 +35,7 @@ RoleBuilder = Callable[..., object]
 
 
 def role_optimizer(cfg, role) -> torch.optim.Optimizer:
-    params = [p for module in role.modules().values() for p in module.parameters()]
-    return make_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay)
+    return optimizer_from_config(cfg.train, [p for module in role.modules().values() for p in module.parameters()])
 
 
 def role_state(role) -> dict:
@@ -99,7 +99,7 @@ def prepare_role(cfg, message: Message, context: Context, build_role: RoleBuilde
     """The client's role, restored according to ``protocol.handoff`` (``key``: the relay key, when known)."""
     device = client_device(cfg, context)
     seed_everything(cfg.seed, cfg.deterministic)  # the shared seed: same initial model as the server's
-    model = new_model(cfg, input_shape, num_classes)
+    model = model_from_config(cfg, input_shape, num_classes)
     role = build_role(cfg, model, input_shape, num_classes, device)
     role.optimizer = role_optimizer(cfg, role)
     handoff = cfg.protocol.handoff
@@ -141,14 +141,14 @@ def turn_batches(cfg, context: Context, num_samples: int, partition_id: int) -> 
 
 
 def flops_per_sample(role, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Client FLOPs (forward + backward) per training sample of this role."""
-    example = x[:2]
-    flops = count_train_flops(role.bottom, example)
+    """Client FLOPs (forward + backward) per training sample of this role: its bottom, head and decoder."""
+    flops = train_flops_per_sample(role.bottom, x)
     if hasattr(role, "head"):
-        flops += count_train_flops(role.head, torch.zeros(len(example), *role.middle_shape), torch.nn.functional.cross_entropy, y[:2])
+        head_input = torch.zeros(len(y[:2]), *role.middle_shape)
+        flops += train_flops_per_sample(role.head, head_input, torch.nn.functional.cross_entropy, y)
     if hasattr(role, "decoder"):
-        flops += count_train_flops(role.decoder, torch.zeros(len(example), *role.act_shape))
-    return flops / len(example)
+        flops += train_flops_per_sample(role.decoder, torch.zeros(len(x[:2]), *role.act_shape))
+    return flops
 
 
 def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> Message:

@@ -2,8 +2,7 @@
 
 Client state that must outlive one message lives in ``context.state`` (weights as
 ArrayRecords, accountant history as ConfigRecord strings): module globals are
-shared between virtual clients in simulation and lost in deployment. The one
-global here is a read-only cache of per-model FLOP counts.
+shared between virtual clients in simulation and lost in deployment.
 """
 
 from __future__ import annotations
@@ -16,15 +15,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from omegaconf import DictConfig
 
 from graftfl.config import from_container
-from graftfl.core.data import dataset_from_config, make_loader, partition_indices
-from graftfl.core.meter import count_train_flops
-from graftfl.core.models import StagedModel, build_model
-from graftfl.core.privacy import PrivateTraining, dpsgd_config_from, history_from_json, history_to_json
-from graftfl.core.train import make_optimizer, resolve_device, train
+from graftfl.core.data import dataset_from_config, partition_indices
+from graftfl.core.local_round import train_round
+from graftfl.core.meter import train_flops_per_sample
+from graftfl.core.privacy import history_from_json, history_to_json
+from graftfl.core.train import resolve_device
 
 CONFIG_KEY = "graftfl-config"
 PRIVACY_STATE_KEY = "privacy"
-_FLOPS_PER_SAMPLE: dict[tuple, float] = {}
 
 
 def config_of(message: Message) -> DictConfig:
@@ -63,25 +61,8 @@ def local_data(cfg: DictConfig, context: Context) -> tuple[torch.Tensor, torch.T
     return data.train_x[indices], data.train_y[indices]
 
 
-def new_model(cfg: DictConfig, input_shape, num_classes: int) -> StagedModel:
-    return build_model(cfg.model.name, input_shape, num_classes, **cfg.model.get("kwargs", {}))
-
-
 def num_classes_of(cfg: DictConfig) -> int:
     return dataset_from_config(cfg.dataset).num_classes
-
-
-def round_seed(cfg: DictConfig, server_round: int, partition_id: int) -> int:
-    """A distinct, reproducible seed per (run seed, round, site)."""
-    return int(cfg.seed) * 1_000_003 + server_round * 1_009 + partition_id
-
-
-def flops_per_sample(cfg: DictConfig, model: torch.nn.Module, example: torch.Tensor, labels: torch.Tensor) -> float:
-    """Forward + backward FLOPs per training sample (counted once per model and input shape)."""
-    key = (cfg.model.name, tuple(example.shape[1:]))
-    if key not in _FLOPS_PER_SAMPLE:
-        _FLOPS_PER_SAMPLE[key] = count_train_flops(model, example[:2], torch.nn.functional.cross_entropy, labels[:2]) / len(example[:2])
-    return _FLOPS_PER_SAMPLE[key]
 
 
 def local_train(
@@ -93,30 +74,23 @@ def local_train(
     seed: int,
     restored_history: str | None = None,
 ) -> dict[str, float]:
-    """One round of local training with the shared core loop, DP-SGD when configured.
+    """One round of local training (:func:`graftfl.core.local_round.train_round`) for a Flower client.
 
     With ``privacy=dpsgd`` the accountant history is read from and written back to
     ``context.state`` so the returned ``epsilon`` is cumulative over rounds. A
     fresh client process of a resumed run has no state yet: ``restored_history``
     (the history the server checkpointed for this site) is used then.
     """
-    torch.manual_seed(seed)
-    device = client_device(cfg, context)
-    loader = make_loader(x, y, cfg.train.batch_size, shuffle=True, seed=seed)
-    optimizer = make_optimizer(cfg.train.optimizer, model.parameters(), cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay)
-    flops = flops_per_sample(cfg, model, x, y)
-    dp_config = dpsgd_config_from(cfg.privacy, planned_epochs=cfg.rounds * cfg.train.local_epochs)
-    metrics: dict[str, float] = {}
-    if dp_config is None:
-        result = train(model, loader, optimizer, device=device, epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps, show_progress=cfg.progress)
-    else:
-        state = context.state.get(PRIVACY_STATE_KEY, ConfigRecord())
-        private = PrivateTraining(dp_config, history_from_json(state.get("history", restored_history)))
-        dp_model, dp_optimizer, dp_loader = private.attach(model, optimizer, loader)
-        result = train(dp_model, dp_loader, dp_optimizer, device=device, epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps)
-        context.state[PRIVACY_STATE_KEY] = ConfigRecord({"history": history_to_json(private.history)})
-        metrics["epsilon"] = private.epsilon()
-    metrics.update(train_loss=result["loss"], steps=result["steps"], client_flops=flops * result["samples"], **{"num-examples": len(y)})
+    flops = train_flops_per_sample(model, x, torch.nn.functional.cross_entropy, y)
+    state = context.state.get(PRIVACY_STATE_KEY, ConfigRecord())
+    history = history_from_json(state.get("history", restored_history))
+    metrics, history = train_round(
+        model, x, y, cfg, seed=seed, device=client_device(cfg, context), history=history, show_progress=cfg.progress
+    )
+    if "epsilon" in metrics:  # DP-SGD ran: keep the accountant for the next round
+        context.state[PRIVACY_STATE_KEY] = ConfigRecord({"history": history_to_json(history)})
+    metrics["client_flops"] = flops * metrics.pop("samples")
+    metrics["num-examples"] = len(y)
     return metrics
 
 

@@ -11,7 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +37,117 @@ def count_train_flops(model: nn.Module, example_input: torch.Tensor, loss_fn: Ca
             output.backward(torch.ones_like(output))
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
+
+
+_FLOPS_PER_SAMPLE: dict[tuple, float] = {}  # architecture, input shape, loss -> FLOPs per sample
+
+
+def train_flops_per_sample(
+    module: nn.Module, example: torch.Tensor, loss_fn: Callable | None = None, targets: torch.Tensor | None = None
+) -> float:
+    """Forward + backward FLOPs per training sample of ``module`` (see :func:`count_train_flops`).
+
+    Counted on the first two rows of ``example`` (and ``targets``), moved to the
+    device of ``module``'s parameters, so a module on a GPU is counted there. The
+    count is cached per architecture (``repr(module)``), input shape and loss: it
+    depends on nothing else. Counting leaves ``module`` as it was: its buffers
+    (batch-norm statistics), gradients, train/eval modes and the CPU random state
+    are restored, so a FLOP count never changes what a run learns.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The model or model part one participant trains.
+    example : torch.Tensor
+        Inputs, batch first (only the per-sample shape and two rows are used).
+    loss_fn, targets : optional
+        The training loss and its targets; without them the backward pass starts
+        from a gradient of ones on the output (a split bottom's view).
+    """
+    key = (repr(module), tuple(example.shape[1:]), getattr(loss_fn, "__name__", repr(loss_fn)), targets is not None)
+    if key not in _FLOPS_PER_SAMPLE:
+        parameter = next(module.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        example = example[:2].to(device)
+        targets = targets[:2].to(device) if targets is not None else None
+        modes = [(m, m.training) for m in module.modules()]
+        buffers = [(b, b.detach().clone()) for b in module.buffers()]
+        grads = [(p, p.grad) for p in module.parameters()]
+        for p, _ in grads:
+            p.grad = None  # set aside: the counting backward pass would add into them
+        with torch.random.fork_rng(devices=[]):
+            flops = count_train_flops(module, example, loss_fn, targets)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        for p, grad in grads:
+            p.grad = grad
+        for m, training in modes:
+            m.training = training
+        _FLOPS_PER_SAMPLE[key] = flops / len(example)
+    return _FLOPS_PER_SAMPLE[key]
+
+
+def metrics_row(
+    round_number: int,
+    *,
+    accuracy: float | None,
+    loss: float | None,
+    bytes_up: float,
+    bytes_down: float,
+    client_flops: float,
+    wall_s: float,
+    client_rows: Sequence[Mapping[str, Any]] | None = None,
+    client_columns: Mapping[str, str] | None = None,
+    epsilon: float | None = None,
+    client_epsilon: Sequence[float] | None = None,
+    **fields: Any,
+) -> dict:
+    """One ``metrics.jsonl`` row of a round or turn, in the fields of design.md ("Outputs").
+
+    Every protocol builds its rows here, so the common fields are always present
+    and always named the same.
+
+    Parameters
+    ----------
+    round_number : int
+        The row's ``round``.
+    accuracy, loss : float or None
+        The round's test accuracy and loss (None where the round has none).
+    bytes_up, bytes_down, client_flops, wall_s : float
+        The round's traffic, client compute and duration (summed in ``summary.json``).
+    client_rows : sequence of mapping, optional
+        The per-client results of the round, in the order the lists should have
+        (callers sort by partition id). With them the row gets ``clients`` (their
+        ``partition-id``, -1 where missing) and one list per ``client_columns`` entry.
+    client_columns : mapping, optional
+        Row field -> key in each client row, e.g. ``{"client_train_loss": "train_loss"}``.
+    epsilon : float, optional
+        The privacy spent by a single trainer (gives ``epsilon`` only).
+    client_epsilon : sequence of float, optional
+        The privacy spent per participant: gives ``epsilon`` (the largest) and
+        ``client_epsilon``. Neither (or an empty list): no privacy fields.
+    **fields
+        Protocol-specific fields, added after the common ones.
+    """
+    row: dict[str, Any] = {
+        "round": round_number,
+        "accuracy": accuracy,
+        "loss": loss,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "client_flops": client_flops,
+        "wall_s": wall_s,
+    }
+    if client_rows is not None:
+        row["clients"] = [int(client.get("partition-id", -1)) for client in client_rows]
+        row.update({name: [client.get(key) for client in client_rows] for name, key in (client_columns or {}).items()})
+    row.update(fields)
+    if client_epsilon:
+        row["epsilon"], row["client_epsilon"] = max(client_epsilon), list(client_epsilon)
+    elif epsilon is not None:
+        row["epsilon"] = epsilon
+    return row
 
 
 def _jsonable(value: Any) -> Any:

@@ -154,3 +154,18 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'; valid models: {sorted(MODELS)}")
     return MODELS[name](tuple(input_shape), num_classes, **kwargs)
+
+
+def model_from_config(cfg, input_shape: Sequence[int], num_classes: int) -> StagedModel:
+    """The model the run config names (``cfg.model.name`` with ``cfg.model.kwargs``), for this data.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The run config (its ``model`` group is read).
+    input_shape : sequence of int
+        Per-sample input shape, e.g. ``(1, 28, 28)``.
+    num_classes : int
+        Output classes.
+    """
+    return build_model(cfg.model.name, input_shape, num_classes, **cfg.model.get("kwargs", {}))

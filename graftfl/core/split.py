@@ -1,6 +1,6 @@
 """Pure-torch pieces of split learning shared by ``split``, ``ushaped`` and ``semisup``.
 
-Server stages (:class:`TopStage`, :class:`MiddleStage`) turn the tensors of one
+Server stages (:class:`TopStage`, :class:`MiddleStage`; :class:`ServerStage`) turn the tensors of one
 incoming data-plane frame into the tensors of the reply; client roles
 (:class:`BottomClient`, :class:`UShapedClient`, :class:`SemisupClient`) run one
 batch given an ``exchange(kind, tensors) -> (tensors, meta)`` callable. The
@@ -69,8 +69,10 @@ def activation_shape(bottom: nn.Module, input_shape: Sequence[int]) -> tuple[int
     """Per-sample shape of the bottom's output."""
     was_training = bottom.training
     bottom.eval()
+    parameter = next(bottom.parameters(), None)
+    device = parameter.device if parameter is not None else None  # a bottom already on a GPU is probed there
     with torch.no_grad():
-        shape = tuple(bottom(torch.zeros(1, *input_shape)).shape[1:])
+        shape = tuple(bottom(torch.zeros(1, *input_shape, device=device)).shape[1:])
     bottom.train(was_training)
     return shape
 
@@ -127,7 +129,21 @@ class _PendingStep:
         return True
 
 
-class TopStage:
+class ServerStage:
+    """A server model part: ``module`` (moved to ``device``), its ``optimizer`` and the deferred update."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device | str = "cpu"):
+        self.module, self.optimizer, self.device = module.to(device), optimizer, torch.device(device)
+        self.steps = 0  # completed optimizer steps
+        self._pending = _PendingStep()
+
+    def complete_step(self) -> None:
+        """Apply the parameter update of the last training frame (``train`` / ``backward``), if not yet done."""
+        if self._pending.complete(self.optimizer):
+            self.steps += 1
+
+
+class TopStage(ServerStage):
     """Server side of ``split``/``semisup``: the top of the model and the loss.
 
     Frames: ``train`` (activations, labels) -> ``gradient`` (gradient of the
@@ -144,15 +160,9 @@ class TopStage:
     """
 
     def __init__(self, top: nn.Module, optimizer: torch.optim.Optimizer, act_shape: Sequence[int], num_classes: int, device: torch.device | str = "cpu"):
-        self.top, self.optimizer = top.to(device), optimizer
-        self.act_shape, self.num_classes, self.device = tuple(act_shape), int(num_classes), torch.device(device)
-        self.steps = 0  # completed optimizer steps
-        self._pending = _PendingStep()
-
-    def complete_step(self) -> None:
-        """Apply the parameter update of the last ``train`` frame, if not yet done."""
-        if self._pending.complete(self.optimizer):
-            self.steps += 1
+        super().__init__(top, optimizer, device)
+        self.top = self.module
+        self.act_shape, self.num_classes = tuple(act_shape), int(num_classes)
 
     def input_specs(self, kind: str, state: dict) -> dict[str, TensorSpec] | None:
         if kind in ("train", "eval"):
@@ -181,7 +191,7 @@ class TopStage:
         return "gradient", {"gradient": gradient.cpu()}, {"loss": float(loss.detach())}
 
 
-class MiddleStage:
+class MiddleStage(ServerStage):
     """Server side of ``ushaped``: the middle of the model, no labels, no loss.
 
     Frames: ``forward`` (activations) -> ``middle`` (outputs), keeping the graph
@@ -194,15 +204,9 @@ class MiddleStage:
     """
 
     def __init__(self, middle: nn.Module, optimizer: torch.optim.Optimizer, act_shape: Sequence[int], out_shape: Sequence[int], device: torch.device | str = "cpu"):
-        self.middle, self.optimizer = middle.to(device), optimizer
-        self.act_shape, self.out_shape, self.device = tuple(act_shape), tuple(out_shape), torch.device(device)
-        self.steps = 0  # completed optimizer steps
-        self._pending = _PendingStep()
-
-    def complete_step(self) -> None:
-        """Apply the parameter update of the last ``backward`` frame, if not yet done."""
-        if self._pending.complete(self.optimizer):
-            self.steps += 1
+        super().__init__(middle, optimizer, device)
+        self.middle = self.module
+        self.act_shape, self.out_shape = tuple(act_shape), tuple(out_shape)
 
     def input_specs(self, kind: str, state: dict) -> dict[str, TensorSpec] | None:
         if kind in ("forward", "eval_forward"):
@@ -350,3 +354,11 @@ def hidden_label_mask(num_samples: int, unlabeled_fraction: float, seed: int) ->
 def model_parts(model: StagedModel, cut_stage: str | None, head_stages: int | None = None) -> list[StagedModel]:
     """``[bottom, top]`` (split) or ``[bottom, middle, head]`` (U-shaped) of ``model``."""
     return cut_model(model, cut_points(model, cut_stage, head_stages))
+
+
+def split_at_cut(
+    model: StagedModel, cut_stage: str | None, input_shape: Sequence[int]
+) -> tuple[StagedModel, StagedModel, tuple[int, ...]]:
+    """``(bottom, top, per-sample shape of the activations at the cut)`` for ``split`` and ``semisup``."""
+    bottom, top = model_parts(model, cut_stage)
+    return bottom, top, activation_shape(bottom, input_shape)

@@ -39,6 +39,24 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, momentu
     raise ValueError(f"unknown optimizer '{name}'; valid optimizers: ['adam', 'sgd']")
 
 
+def optimizer_from_config(train_cfg, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer the run config's ``train`` group names, over ``params``.
+
+    Parameters
+    ----------
+    train_cfg : DictConfig
+        ``cfg.train`` (``optimizer``, ``lr``, ``momentum``, ``weight_decay``).
+    params : iterable of nn.Parameter
+        What the optimizer steps.
+    """
+    return make_optimizer(train_cfg.optimizer, params, train_cfg.lr, train_cfg.momentum, train_cfg.weight_decay)
+
+
+def round_seed(seed: int, server_round: int, partition_id: int = 0) -> int:
+    """A distinct, reproducible seed per (run seed, round, participant) for one round of local training."""
+    return int(seed) * 1_000_003 + int(server_round) * 1_009 + int(partition_id)
+
+
 def progress(iterable, *, desc: str, enabled: bool, total: int | None = None):
     """Wrap a long loop in a progress bar (stderr) when ``enabled``."""
     return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False, file=sys.stderr)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from graftfl.core.local_round import partition_data, train_flops_per_sample, train_round
+from graftfl.core.local_round import partition_data, train_round
+from graftfl.core.meter import metrics_row, train_flops_per_sample
 from graftfl.strategies.utils import ServerRun
 
 PROTOCOL = "centralized"
@@ -26,25 +27,26 @@ def run(grid, run: ServerRun) -> dict:
     cfg = run.cfg
     x, y = union_of_partitions(run)
     model = run.new_model()
-    flops = train_flops_per_sample(model, x, y)
+    flops = train_flops_per_sample(model, x, torch.nn.functional.cross_entropy, y)
     history = list((run.resume_state or {}).get("extra", {}).get("privacy_history", []))
     run.round_seconds()
     for server_round in range(run.first_round, cfg.rounds + 1):
-        metrics, history = train_round(model, x, y, cfg, seed=int(cfg.seed) * 1_000_003 + server_round, device=run.device, history=history)
+        # Not core.train.round_seed: this baseline's seeds (and the published ko_table4 numbers) predate it.
+        seed = int(cfg.seed) * 1_000_003 + server_round
+        metrics, history = train_round(model, x, y, cfg, seed=seed, device=run.device, history=history)
         evaluation = run.evaluate(model)
-        row = {
-            "round": server_round,
-            "accuracy": evaluation["accuracy"],
-            "loss": evaluation["loss"],
-            "train_loss": metrics["train_loss"],
-            "bytes_up": 0,
-            "bytes_down": 0,
-            "client_flops": flops * metrics["samples"],
-            "wall_s": run.round_seconds(),
-            "samples": len(y),
-        }
-        if "epsilon" in metrics:
-            row["epsilon"] = metrics["epsilon"]
+        row = metrics_row(
+            server_round,
+            accuracy=evaluation["accuracy"],
+            loss=evaluation["loss"],
+            bytes_up=0,
+            bytes_down=0,
+            client_flops=flops * metrics["samples"],
+            wall_s=run.round_seconds(),
+            epsilon=metrics.get("epsilon"),
+            train_loss=metrics["train_loss"],
+            samples=len(y),
+        )
         run.recorder.log_round(row)
         run.checkpoint(server_round, model, {"privacy_history": history})
         print(f"[centralized] round {server_round}/{cfg.rounds} accuracy {evaluation['accuracy']:.4f}", flush=True)

@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from graftfl.core.codec import assign_flat_parameters, flatten_parameters
+from graftfl.core.meter import metrics_row
 from graftfl.core.selective import (
     DOWNLOADS,
     SELECTIONS,
@@ -184,31 +185,32 @@ def round_row(server_round: int, outcome: dict, ledger: ParticipantLedger, evalu
     """One metrics.jsonl row: the participants' local models (the paper's figure) and the global model."""
     clients = sorted(outcome["clients"], key=lambda c: c.get("partition-id", -1))
     local_accuracy = ledger.values("local_accuracy")
-    row = {
-        "round": server_round,
-        "accuracy": float(np.mean(local_accuracy)) if local_accuracy else None,
-        "loss": float(np.mean(ledger.values("local_loss"))) if ledger.values("local_loss") else None,
+    row = metrics_row(
+        server_round,
+        accuracy=float(np.mean(local_accuracy)) if local_accuracy else None,
+        loss=float(np.mean(ledger.values("local_loss"))) if ledger.values("local_loss") else None,
+        bytes_up=sum(c["bytes_up"] for c in clients),
+        bytes_down=outcome["bytes_down"],
+        client_flops=sum(c.get("client_flops", 0) for c in clients),
+        wall_s=wall_s,
+        client_rows=clients,
+        client_columns={
+            "client_local_accuracy": "local_accuracy",
+            "client_train_loss": "train_loss",
+            "client_bytes_up": "bytes_up",
+            "client_uploaded": "uploaded",
+        },
+        client_epsilon=ledger.values("epsilon"),
         **summarise(local_accuracy, "local_accuracy"),
-        "global_accuracy": evaluation["accuracy"],
-        "global_loss": evaluation["loss"],
-        "bytes_up": sum(c["bytes_up"] for c in clients),
-        "bytes_down": outcome["bytes_down"],
-        "client_flops": sum(c.get("client_flops", 0) for c in clients),
-        "wall_s": wall_s,
-        "clients": [int(c.get("partition-id", -1)) for c in clients],
-        "client_local_accuracy": [c.get("local_accuracy") for c in clients],
-        "client_train_loss": [c.get("train_loss") for c in clients],
-        "client_bytes_up": [c["bytes_up"] for c in clients],
-        "client_uploaded": [c.get("uploaded") for c in clients],
-        "local_accuracy_all": local_accuracy,
-        "rejected": outcome["rejected"],
-        "failed": outcome["failed"],
-    }
-    for field in ("epsilon", "laplace_epsilon"):
-        values = ledger.values(field)
-        if values:
-            row[field] = max(values)
-            row[f"client_{field}"] = values
+        global_accuracy=evaluation["accuracy"],
+        global_loss=evaluation["loss"],
+        local_accuracy_all=local_accuracy,
+        rejected=outcome["rejected"],
+        failed=outcome["failed"],
+    )
+    laplace = ledger.values("laplace_epsilon")
+    if laplace:
+        row["laplace_epsilon"], row["client_laplace_epsilon"] = max(laplace), laplace
     return row
 
 

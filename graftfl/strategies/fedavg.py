@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from graftfl.core.meter import metrics_row
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, wait_for_nodes
 
 PROTOCOL = "fedavg"
@@ -66,25 +67,20 @@ class FedAvgWithMetrics(FedAvg):
 def round_row(server_round: int, evaluation: dict, client_rows: list[dict], bytes_down: int, wall_s: float, client_errors: list[str] = ()) -> dict:
     """One metrics.jsonl row from the server evaluation and the clients' replies (and failures)."""
     by_client = sorted(client_rows, key=lambda r: r.get("partition-id", 0))
-    row = {
-        "round": server_round,
-        "accuracy": evaluation["accuracy"],
-        "loss": evaluation["loss"],
-        "bytes_up": sum(r["bytes_up"] for r in by_client),
-        "bytes_down": bytes_down,
-        "client_flops": sum(r.get("client_flops", 0) for r in by_client),
-        "wall_s": wall_s,
-        "clients": [int(r.get("partition-id", -1)) for r in by_client],
-        "client_train_loss": [r.get("train_loss") for r in by_client],
-        "client_bytes_up": [r["bytes_up"] for r in by_client],
-        "failed_clients": len(client_errors),
-        "client_errors": list(client_errors),
-    }
-    epsilons = [r["epsilon"] for r in by_client if "epsilon" in r]
-    if epsilons:
-        row["epsilon"] = max(epsilons)
-        row["client_epsilon"] = epsilons
-    return row
+    return metrics_row(
+        server_round,
+        accuracy=evaluation["accuracy"],
+        loss=evaluation["loss"],
+        bytes_up=sum(r["bytes_up"] for r in by_client),
+        bytes_down=bytes_down,
+        client_flops=sum(r.get("client_flops", 0) for r in by_client),
+        wall_s=wall_s,
+        client_rows=by_client,
+        client_columns={"client_train_loss": "train_loss", "client_bytes_up": "bytes_up"},
+        client_epsilon=[r["epsilon"] for r in by_client if "epsilon" in r],
+        failed_clients=len(client_errors),
+        client_errors=list(client_errors),
+    )
 
 
 def run(grid: Grid, run: ServerRun) -> dict:

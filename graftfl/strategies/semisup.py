@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from flwr.serverapp import Grid
 
-from graftfl.core.split import TopStage, activation_shape, model_parts
 from graftfl.strategies.utils import ServerRun
-from graftfl.strategies.split_turns import SplitRunner, server_optimizer, validate_split_config
+from graftfl.strategies.split_turns import SplitRunner, top_stage, validate_split_config
 
 PROTOCOL = "semisup"
 
@@ -24,7 +23,6 @@ def validate_config(cfg) -> None:
 
 
 def run(grid: Grid, run: ServerRun) -> dict:
-    bottom, top = model_parts(run.new_model(), run.cfg.protocol.cut_stage)
-    stage = TopStage(top, server_optimizer(run.cfg, top), activation_shape(bottom, run.data.input_shape), run.data.num_classes, run.device)
+    stage, top = top_stage(run)  # the same server part as split
     summary = SplitRunner(grid, run, PROTOCOL, stage, top).run_rounds()
     return {**summary, "unlabeled_fraction": float(run.cfg.protocol.unlabeled_fraction), "alpha": float(run.cfg.protocol.alpha)}

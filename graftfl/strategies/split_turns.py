@@ -27,8 +27,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY
-from graftfl.core.split import MiddleStage
-from graftfl.core.train import make_optimizer
+from graftfl.core.meter import metrics_row
+from graftfl.core.models import model_from_config
+from graftfl.core.split import MiddleStage, TopStage, activation_shape, cut_points, model_parts, split_at_cut
+from graftfl.core.train import optimizer_from_config
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
 from graftfl.transport.frames import max_frame_bytes
 from graftfl.transport.server import DataPlaneServer
@@ -61,11 +63,8 @@ def validate_split_config(cfg) -> None:
         raise ValueError(f"protocol={protocol.name} does not support privacy={cfg.privacy.name} (use privacy=none)")
     if cfg.resume:
         raise ValueError(f"protocol={protocol.name} cannot resume a run yet (resume=null)")
-    from graftfl.core.models import build_model
-    from graftfl.core.split import cut_points
-
     # stage names do not depend on the input size: a 3x32x32 stand-in is enough to check the cut
-    cut_points(build_model(cfg.model.name, (3, 32, 32), 10, **cfg.model.get("kwargs", {})), protocol.cut_stage, protocol.get("head_stages"))
+    cut_points(model_from_config(cfg, (3, 32, 32), 10), protocol.cut_stage, protocol.get("head_stages"))
 
 
 def start_data_plane(cfg, stage) -> DataPlaneServer:
@@ -101,8 +100,20 @@ def train_batch_cap(cfg, run: ServerRun) -> int:
     return int(cfg.train.local_epochs) * math.ceil(int(samples) / int(cfg.train.batch_size))
 
 
-def server_optimizer(cfg, module: torch.nn.Module) -> torch.optim.Optimizer:
-    return make_optimizer(cfg.train.optimizer, module.parameters(), cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay)
+def top_stage(run: ServerRun) -> tuple[TopStage, torch.nn.Module]:
+    """The server's part for ``split`` and ``semisup``: the top of the shared-seed model (not the bottom's weights)."""
+    _bottom, top, act_shape = split_at_cut(run.new_model(), run.cfg.protocol.cut_stage, run.data.input_shape)
+    optimizer = optimizer_from_config(run.cfg.train, top.parameters())
+    return TopStage(top, optimizer, act_shape, run.data.num_classes, run.device), top
+
+
+def middle_stage(run: ServerRun) -> tuple[MiddleStage, torch.nn.Module]:
+    """The server's part for ``ushaped``: the middle of the shared-seed model."""
+    bottom, middle, _head = model_parts(run.new_model(), run.cfg.protocol.cut_stage, int(run.cfg.protocol.head_stages))
+    act_shape = activation_shape(bottom, run.data.input_shape)
+    out_shape = activation_shape(middle, act_shape)
+    optimizer = optimizer_from_config(run.cfg.train, middle.parameters())
+    return MiddleStage(middle, optimizer, act_shape, out_shape, run.device), middle
 
 
 @dataclass
@@ -307,27 +318,29 @@ class SplitRunner:
     def log_round(self, round_number: int, rows: list[dict], evaluation: dict) -> None:
         rows = sorted(rows, key=lambda r: r["partition-id"])
         failed = [f for f in self.failed_turns if f["round"] == round_number]
-        row = {
-            "round": round_number,
-            "accuracy": evaluation["accuracy"],
-            "loss": evaluation["loss"],
-            "bytes_up": sum(r["bytes_up"] for r in rows) + evaluation["bytes_up"],
-            "bytes_down": sum(r["bytes_down"] for r in rows) + evaluation["bytes_down"],
-            "client_flops": sum(r["client_flops"] for r in rows),
-            "wall_s": self.run.round_seconds(),
-            "server_steps": self.stage.steps,
-            "clients": [r["partition-id"] for r in rows],
-            "client_steps": [r["steps"] for r in rows],
-            "client_train_loss": [r["train_loss"] for r in rows],
-            "client_bytes_up": [r["bytes_up"] for r in rows],
-            "client_bytes_down": [r["bytes_down"] for r in rows],
-            "client_flops_per_client": [r["client_flops"] for r in rows],
-            "client_turn_s": [r["turn_s"] for r in rows],
-            "client_plane_frames_per_s": [r["plane_frames_per_s"] for r in rows],
-            "eval_clients": [r["partition-id"] for r in evaluation["per_client"]],
-            "eval_client_accuracy": [r["accuracy"] for r in evaluation["per_client"]],
-            "failed_turns": len(failed),
-        }
+        row = metrics_row(
+            round_number,
+            accuracy=evaluation["accuracy"],
+            loss=evaluation["loss"],
+            bytes_up=sum(r["bytes_up"] for r in rows) + evaluation["bytes_up"],
+            bytes_down=sum(r["bytes_down"] for r in rows) + evaluation["bytes_down"],
+            client_flops=sum(r["client_flops"] for r in rows),
+            wall_s=self.run.round_seconds(),
+            client_rows=rows,
+            client_columns={
+                "client_steps": "steps",
+                "client_train_loss": "train_loss",
+                "client_bytes_up": "bytes_up",
+                "client_bytes_down": "bytes_down",
+                "client_flops_per_client": "client_flops",
+                "client_turn_s": "turn_s",
+                "client_plane_frames_per_s": "plane_frames_per_s",
+            },
+            server_steps=self.stage.steps,
+            eval_clients=[r["partition-id"] for r in evaluation["per_client"]],
+            eval_client_accuracy=[r["accuracy"] for r in evaluation["per_client"]],
+            failed_turns=len(failed),
+        )
         self.run.recorder.log_round(row)
         self.run.checkpoint(round_number, self.server_part, {"part": "server", "protocol": self.protocol, RELAY_KEY: self.handoff.ciphertext})
         accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from flwr.serverapp import Grid
 
-from graftfl.core.split import MiddleStage, activation_shape, model_parts
 from graftfl.strategies.utils import ServerRun
-from graftfl.strategies.split_turns import SplitRunner, server_optimizer, validate_split_config
+from graftfl.strategies.split_turns import SplitRunner, middle_stage, validate_split_config
 
 PROTOCOL = "ushaped"
 
@@ -22,14 +21,6 @@ def validate_config(cfg) -> None:
         raise ValueError("protocol.head_stages must be >= 1 (the client keeps at least the last stage and the loss)")
 
 
-def build_stage(run: ServerRun) -> tuple[MiddleStage, object]:
-    bottom, middle, _head = model_parts(run.new_model(), run.cfg.protocol.cut_stage, int(run.cfg.protocol.head_stages))
-    act_shape = activation_shape(bottom, run.data.input_shape)
-    out_shape = activation_shape(middle, act_shape)
-    stage = MiddleStage(middle, server_optimizer(run.cfg, middle), act_shape, out_shape, run.device)
-    return stage, middle
-
-
 def run(grid: Grid, run: ServerRun) -> dict:
-    stage, middle = build_stage(run)
+    stage, middle = middle_stage(run)
     return SplitRunner(grid, run, PROTOCOL, stage, middle).run_rounds()

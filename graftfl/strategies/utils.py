@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from graftfl.config import to_container
 from graftfl.core.data import DatasetSplits, dataset_from_config
 from graftfl.core.meter import RunRecorder
-from graftfl.core.models import StagedModel, build_model
+from graftfl.core.models import StagedModel, model_from_config
 from graftfl.core.train import evaluate, resolve_device, seed_everything
 from graftfl.strategies.checkpoint import load_checkpoint, save_checkpoint
 
@@ -70,7 +70,7 @@ class ServerRun:
     def new_model(self) -> StagedModel:
         """The global model, initialised from ``cfg.seed`` (or from the checkpoint when resuming)."""
         seed_everything(self.cfg.seed, self.cfg.deterministic)
-        model = build_model(self.cfg.model.name, self.data.input_shape, self.data.num_classes, **self.cfg.model.get("kwargs", {}))
+        model = model_from_config(self.cfg, self.data.input_shape, self.data.num_classes)
         if self.resume_state:
             model.load_state_dict(self.resume_state["model"])
         return model

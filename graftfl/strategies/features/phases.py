@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from graftfl.core.autoencoder import conv_ae, save_classifier, train_autoencoder, train_classifier
+from graftfl.core.meter import metrics_row
 from graftfl.strategies.features.classifier import CLASSIFIER_FILE, OnlineTrainer, ServedClassifier
 from graftfl.strategies.features.replies import (
     client_id_of,
@@ -106,7 +107,8 @@ class FeatureRun:
 
     def log(self, **row) -> dict:
         self.round += 1
-        base = {"round": self.round, "accuracy": None, "loss": None, "bytes_up": 0, "bytes_down": 0, "client_flops": 0, "wall_s": self.run.round_seconds()}
+        wall_s = self.run.round_seconds()
+        base = metrics_row(self.round, accuracy=None, loss=None, bytes_up=0, bytes_down=0, client_flops=0, wall_s=wall_s)
         return self.run.recorder.log_round({**base, **row})
 
     # -------------------------------------------------------- autoencoders ---
