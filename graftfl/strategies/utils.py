@@ -42,8 +42,10 @@ class ServerRun:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.recorder = RunRecorder(self.run_dir, resume=resume)
         self.resume_state = load_checkpoint(self.run_dir) if resume else None
+        # Rows logged after the checkpoint (a crash between logging a round and checkpointing it) are dropped.
+        resume_round = int(self.resume_state["round"]) if self.resume_state else 0
+        self.recorder = RunRecorder(self.run_dir, resume=resume, resume_round=resume_round)
         self.device = resolve_device(cfg.device)
         self._data: DatasetSplits | None = None
         self._round_started = time.monotonic()
