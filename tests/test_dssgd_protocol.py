@@ -135,7 +135,7 @@ def test_dpsgd_epsilon_is_cumulative_and_matches_one_shot_accountant(tmp_path, b
 
     grid = LocalGrid(2)
     overrides = ["num_clients=2", "rounds=3", "privacy=dpsgd", "privacy.noise_multiplier=1.1", f"train.batch_size={batch_size}", "train.lr=0.01"]
-    overrides += ["protocol.clip=0.05", "protocol.upload_epsilon=0.5"]
+    overrides += ["protocol.selection=sparse_vector", "protocol.threshold=0.001", "protocol.clip=0.05", "protocol.upload_epsilon=0.5"]
     run_dir = run_local(tmp_path, overrides, grid)
     rows = rows_of(run_dir)
     assert all(not row["rejected"] for row in rows)  # batch 1 DP-SGD gives finite uploads
@@ -152,8 +152,8 @@ def test_dpsgd_epsilon_is_cumulative_and_matches_one_shot_accountant(tmp_path, b
         partition = int(context.node_config["partition-id"])
         assert rows[-1]["client_epsilon"][partition] == pytest.approx(one_shot.get_epsilon(1e-5), rel=1e-9)
     assert rows[-1]["epsilon"] == max(rows[-1]["client_epsilon"])
-    # Laplace upload noise: ε = 0.5 per upload, composed over 3 uploads
-    assert [row["laplace_epsilon"] for row in rows] == pytest.approx([0.5, 1.0, 1.5])
+    # private uploads (sparse vector): ε = 0.5 per upload, composed over 3 uploads
+    assert [row["upload_epsilon_spent"] for row in rows] == pytest.approx([0.5, 1.0, 1.5])
 
 
 def test_upload_bytes_are_sparse(tmp_path):
@@ -170,7 +170,7 @@ def test_upload_bytes_are_sparse(tmp_path):
     "overrides, message",
     [
         (["protocol.selection=threshold"], "threshold"),
-        (["protocol.upload_epsilon=1.0"], "clip"),
+        (["protocol.upload_epsilon=1.0"], "sparse_vector"),
         (["protocol.order=sideways"], "order"),
         (["protocol.download=everything"], "download"),
         (["protocol.theta_upload=1.5"], "theta_upload"),

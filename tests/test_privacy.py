@@ -90,12 +90,12 @@ def test_accountant_steps_equal_batches_drawn_including_empty_ones():
         private, dp_model, dp_optimizer, dp_loader = _private_setup(seed)
         sizes: list[int] = []
 
-        def recording(loader):
+        def recording(loader, sizes: list[int]):
             for x, y in loader:
                 sizes.append(len(y))
                 yield x, y
 
-        result = train(dp_model, recording(dp_loader), dp_optimizer, device=torch.device("cpu"))
+        result = train(dp_model, recording(dp_loader, sizes), dp_optimizer, device=torch.device("cpu"))
         if 0 in sizes:
             break
     assert 0 in sizes, "no empty Poisson batch in 20 seeds"

@@ -7,22 +7,19 @@ The tensor logic lives in :mod:`graftfl.core.selective`.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from graftfl.clients.utils import client_device, config_of, local_data, local_train, new_model, partition_id_of, round_seed
 from graftfl.core.codec import assign_flat_parameters, flatten_parameters
 from graftfl.core.data import dataset_from_config
-from graftfl.core.privacy import compose_laplace_epsilon
+from graftfl.core.privacy import secret_generator
 from graftfl.core.selective import decode_sparse, encode_sparse, make_upload, overwrite
 from graftfl.core.train import evaluate
 
 PROTOCOL = "dssgd"
 LOCAL_MODEL_KEY = "dssgd-local-model"
-LAPLACE_STATE_KEY = "dssgd-laplace"
 
 
 def local_model(cfg, context: Context, input_shape, num_classes: int) -> torch.nn.Module:
@@ -39,16 +36,6 @@ def download_into(model: torch.nn.Module, download: ArrayRecord) -> int:
     indices, values = decode_sparse({name: array.numpy() for name, array in download.items()})
     assign_flat_parameters(model, overwrite(flatten_parameters(model), indices, values.to(torch.float32)))
     return int(values.numel())
-
-
-def composed_laplace_epsilon(context: Context, upload_epsilon: float | None) -> float | None:
-    """Record one more Laplace release of ``upload_epsilon``; the composed ε over all uploads."""
-    if upload_epsilon is None:
-        return None
-    state = context.state.get(LAPLACE_STATE_KEY, ConfigRecord())
-    released = json.loads(state.get("epsilons", "[]")) + [float(upload_epsilon)]
-    context.state[LAPLACE_STATE_KEY] = ConfigRecord({"epsilons": json.dumps(released)})
-    return compose_laplace_epsilon(released)
 
 
 def local_test_metrics(model: torch.nn.Module, cfg, device: torch.device) -> dict:
@@ -82,10 +69,10 @@ def train(message: Message, context: Context) -> Message:
         threshold=protocol.threshold,
         clip=protocol.clip,
         upload_epsilon=protocol.upload_epsilon,
-        generator=torch.Generator().manual_seed(seed),
+        # Privacy noise from a secret seed: the server knows the run seed and could replay seeded noise.
+        generator=secret_generator() if protocol.selection == "sparse_vector" else torch.Generator().manual_seed(seed),
     )
     context.state[LOCAL_MODEL_KEY] = ArrayRecord(model.state_dict())  # the full local update stays here
-    laplace_epsilon = composed_laplace_epsilon(context, protocol.upload_epsilon)
     metrics.update(
         {
             "partition-id": partition_id,
@@ -95,8 +82,6 @@ def train(message: Message, context: Context) -> Message:
             "noise_scale": upload.noise_scale,
         }
     )
-    if laplace_epsilon is not None:
-        metrics["laplace_epsilon"] = laplace_epsilon
     arrays = encode_sparse(upload.indices, upload.values, delta.numel())
     content = RecordDict(
         {"upload": ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()}), "metrics": MetricRecord(metrics)}
