@@ -84,8 +84,8 @@ def clip_values(values: torch.Tensor, gamma: float | None) -> torch.Tensor:
     return values if gamma is None else values.clamp(-float(gamma), float(gamma))
 
 
-# Shokri & Shmatikov (CCS 2015, Section 5) privatise an upload with the sparse vector technique of
-# Dwork & Roth (The Algorithmic Foundations of Differential Privacy, 2014, Algorithm 3 "NumericSparse"):
+# Shokri & Shmatikov (CCS 2015) privatise an upload with the sparse vector technique of
+# Dwork & Roth (The Algorithmic Foundations of Differential Privacy, 2014, Section 3.6, "NumericSparse"):
 # ε1 = 8/9·ε for choosing which coordinates (noisy threshold), ε2 = 2/9·ε for their values, whose
 # Laplace noise of scale 2cΔf/ε2 costs ε2/2 = ε/9 over c values: ε1 + ε2/2 = ε per upload.
 SELECTION_EPSILON_SHARE = 8.0 / 9.0
