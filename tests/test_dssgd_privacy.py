@@ -177,9 +177,18 @@ def test_private_noise_does_not_come_from_the_run_seed():
 
 def test_cumulative_upload_epsilon_counts_each_participants_uploads(tmp_path):
     """Sequential composition per participant: ε per upload × uploads sent (round robin: 101 twice, the others once)."""
-    grid = LocalGrid(3)
+    sent_metrics: set = set()
+
+    def record(node: int, reply: Message) -> Message:
+        sent_metrics.update(reply.content["metrics"].keys())
+        return reply
+
+    grid = LocalGrid(3, tamper=record)
     run_dir = run_local(tmp_path, ["num_clients=3", "rounds=4", "protocol.order=round_robin", "protocol.fraction_train=0.3", *PRIVATE], grid)
     rows = rows_of(run_dir)
+    # nothing computed from the site's data outside the mechanism leaves it
+    assert not sent_metrics & {"train_loss", "local_accuracy", "local_loss"} and "uploaded" in sent_metrics
+    assert all(row["accuracy"] is None and row["global_accuracy"] is not None for row in rows)
     assert grid.delivered == [(101, 1), (102, 2), (103, 3), (101, 4)]
     assert [row["client_upload_epsilon_spent"] for row in rows] == [[0.5], [0.5, 0.5], [0.5, 0.5, 0.5], [1.0, 0.5, 0.5]]
     assert [row["upload_epsilon_spent"] for row in rows] == [0.5, 0.5, 0.5, 1.0]

@@ -20,6 +20,7 @@ from graftfl.core.train import evaluate
 
 PROTOCOL = "dssgd"
 LOCAL_MODEL_KEY = "dssgd-local-model"
+PRIVATE_WITHHELD = ("train_loss", "local_accuracy", "local_loss")  # not sent with selection=sparse_vector
 
 
 def local_model(cfg, context: Context, input_shape, num_classes: int) -> torch.nn.Module:
@@ -62,6 +63,7 @@ def train(message: Message, context: Context) -> Message:
     before = flatten_parameters(model).clone()
     metrics = local_train(model, x, y, cfg, context, seed=seed)
     delta = flatten_parameters(model).cpu() - before  # training may have moved the model to the GPU
+    private = protocol.selection == "sparse_vector"
     upload = make_upload(
         delta,
         theta_upload=float(protocol.theta_upload),
@@ -70,13 +72,18 @@ def train(message: Message, context: Context) -> Message:
         clip=protocol.clip,
         upload_epsilon=protocol.upload_epsilon,
         # Privacy noise from a secret seed: the server knows the run seed and could replay seeded noise.
-        generator=secret_generator() if protocol.selection == "sparse_vector" else torch.Generator().manual_seed(seed),
+        generator=secret_generator() if private else torch.Generator().manual_seed(seed),
     )
     context.state[LOCAL_MODEL_KEY] = ArrayRecord(model.state_dict())  # the full local update stays here
+    if private:
+        # Only what ε covers leaves the site: the training loss and the local model's test accuracy are
+        # functions of the site's data outside the mechanism. (The data set's size is treated as public.)
+        for key in PRIVATE_WITHHELD:
+            metrics.pop(key, None)
     metrics.update(
         {
             "partition-id": partition_id,
-            **local_test_metrics(model, cfg, client_device(cfg, context)),
+            **({} if private else local_test_metrics(model, cfg, client_device(cfg, context))),
             "downloaded": downloaded,
             "uploaded": int(upload.indices.numel()),
             "noise_scale": upload.noise_scale,
