@@ -16,7 +16,7 @@ from graftfl.core.codec import flatten_parameters
 from graftfl.core.selective import coordinate_budget, decode_sparse, encode_sparse, sparse_nbytes
 from graftfl.server_app.app import run_protocol
 from graftfl.server_app.checkpoint import load_checkpoint
-from graftfl.strategies.utils import CONFIG_KEY, ServerRun
+from graftfl.strategies.utils import CONFIG_KEY, ServerRun, message_nbytes
 from tests.dssgd_helpers import LocalGrid, server_identity
 
 BASE = ["protocol=dssgd", "dataset=digits", "progress=false", "train.local_steps=5"]
@@ -80,7 +80,7 @@ def test_bad_uploads_are_rejected_and_logged_while_the_round_completes(tmp_path)
 def test_a_silent_participant_is_skipped_and_the_round_completes(tmp_path):
     run_dir = run_local(tmp_path, ["num_clients=3", "rounds=1", "timeout_s=1"], LocalGrid(3, silent={102}))
     (row,) = rows_of(run_dir)
-    assert row["failed"] == [{"node": 102, "reason": "no reply within timeout"}]
+    assert row["failed"] == [{"node": 102, "reason": "no reply within timeout", "bytes_up": 0}]
     assert row["clients"] == [0, 2] and row["accuracy"] is not None
 
 
@@ -156,14 +156,21 @@ def test_dpsgd_epsilon_is_cumulative_and_matches_one_shot_accountant(tmp_path, b
     assert [row["upload_epsilon_spent"] for row in rows] == pytest.approx([0.5, 1.0, 1.5])
 
 
-def test_upload_bytes_are_sparse(tmp_path):
-    run_dir = run_local(tmp_path, ["num_clients=2", "rounds=1", "protocol.theta_upload=0.01"], LocalGrid(2))
+def test_bytes_are_the_serialized_messages_and_the_upload_is_sparse(tmp_path):
+    """bytes_up / bytes_down are the serialized Flower messages (config, metrics, metadata included)."""
+    grid = LocalGrid(2)
+    run_dir = run_local(tmp_path, ["num_clients=2", "rounds=1", "protocol.theta_upload=0.01"], grid)
     (row,) = rows_of(run_dir)
+    assert row["bytes_down"] == sum(message_nbytes(m) for m in grid.sent)
+    assert row["client_bytes_up"] == [message_nbytes(r) for r in sorted(grid.replies, key=lambda r: r.content["metrics"]["partition-id"])]
+    assert row["bytes_up"] == sum(row["client_bytes_up"])
     num_params = json.loads((run_dir / "summary.json").read_text())["num_params"]
-    expected = sparse_nbytes(coordinate_budget(0.01, num_params), num_params)
-    assert row["client_bytes_up"] == [expected, expected]
-    assert row["bytes_down"] == 2 * num_params * 4  # θd = 1: dense values, no indices
-    assert expected <= 0.03 * num_params * 4
+    payload = sparse_nbytes(coordinate_budget(0.01, num_params), num_params)
+    config_bytes = len(grid.sent[0].content["config"][CONFIG_KEY])
+    for upload in row["client_bytes_up"]:  # the sparse payload plus a small, bounded overhead
+        assert payload < upload < payload + 2048
+    for message in grid.sent:  # θd = 1: dense values, no indices; and the whole config, every message
+        assert num_params * 4 + config_bytes < message_nbytes(message) < num_params * 4 + config_bytes + 2048
 
 
 @pytest.mark.parametrize(

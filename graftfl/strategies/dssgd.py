@@ -29,7 +29,7 @@ from graftfl.core.selective import (
     encode_sparse,
     validate_upload,
 )
-from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, message_nbytes, require_choice, wait_for_nodes
 
 PROTOCOL = "dssgd"
 ORDERS = ("random", "round_robin")
@@ -141,18 +141,18 @@ def claimed_partition(metrics: dict) -> int:
 def exchange(grid: Grid, server: SelectiveServer, nodes: list[int], server_round: int, timeout_s: float) -> dict:
     """Send downloads to ``nodes`` (one batch), apply the valid uploads; what happened, per node."""
     messages = [server.download_message(node, server_round) for node in nodes]
-    outcome = {"bytes_down": sum(arrays_nbytes(m.content["download"]) for m in messages), "clients": [], "rejected": [], "failed": []}
+    outcome = {"bytes_down": sum(message_nbytes(m) for m in messages), "clients": [], "rejected": [], "failed": []}
     replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(messages, timeout=timeout_s)}
     for node in nodes:
         reply = replies.get(node)
         if reply is None or reply.has_error():
             why = "no reply within timeout" if reply is None else f"error: {reply.error.reason}"
             print(f"[dssgd] round {server_round}: node {node} skipped ({why})", flush=True)
-            outcome["failed"].append({"node": int(node), "reason": why})
+            outcome["failed"].append({"node": int(node), "reason": why, "bytes_up": 0 if reply is None else message_nbytes(reply)})
             continue
         metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
         metrics["partition-id"] = claimed_partition(metrics)
-        bytes_up = arrays_nbytes(reply.content["upload"]) if "upload" in reply.content else 0
+        bytes_up = message_nbytes(reply)  # the whole reply: upload, metrics, metadata
         reason = server.accept(reply, server_round)
         if reason is not None:
             print(f"[dssgd] round {server_round}: upload of node {node} rejected: {reason}", flush=True)
@@ -223,7 +223,7 @@ def round_row(server_round: int, outcome: dict, ledger: ParticipantLedger, evalu
         **summarise(local_accuracy, "local_accuracy"),
         "global_accuracy": evaluation["accuracy"],
         "global_loss": evaluation["loss"],
-        "bytes_up": sum(c["bytes_up"] for c in clients),
+        "bytes_up": sum(c["bytes_up"] for c in clients) + sum(f["bytes_up"] for f in outcome["failed"]),
         "bytes_down": outcome["bytes_down"],
         "client_flops": sum(c.get("client_flops", 0) for c in clients),
         "wall_s": wall_s,

@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY
 from graftfl.core.train import make_optimizer
-from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, arrays_nbytes, message_nbytes, require_choice, wait_for_nodes
 from graftfl.transport.frames import max_frame_bytes
 from graftfl.transport.server import DataPlaneServer
 
@@ -194,7 +194,7 @@ class SplitRunner:
 
     # ------------------------------------------------------------------ turns
     def message(self, node: int, category: str, turn, round_number: int, **fields) -> tuple[Message, int]:
-        records, nbytes = self.handoff.outgoing()
+        records, _ = self.handoff.outgoing()
         config = self.run.config_record(**{
             "server-round": round_number,
             "data-plane-address": self.plane.address,
@@ -202,7 +202,8 @@ class SplitRunner:
             **fields,
         })
         content = RecordDict({"config": config, **records})
-        return Message(content=content, dst_node_id=node, message_type=f"{category}.{self.protocol}"), nbytes
+        message = Message(content=content, dst_node_id=node, message_type=f"{category}.{self.protocol}")
+        return message, message_nbytes(message)  # the whole message (config, hand-off), not the payload alone
 
     def client_turn(self, node: int, round_number: int, index: int) -> dict | None:
         turn = self.plane.open_turn(label=f"round {round_number} node {node}")
@@ -223,7 +224,8 @@ class SplitRunner:
         metrics = dict(reply.content["metrics"])
         partition = int(metrics.get("partition-id", -1))
         self.partition_of[node] = partition
-        handed_back = self.handoff.accept(reply, int(metrics.get("samples", 0)))
+        self.handoff.accept(reply, int(metrics.get("samples", 0)))
+        handed_back = message_nbytes(reply)  # the whole reply (metrics, hand-off), as for the message sent
         return {
             "partition-id": partition,
             "bytes_up": turn.bytes_up + handed_back,
@@ -269,7 +271,7 @@ class SplitRunner:
             "partition-id": int(reply.content["metrics"].get("partition-id", -1)),
             "accuracy": float(totals["correct"]) / count,
             "loss": float(totals["loss_sum"]) / count,
-            "bytes_up": turn.bytes_up,
+            "bytes_up": turn.bytes_up + message_nbytes(reply),
             "bytes_down": turn.bytes_down + bytes_down,
         }
 
