@@ -252,6 +252,7 @@ def test_an_upload_beyond_the_budget_or_malformed_is_refused_without_stopping_th
         (["protocol.selection=sparse_vector", "protocol.threshold=0", "protocol.upload_epsilon=1.0"], "clip"),
         (["protocol.selection=sparse_vector", "protocol.threshold=0", "protocol.clip=0.1"], "upload_epsilon"),
         (["protocol.selection=sparse_vector", "protocol.clip=0.1", "protocol.upload_epsilon=1.0"], "threshold"),
+        (["resume=runs/earlier", *PRIVATE], "cannot resume"),  # a restarted ledger would under-report ε
     ],
 )
 def test_private_upload_config_is_checked(overrides, message):
