@@ -54,8 +54,8 @@ def validate_config(cfg) -> None:
         raise ValueError(f"protocol.upload_epsilon needs protocol.selection=sparse_vector: with selection={protocol.selection} "
                          "the coordinates are chosen in the clear and no epsilon bounds what an upload reveals")
     if cfg.resume and (cfg.privacy.name != "none" or protocol.upload_epsilon is not None):
-        # The participants' accountant and Laplace histories live in their context.state, which a
-        # resumed run does not have: its cumulative epsilon would restart at 0 and under-report.
+        # The participants' accountant histories live in their context.state and the server's upload
+        # ledger is not checkpointed: a resumed run's cumulative epsilon would restart at 0 and under-report.
         raise ValueError("protocol=dssgd cannot resume a run with privacy (privacy=dpsgd or protocol.upload_epsilon): "
                          "the participants' privacy histories are not in the checkpoint, so the cumulative epsilon would be wrong")
 
