@@ -168,7 +168,7 @@ def test_bytes_are_the_serialized_messages_and_the_upload_is_sparse(tmp_path):
     payload = sparse_nbytes(coordinate_budget(0.01, num_params), num_params)
     config_bytes = len(grid.sent[0].content["config"][CONFIG_KEY])
     for upload in row["client_bytes_up"]:  # the sparse payload plus a small, bounded overhead
-        assert payload < upload < payload + 2048
+        assert payload < upload < payload + 4096
     for message in grid.sent:  # θd = 1: dense values, no indices; and the whole config, every message
         assert num_params * 4 + config_bytes < message_nbytes(message) < num_params * 4 + config_bytes + 2048
 
