@@ -172,9 +172,9 @@ def check_selective_upload_on_cuda() -> dict:
 
     delta = torch.randn(100_000, device="cuda")
     result = {}
-    for selection, threshold in (("largest", None), ("threshold", 0.5)):
+    for selection, threshold, epsilon in (("largest", None, None), ("threshold", 0.5, None), ("sparse_vector", 0.5, 1.0)):
         upload = make_upload(delta, theta_upload=0.01, selection=selection, threshold=threshold, clip=0.1,
-                             upload_epsilon=1.0, generator=torch.Generator().manual_seed(0))
+                             upload_epsilon=epsilon, generator=torch.Generator().manual_seed(0))
         assert upload.indices.numel() == 1000 and torch.isfinite(upload.values).all()
         assert upload.values.device.type == "cpu" and upload.indices.device.type == "cpu", "an upload is bound for the wire"
         result[f"{selection}_uploaded"] = int(upload.indices.numel())

@@ -38,6 +38,8 @@ class LocalGrid:
         self.tamper = tamper
         self.silent = silent or set()
         self.delivered: list[tuple[int, int]] = []  # (node, server round)
+        self.sent: list[Message] = []  # every message the server sent, and every reply it got back
+        self.replies: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -47,8 +49,10 @@ class LocalGrid:
         for message in messages:
             node = message.metadata.dst_node_id
             self.delivered.append((node, int(message.content["config"]["server-round"])))
+            self.sent.append(message)
             if node in self.silent:
                 continue
             reply = dssgd_client.train(message, self.contexts[node])
             replies.append(self.tamper(node, reply) if self.tamper else reply)
+        self.replies += replies
         return replies

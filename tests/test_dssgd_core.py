@@ -1,4 +1,7 @@
-"""DSSGD tensor logic (graftfl.core.selective): selection, clipping, Laplace noise, sparse wire format, validation."""
+"""DSSGD tensor logic (graftfl.core.selective): selection, clipping, sparse wire format, validation.
+
+The private mechanism (selection=sparse_vector) is tested in tests/test_dssgd_privacy.py.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ from graftfl.core.selective import (
     select_largest,
     select_threshold,
     sparse_nbytes,
-    upload_noise_scale,
     validate_upload,
 )
 
@@ -74,25 +76,11 @@ def test_clipping_bounds_uploaded_values_and_keeps_small_ones():
     assert bool((upload.values.abs() <= 0.1 + 1e-7).all())
 
 
-def test_laplace_noise_scale_matches_gamma_count_and_epsilon():
-    """b = 2·γ·c / ε (sensitivity 2γ per value, c values per upload); checked on 50,000 samples."""
-    gamma, epsilon, size = 0.05, 2.0, 50_000
-    delta = torch.full((size,), 0.01)  # every |Δ| < γ: clipping leaves 0.01
-    upload = make_upload(delta, theta_upload=1.0, clip=gamma, upload_epsilon=epsilon, generator=torch.Generator().manual_seed(7))
-    expected = 2 * gamma * size / epsilon
-    assert upload.noise_scale == pytest.approx(expected)
-    assert upload_noise_scale(gamma, size, epsilon) == pytest.approx(expected)
-    noise = (upload.values.double() - 0.01).numpy()
-    assert np.mean(np.abs(noise)) == pytest.approx(expected, rel=0.03)  # E|X| = b for Laplace(0, b)
-    assert np.var(noise) == pytest.approx(2 * expected**2, rel=0.06)  # Var X = 2 b^2
-    assert abs(np.median(noise)) < 0.05 * expected
-    halved = make_upload(delta, theta_upload=1.0, clip=gamma, upload_epsilon=2 * epsilon, generator=torch.Generator().manual_seed(8))
-    assert np.mean(np.abs(halved.values.double().numpy() - 0.01)) == pytest.approx(expected / 2, rel=0.03)
-
-
-def test_laplace_noise_needs_clipping():
-    with pytest.raises(ValueError, match="clip"):
-        make_upload(torch.ones(10), theta_upload=0.5, upload_epsilon=1.0)
+def test_epsilon_without_private_selection_is_refused():
+    """ε on the values alone bounds nothing while the coordinates are chosen in the clear."""
+    for selection, threshold in (("largest", None), ("threshold", 0.0)):
+        with pytest.raises(ValueError, match="sparse_vector"):
+            make_upload(torch.ones(10), theta_upload=0.5, selection=selection, threshold=threshold, clip=0.1, upload_epsilon=1.0)
 
 
 def _through_array_record(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -143,6 +131,17 @@ def test_validate_upload_rejects_bad_uploads(indices, values, reason):
 
 def test_validate_upload_accepts_a_good_one():
     assert validate_upload(torch.tensor([0, 50, 99]), torch.tensor([0.1, -0.2, 0.3]), num_params=100, max_count=3) is None
+
+
+def test_validate_upload_enforces_the_declared_range():
+    """With γ declared, a value beyond ±γ (1e30, or just above γ) is refused; exactly ±γ as float32 passes."""
+    gamma = 0.05
+    clipped = make_upload(torch.tensor([1.0, -1.0, 0.01]), theta_upload=1.0, clip=gamma)
+    assert validate_upload(clipped.indices, clipped.values, num_params=3, max_count=3, bound=gamma) is None
+    for bad in (1e30, -1e30, float(np.nextafter(np.float32(gamma), np.float32(1)))):
+        reason = validate_upload(torch.tensor([0, 1]), torch.tensor([0.01, bad]), num_params=3, max_count=3, bound=gamma)
+        assert "outside the declared range" in reason
+    assert validate_upload(torch.tensor([0]), torch.tensor([1e30]), num_params=3, max_count=3) is None  # no γ: no range to enforce
 
 
 def test_apply_upload_and_statistics():

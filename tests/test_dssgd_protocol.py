@@ -17,7 +17,7 @@ from graftfl.core.models import model_from_config
 from graftfl.core.selective import coordinate_budget, decode_sparse, encode_sparse, sparse_nbytes
 from graftfl.server_app.app import run_protocol
 from graftfl.strategies.checkpoint import load_checkpoint
-from graftfl.strategies.utils import CONFIG_KEY, ServerRun
+from graftfl.strategies.utils import CONFIG_KEY, ServerRun, message_nbytes
 from tests.dssgd_helpers import LocalGrid, server_identity
 
 BASE = ["protocol=dssgd", "dataset=digits", "progress=false", "train.local_steps=5"]
@@ -81,7 +81,7 @@ def test_bad_uploads_are_rejected_and_logged_while_the_round_completes(tmp_path)
 def test_a_silent_participant_is_skipped_and_the_round_completes(tmp_path):
     run_dir = run_local(tmp_path, ["num_clients=3", "rounds=1", "timeout_s=1"], LocalGrid(3, silent={102}))
     (row,) = rows_of(run_dir)
-    assert row["failed"] == [{"node": 102, "reason": "no reply within timeout"}]
+    assert row["failed"] == [{"node": 102, "reason": "no reply within timeout", "bytes_up": 0}]
     assert row["clients"] == [0, 2] and row["accuracy"] is not None
 
 
@@ -136,7 +136,7 @@ def test_dpsgd_epsilon_is_cumulative_and_matches_one_shot_accountant(tmp_path, b
 
     grid = LocalGrid(2)
     overrides = ["num_clients=2", "rounds=3", "privacy=dpsgd", "privacy.noise_multiplier=1.1", f"train.batch_size={batch_size}", "train.lr=0.01"]
-    overrides += ["protocol.clip=0.05", "protocol.upload_epsilon=0.5"]
+    overrides += ["protocol.selection=sparse_vector", "protocol.threshold=0.001", "protocol.clip=0.05", "protocol.upload_epsilon=0.5"]
     run_dir = run_local(tmp_path, overrides, grid)
     rows = rows_of(run_dir)
     assert all(not row["rejected"] for row in rows)  # batch 1 DP-SGD gives finite uploads
@@ -153,25 +153,32 @@ def test_dpsgd_epsilon_is_cumulative_and_matches_one_shot_accountant(tmp_path, b
         partition = int(context.node_config["partition-id"])
         assert rows[-1]["client_epsilon"][partition] == pytest.approx(one_shot.get_epsilon(1e-5), rel=1e-9)
     assert rows[-1]["epsilon"] == max(rows[-1]["client_epsilon"])
-    # Laplace upload noise: ε = 0.5 per upload, composed over 3 uploads
-    assert [row["laplace_epsilon"] for row in rows] == pytest.approx([0.5, 1.0, 1.5])
+    # private uploads (sparse vector): ε = 0.5 per upload, composed over 3 uploads
+    assert [row["upload_epsilon_spent"] for row in rows] == pytest.approx([0.5, 1.0, 1.5])
 
 
-def test_upload_bytes_are_sparse(tmp_path):
-    run_dir = run_local(tmp_path, ["num_clients=2", "rounds=1", "protocol.theta_upload=0.01"], LocalGrid(2))
+def test_bytes_are_the_serialized_messages_and_the_upload_is_sparse(tmp_path):
+    """bytes_up / bytes_down are the serialized Flower messages (config, metrics, metadata included)."""
+    grid = LocalGrid(2)
+    run_dir = run_local(tmp_path, ["num_clients=2", "rounds=1", "protocol.theta_upload=0.01"], grid)
     (row,) = rows_of(run_dir)
+    assert row["bytes_down"] == sum(message_nbytes(m) for m in grid.sent)
+    assert row["client_bytes_up"] == [message_nbytes(r) for r in sorted(grid.replies, key=lambda r: r.content["metrics"]["partition-id"])]
+    assert row["bytes_up"] == sum(row["client_bytes_up"])
     num_params = json.loads((run_dir / "summary.json").read_text())["num_params"]
-    expected = sparse_nbytes(coordinate_budget(0.01, num_params), num_params)
-    assert row["client_bytes_up"] == [expected, expected]
-    assert row["bytes_down"] == 2 * num_params * 4  # θd = 1: dense values, no indices
-    assert expected <= 0.03 * num_params * 4
+    payload = sparse_nbytes(coordinate_budget(0.01, num_params), num_params)
+    config_bytes = len(grid.sent[0].content["config"][CONFIG_KEY])
+    for upload in row["client_bytes_up"]:  # the sparse payload plus a small, bounded overhead
+        assert payload < upload < payload + 4096
+    for message in grid.sent:  # θd = 1: dense values, no indices; and the whole config, every message
+        assert num_params * 4 + config_bytes < message_nbytes(message) < num_params * 4 + config_bytes + 2048
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
         (["protocol.selection=threshold"], "threshold"),
-        (["protocol.upload_epsilon=1.0"], "clip"),
+        (["protocol.upload_epsilon=1.0"], "sparse_vector"),
         (["protocol.order=sideways"], "order"),
         (["protocol.download=everything"], "download"),
         (["protocol.theta_upload=1.5"], "theta_upload"),

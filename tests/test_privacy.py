@@ -60,3 +60,45 @@ def test_laplace_noise_scale_matches_epsilon_and_sensitivity():
     # Laplace(0, b): mean |X| = b, variance 2 b^2
     assert math.isclose(float(noisy.abs().mean()), 0.04, rel_tol=0.02)
     assert math.isclose(float(noisy.var()), 2 * 0.04**2, rel_tol=0.03)
+
+
+def _private_setup(seed: int, samples: int = 4):
+    """A 4-sample DP-SGD setup at batch size 1: Poisson sample rate 1/4, so empty batches are common."""
+    torch.manual_seed(seed)
+    x, y = torch.randn(samples, 5), torch.randint(0, 3, (samples,))
+    model = torch.nn.Linear(5, 3)
+    private = PrivateTraining(DpSgdConfig(max_grad_norm=1.0, delta=1e-5, noise_multiplier=1.0))
+    dp_model, dp_optimizer, dp_loader = private.attach(model, make_optimizer("sgd", model.parameters(), 0.1), make_loader(x, y, 1, shuffle=True, seed=seed))
+    return private, dp_model, dp_optimizer, dp_loader
+
+
+def test_an_empty_poisson_batch_takes_a_noisy_step_and_is_accounted():
+    """As in Opacus: an empty batch adds noise to a zero gradient sum and counts as a step for the accountant."""
+    private, dp_model, dp_optimizer, _ = _private_setup(seed=0)
+    before = [p.detach().clone() for p in dp_model.parameters()]
+    empty_batch = (torch.empty(0, 5), torch.empty(0, dtype=torch.long))
+    result = train(dp_model, [empty_batch], dp_optimizer, device=torch.device("cpu"))
+    assert result["steps"] == 1 and result["samples"] == 0 and result["loss"] == 0.0
+    assert sum(steps for _, _, steps in private.history) == 1
+    after = list(dp_model.parameters())
+    assert any(not torch.equal(b, a) for b, a in zip(before, after))  # the noise moved the model
+    assert all(torch.isfinite(a).all() for a in after)
+
+
+def test_accountant_steps_equal_batches_drawn_including_empty_ones():
+    for seed in range(20):  # find a draw with an empty batch (probability (3/4)^4 per batch)
+        private, dp_model, dp_optimizer, dp_loader = _private_setup(seed)
+        sizes: list[int] = []
+
+        def recording(loader, sizes: list[int]):
+            for x, y in loader:
+                sizes.append(len(y))
+                yield x, y
+
+        result = train(dp_model, recording(dp_loader, sizes), dp_optimizer, device=torch.device("cpu"))
+        if 0 in sizes:
+            break
+    assert 0 in sizes, "no empty Poisson batch in 20 seeds"
+    assert result["steps"] == len(sizes) == sum(steps for _, _, steps in private.history)
+    assert result["samples"] == sum(sizes)
+    assert math.isfinite(result["loss"])

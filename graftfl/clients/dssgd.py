@@ -7,23 +7,21 @@ The tensor logic lives in :mod:`graftfl.core.selective`.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from graftfl.clients.utils import client_device, config_of, local_data, local_train, partition_id_of
 from graftfl.core.codec import assign_flat_parameters, flatten_parameters
 from graftfl.core.data import dataset_from_config
 from graftfl.core.models import model_from_config
-from graftfl.core.privacy import compose_laplace_epsilon
+from graftfl.core.privacy import secret_generator
 from graftfl.core.selective import decode_sparse, encode_sparse, make_upload, overwrite
 from graftfl.core.train import evaluate, round_seed
 
 PROTOCOL = "dssgd"
 LOCAL_MODEL_KEY = "dssgd-local-model"
-LAPLACE_STATE_KEY = "dssgd-laplace"
+PRIVATE_WITHHELD = ("train_loss", "local_accuracy", "local_loss")  # not sent with selection=sparse_vector
 
 
 def local_model(cfg, context: Context, input_shape, num_classes: int) -> torch.nn.Module:
@@ -40,16 +38,6 @@ def download_into(model: torch.nn.Module, download: ArrayRecord) -> int:
     indices, values = decode_sparse({name: array.numpy() for name, array in download.items()})
     assign_flat_parameters(model, overwrite(flatten_parameters(model), indices, values.to(torch.float32)))
     return int(values.numel())
-
-
-def composed_laplace_epsilon(context: Context, upload_epsilon: float | None) -> float | None:
-    """Record one more Laplace release of ``upload_epsilon``; the composed ε over all uploads."""
-    if upload_epsilon is None:
-        return None
-    state = context.state.get(LAPLACE_STATE_KEY, ConfigRecord())
-    released = json.loads(state.get("epsilons", "[]")) + [float(upload_epsilon)]
-    context.state[LAPLACE_STATE_KEY] = ConfigRecord({"epsilons": json.dumps(released)})
-    return compose_laplace_epsilon(released)
 
 
 def local_test_metrics(model: torch.nn.Module, cfg, device: torch.device) -> dict:
@@ -76,6 +64,7 @@ def train(message: Message, context: Context) -> Message:
     before = flatten_parameters(model).clone()
     metrics = local_train(model, x, y, cfg, context, seed=seed)
     delta = flatten_parameters(model).cpu() - before  # training may have moved the model to the GPU
+    private = protocol.selection == "sparse_vector"
     upload = make_upload(
         delta,
         theta_upload=float(protocol.theta_upload),
@@ -83,21 +72,24 @@ def train(message: Message, context: Context) -> Message:
         threshold=protocol.threshold,
         clip=protocol.clip,
         upload_epsilon=protocol.upload_epsilon,
-        generator=torch.Generator().manual_seed(seed),
+        # Privacy noise from a secret seed: the server knows the run seed and could replay seeded noise.
+        generator=secret_generator() if private else torch.Generator().manual_seed(seed),
     )
     context.state[LOCAL_MODEL_KEY] = ArrayRecord(model.state_dict())  # the full local update stays here
-    laplace_epsilon = composed_laplace_epsilon(context, protocol.upload_epsilon)
+    if private:
+        # Only what ε covers leaves the site: the training loss and the local model's test accuracy are
+        # functions of the site's data outside the mechanism. (The data set's size is treated as public.)
+        for key in PRIVATE_WITHHELD:
+            metrics.pop(key, None)
     metrics.update(
         {
             "partition-id": partition_id,
-            **local_test_metrics(model, cfg, client_device(cfg, context)),
+            **({} if private else local_test_metrics(model, cfg, client_device(cfg, context))),
             "downloaded": downloaded,
             "uploaded": int(upload.indices.numel()),
             "noise_scale": upload.noise_scale,
         }
     )
-    if laplace_epsilon is not None:
-        metrics["laplace_epsilon"] = laplace_epsilon
     arrays = encode_sparse(upload.indices, upload.values, delta.numel())
     content = RecordDict(
         {"upload": ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()}), "metrics": MetricRecord(metrics)}

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_PORT = 8765
 
@@ -98,7 +102,7 @@ def site_name_of(client_id: str) -> str:
     return client_id if client_id.startswith("site-") else f"site-{int(client_id)}"
 
 
-def load_images(paths: list[Path], input_shape, normalisation) -> "torch.Tensor":
+def load_images(paths: list[Path], input_shape, normalisation) -> torch.Tensor:
     """Images resized to the encoder's input and standardised as its training data was."""
     import numpy as np
     import torch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -171,15 +172,24 @@ class RunRecorder:
         ``runs/<run-id>``; created if missing.
     resume : bool
         Keep existing ``metrics.jsonl`` rows (a resumed run appends to them).
+    resume_round : int, optional
+        The round of the checkpoint a resumed run continues from. Rows of later rounds
+        (logged before a crash that came before their checkpoint) are dropped, since
+        those rounds run again: every round appears once in ``metrics.jsonl``.
     """
 
-    def __init__(self, run_dir: Path, resume: bool = False):
+    def __init__(self, run_dir: Path, resume: bool = False, resume_round: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.rows: list[dict] = []
         if resume and self.metrics_path.exists():
             self.rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            if resume_round is not None and any(int(row["round"]) > resume_round for row in self.rows):
+                self.rows = [row for row in self.rows if int(row["round"]) <= resume_round]
+                tmp = self.metrics_path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+                os.replace(tmp, self.metrics_path)  # atomic: a second crash leaves the old or the new file
         elif self.metrics_path.exists():
             self.metrics_path.unlink()
         self._started = time.monotonic()

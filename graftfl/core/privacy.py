@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -149,16 +150,29 @@ def laplace_scale(epsilon: float, sensitivity: float) -> float:
     return sensitivity / epsilon
 
 
+def laplace_samples(shape, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """I.i.d. Laplace(0, ``scale``) samples (float64, CPU: where ``generator`` lives)."""
+    uniform = torch.rand(shape, generator=generator, dtype=torch.float64) - 0.5
+    return -float(scale) * torch.sign(uniform) * torch.log1p(-2 * uniform.abs())
+
+
 def add_laplace_noise(values: torch.Tensor, epsilon: float, sensitivity: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """``values`` plus i.i.d. Laplace(0, sensitivity / epsilon) noise.
 
     The noise is drawn on the CPU (where ``generator`` lives), so a seed gives the
     same noise whatever device ``values`` are on.
     """
-    scale = laplace_scale(epsilon, sensitivity)
-    uniform = torch.rand(values.shape, generator=generator, dtype=torch.float64) - 0.5
-    noise = -scale * torch.sign(uniform) * torch.log1p(-2 * uniform.abs())
+    noise = laplace_samples(values.shape, laplace_scale(epsilon, sensitivity), generator)
     return values + noise.to(values.device, values.dtype)
+
+
+def secret_generator() -> torch.Generator:
+    """A CPU generator seeded from the operating system's CSPRNG.
+
+    Privacy noise must not come from the run's seed: the server knows the seed (it
+    sends the config) and could regenerate the noise and subtract it.
+    """
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def compose_laplace_epsilon(per_upload_epsilons: list[float]) -> float:

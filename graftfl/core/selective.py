@@ -5,9 +5,10 @@ Everything here works on the *flat* parameter vector of a model
 
 - which coordinates of a local update Δ a participant uploads
   (``selection=largest``: the θu·|W| largest |Δ|; ``selection=threshold``: a
-  random subset of the coordinates with |Δ| > τ, at most θu·|W| of them),
-- clipping every uploaded value to [-γ, γ] and, optionally, Laplace noise
-  calibrated to a per-upload ε,
+  random subset of the coordinates with |Δ| > τ, at most θu·|W| of them;
+  ``selection=sparse_vector``: the differentially private selection of the paper,
+  a noisy threshold (sparse vector technique) with noised, clipped values),
+- clipping every uploaded value to [-γ, γ],
 - the sparse wire format (indices + float32 values) and its validation on the server,
 - which global coordinates a participant downloads (``most_updated``, ``largest``, ``random``),
 - the server's per-parameter statistics (how often and how recently each was updated).
@@ -25,9 +26,9 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from graftfl.core.privacy import add_laplace_noise, laplace_scale
+from graftfl.core.privacy import laplace_samples
 
-SELECTIONS = ("largest", "threshold")
+SELECTIONS = ("largest", "threshold", "sparse_vector")
 DOWNLOADS = ("most_updated", "largest", "random")
 INT32_MAX = 2**31 - 1
 
@@ -65,14 +66,14 @@ def select_threshold(delta: torch.Tensor, tau: float, count: int, generator: tor
 
 
 def select_upload(delta: torch.Tensor, selection: str, count: int, tau: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Dispatch on ``selection`` (``largest`` | ``threshold``)."""
+    """Dispatch on ``selection`` (``largest`` | ``threshold``; ``sparse_vector`` is :func:`sparse_vector_upload`)."""
     if selection == "largest":
         return select_largest(delta, count)
     if selection == "threshold":
         if tau is None:
             raise ValueError("selection=threshold needs protocol.threshold (tau)")
         return select_threshold(delta, float(tau), count, generator)
-    raise ValueError(f"unknown selection '{selection}'; valid: {list(SELECTIONS)}")
+    raise ValueError(f"unknown selection '{selection}'; valid: {list(SELECTIONS[:2])} (sparse_vector goes through make_upload)")
 
 
 # ------------------------------------------------------ clipping & noise ---
@@ -83,19 +84,76 @@ def clip_values(values: torch.Tensor, gamma: float | None) -> torch.Tensor:
     return values if gamma is None else values.clamp(-float(gamma), float(gamma))
 
 
-def upload_sensitivity(gamma: float, count: int) -> float:
-    """L1 sensitivity of an upload of ``count`` values, each clipped to [-γ, γ]: ``2·γ·count``.
+# Shokri & Shmatikov (CCS 2015) privatise an upload with the sparse vector technique of
+# Dwork & Roth (The Algorithmic Foundations of Differential Privacy, 2014, Section 3.6, "NumericSparse"):
+# ε1 = 8/9·ε for choosing which coordinates (noisy threshold), ε2 = 2/9·ε for their values, whose
+# Laplace noise of scale 2cΔf/ε2 costs ε2/2 = ε/9 over c values: ε1 + ε2/2 = ε per upload.
+SELECTION_EPSILON_SHARE = 8.0 / 9.0
+VALUE_EPSILON_SHARE = 2.0 / 9.0  # ε2 in Dwork & Roth's notation; the values spend ε2 / 2 = ε / 9
 
-    One person's data can move each uploaded value anywhere in [-γ, γ] (a change of
-    at most 2γ), and the upload has ``count`` of them; Shokri & Shmatikov add
-    Laplace noise of scale ``2·γ·count / ε`` per released value.
+
+def upload_sensitivity(gamma: float) -> float:
+    """Δf = 2γ: one record can move a value clipped to [-γ, γ] anywhere in that range."""
+    return 2.0 * float(gamma)
+
+
+@dataclass(frozen=True)
+class SparseVectorScales:
+    """Laplace scales of one private upload of at most ``count`` values (see module comment).
+
+    ``threshold`` = 2cΔf/ε1 (fresh after every selected coordinate), ``query`` = 4cΔf/ε1
+    (fresh per examined coordinate), ``value`` = 2cΔf/ε2, with Δf = 2γ.
     """
-    return 2.0 * float(gamma) * int(count)
+
+    threshold: float
+    query: float
+    value: float
+
+    @classmethod
+    def of(cls, epsilon: float, gamma: float, count: int) -> SparseVectorScales:
+        if epsilon <= 0 or gamma <= 0 or count <= 0:
+            raise ValueError(f"sparse vector upload needs epsilon > 0, gamma > 0 and count > 0, got {epsilon}, {gamma}, {count}")
+        epsilon_1, epsilon_2 = SELECTION_EPSILON_SHARE * epsilon, VALUE_EPSILON_SHARE * epsilon
+        sensitivity = upload_sensitivity(gamma)
+        return cls(threshold=2 * count * sensitivity / epsilon_1, query=4 * count * sensitivity / epsilon_1, value=2 * count * sensitivity / epsilon_2)
 
 
-def upload_noise_scale(gamma: float, count: int, epsilon: float) -> float:
-    """Scale b of the Laplace noise added to every uploaded value for a per-upload ``epsilon``."""
-    return laplace_scale(epsilon, upload_sensitivity(gamma, count))
+def _first_at_or_above(queries: np.ndarray, threshold: float, start: int) -> int | None:
+    """Position of the first ``queries[i] >= threshold`` with ``i >= start`` (a growing window: hits are dense)."""
+    window = 64
+    while start < len(queries):
+        hits = np.flatnonzero(queries[start : start + window] >= threshold)
+        if len(hits):
+            return start + int(hits[0])
+        start += window
+        window *= 2
+    return None
+
+
+def sparse_vector_upload(delta: torch.Tensor, *, tau: float, gamma: float, epsilon: float, count: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, SparseVectorScales]:
+    """Shokri & Shmatikov's private upload: ``(indices ascending, values, scales)``, ε-DP per upload.
+
+    Coordinates are examined in a random order. Coordinate j is selected when
+    ``|bound(Δ_j, γ)| + Lap(query) >= τ + Lap(threshold)``; the threshold noise is drawn
+    afresh after every selection, and at most ``count`` coordinates are selected. A selected
+    value is released as ``bound(bound(Δ_j, γ) + Lap(value), γ)``. All randomness comes from
+    ``generator``: the caller must seed it with a secret (see ``secret_generator``).
+    """
+    scales = SparseVectorScales.of(epsilon, gamma, count)
+    bounded = delta.detach().to("cpu", torch.float64).reshape(-1).clamp(-float(gamma), float(gamma))
+    order = torch.randperm(bounded.numel(), generator=generator)
+    queries = (bounded[order].abs() + laplace_samples(bounded.numel(), scales.query, generator)).numpy()
+    thresholds = (float(tau) + laplace_samples(count, scales.threshold, generator)).numpy()
+    chosen, position = [], 0
+    for threshold in thresholds:  # one fresh noisy threshold per selected coordinate
+        hit = _first_at_or_above(queries, float(threshold), position)
+        if hit is None:
+            break
+        chosen.append(hit)
+        position = hit + 1
+    indices = order[torch.tensor(chosen, dtype=torch.long)].sort().values
+    noisy = bounded[indices] + laplace_samples(len(indices), scales.value, generator)
+    return indices, noisy.clamp(-float(gamma), float(gamma)).to(torch.float32), scales
 
 
 @dataclass
@@ -103,8 +161,8 @@ class Upload:
     """A participant's sparse upload: global coordinates and the values to add there."""
 
     indices: torch.Tensor  # int64, ascending, unique
-    values: torch.Tensor  # float32, clipped (and noised when ε is set)
-    noise_scale: float = 0.0
+    values: torch.Tensor  # float32, clipped (and noised with selection=sparse_vector)
+    noise_scale: float = 0.0  # Laplace scale of the value noise (0: none)
 
 
 def make_upload(
@@ -117,22 +175,28 @@ def make_upload(
     upload_epsilon: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Upload:
-    """Select, clip and (optionally) noise the coordinates of ``delta`` to upload.
+    """Select and clip (``largest``/``threshold``), or privatise (``sparse_vector``), the coordinates of ``delta`` to upload.
 
-    The noise uses the budget θu·|W| as ``count`` (not the data-dependent number of
-    threshold candidates), so the scale itself reveals nothing about the data.
+    ``sparse_vector`` needs ``threshold`` (τ), ``clip`` (γ) and ``upload_epsilon`` (ε per
+    upload, selection and values together); ε is refused with the other selections, whose
+    choice of coordinates is not private. The budget c = θu·|W| fixes the noise scales, so
+    they reveal nothing about the data.
     """
     budget = coordinate_budget(theta_upload, delta.numel())
+    if selection == "sparse_vector":
+        if threshold is None or clip is None or upload_epsilon is None:
+            raise ValueError("selection=sparse_vector needs protocol.threshold (tau), protocol.clip (gamma) and protocol.upload_epsilon")
+        if budget == 0:
+            return Upload(indices=torch.empty(0, dtype=torch.long), values=torch.empty(0, dtype=torch.float32))
+        indices, values, scales = sparse_vector_upload(delta, tau=threshold, gamma=clip, epsilon=upload_epsilon, count=budget, generator=generator)
+        return Upload(indices=indices, values=values, noise_scale=scales.value)
+    if upload_epsilon is not None:
+        raise ValueError(f"upload_epsilon needs selection=sparse_vector: with selection={selection} the choice of coordinates "
+                         "is made in the clear, so no epsilon bounds what an upload reveals")
     indices = select_upload(delta, selection, budget, threshold, generator)
     values = clip_values(delta[indices].to(torch.float32), clip)
-    scale = 0.0
-    if upload_epsilon is not None and len(indices):
-        if clip is None:
-            raise ValueError("Laplace upload noise needs protocol.clip (gamma) to bound the sensitivity")
-        scale = upload_noise_scale(clip, budget, upload_epsilon)
-        values = add_laplace_noise(values, upload_epsilon, upload_sensitivity(clip, budget), generator=generator)
     # An upload is bound for the wire: CPU tensors, whatever device the update was computed on.
-    return Upload(indices=indices.to("cpu", torch.long), values=values.to("cpu", torch.float32), noise_scale=scale)
+    return Upload(indices=indices.to("cpu", torch.long), values=values.to("cpu", torch.float32))
 
 
 # ------------------------------------------------------ sparse wire format ---
@@ -176,11 +240,12 @@ def sparse_nbytes(count: int, num_params: int, with_indices: bool = True) -> int
     return count * 4 + (count * index_dtype(num_params).itemsize if with_indices else 0)
 
 
-def validate_upload(indices: torch.Tensor | None, values: torch.Tensor, num_params: int, max_count: int) -> str | None:
+def validate_upload(indices: torch.Tensor | None, values: torch.Tensor, num_params: int, max_count: int, bound: float | None = None) -> str | None:
     """Why an upload must be rejected, or None when it is acceptable.
 
     Checks: indices present, integer, one per value, in ``[0, num_params)``, unique;
-    values float32 and finite; no more than ``max_count`` of them.
+    values float32, finite and, when the run declares γ (``bound``), within [-γ, γ];
+    no more than ``max_count`` of them.
     """
     if indices is None:
         return "upload carries no indices"
@@ -198,6 +263,9 @@ def validate_upload(indices: torch.Tensor | None, values: torch.Tensor, num_para
         return "duplicate indices"
     if not bool(torch.isfinite(values).all()):
         return "non-finite values (NaN or inf)"
+    # γ as float32, like the participant's clamp: an honest value of exactly ±γ passes.
+    if bound is not None and len(values) and float(values.abs().max()) > float(np.float32(bound)):
+        return f"values outside the declared range [-gamma, gamma] = [-{bound}, {bound}]: max |value| {float(values.abs().max()):.6g}"
     return None
 
 

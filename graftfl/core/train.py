@@ -83,16 +83,18 @@ def train(
         for x, y in progress(loader, desc=f"train epoch {epoch + 1}", enabled=show_progress):
             if max_steps is not None and steps >= max_steps:
                 break
-            if len(y) == 0:  # Poisson sampling (DP-SGD) can draw an empty batch
-                continue
+            # Poisson sampling (DP-SGD) can draw an empty batch. It still takes its step, as in Opacus:
+            # the optimizer adds noise to a zero gradient sum and the accountant counts the step, so the
+            # recorded history describes the mechanism that ran (skipping it would leak the batch size).
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             loss.backward()
             optimizer.step()
             steps += 1
-            samples += len(y)
-            loss_sum += loss.detach().item() * len(y)
+            if len(y):  # the mean loss of an empty batch is NaN
+                samples += len(y)
+                loss_sum += loss.detach().item() * len(y)
     return {"loss": loss_sum / max(samples, 1), "steps": steps, "samples": samples}
 
 

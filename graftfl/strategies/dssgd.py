@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 
 from graftfl.core.codec import assign_flat_parameters, flatten_parameters
 from graftfl.core.meter import metrics_row
+from graftfl.core.privacy import compose_laplace_epsilon
 from graftfl.core.selective import (
     DOWNLOADS,
     SELECTIONS,
@@ -29,7 +30,7 @@ from graftfl.core.selective import (
     encode_sparse,
     validate_upload,
 )
-from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, message_nbytes, require_choice, wait_for_nodes
 
 PROTOCOL = "dssgd"
 ORDERS = ("random", "round_robin")
@@ -41,18 +42,21 @@ def validate_config(cfg) -> None:
     require_choice("protocol.selection", protocol.selection, SELECTIONS)
     require_choice("protocol.download", protocol.download, DOWNLOADS)
     require_choice("protocol.order", protocol.order, ORDERS)
-    if protocol.selection == "threshold" and (protocol.threshold is None or protocol.threshold < 0):
-        raise ValueError("selection=threshold needs protocol.threshold (tau) >= 0")
+    if protocol.selection in ("threshold", "sparse_vector") and (protocol.threshold is None or protocol.threshold < 0):
+        raise ValueError(f"selection={protocol.selection} needs protocol.threshold (tau) >= 0")
     if protocol.clip is not None and protocol.clip <= 0:
         raise ValueError(f"protocol.clip (gamma) must be > 0 or null, got {protocol.clip}")
-    if protocol.upload_epsilon is not None:
-        if protocol.upload_epsilon <= 0:
-            raise ValueError(f"protocol.upload_epsilon must be > 0 or null, got {protocol.upload_epsilon}")
-        if protocol.clip is None:
-            raise ValueError("protocol.upload_epsilon (Laplace noise) needs protocol.clip (gamma) to bound the sensitivity")
+    if protocol.upload_epsilon is not None and protocol.upload_epsilon <= 0:
+        raise ValueError(f"protocol.upload_epsilon must be > 0 or null, got {protocol.upload_epsilon}")
+    if protocol.selection == "sparse_vector" and (protocol.clip is None or protocol.upload_epsilon is None):
+        raise ValueError("selection=sparse_vector (differentially private uploads) needs protocol.clip (gamma, bounds the "
+                         "sensitivity) and protocol.upload_epsilon (epsilon per upload)")
+    if protocol.selection != "sparse_vector" and protocol.upload_epsilon is not None:
+        raise ValueError(f"protocol.upload_epsilon needs protocol.selection=sparse_vector: with selection={protocol.selection} "
+                         "the coordinates are chosen in the clear and no epsilon bounds what an upload reveals")
     if cfg.resume and (cfg.privacy.name != "none" or protocol.upload_epsilon is not None):
-        # The participants' accountant and Laplace histories live in their context.state, which a
-        # resumed run does not have: its cumulative epsilon would restart at 0 and under-report.
+        # The participants' accountant histories live in their context.state and the server's upload
+        # ledger is not checkpointed: a resumed run's cumulative epsilon would restart at 0 and under-report.
         raise ValueError("protocol=dssgd cannot resume a run with privacy (privacy=dpsgd or protocol.upload_epsilon): "
                          "the participants' privacy histories are not in the checkpoint, so the cumulative epsilon would be wrong")
 
@@ -109,13 +113,13 @@ class SelectiveServer:
 
     def accept(self, reply: Message, server_round: int) -> str | None:
         """Validate and apply one reply's upload; the rejection reason, or None when applied."""
-        if "upload" not in reply.content:
-            return "reply carries no upload"
+        if not isinstance(reply.content.get("upload"), ArrayRecord):
+            return "reply carries no upload (an ArrayRecord named 'upload')"
         try:
             indices, values = decode_sparse({name: array.numpy() for name, array in reply.content["upload"].items()})
         except (ValueError, TypeError) as err:
             return f"undecodable upload: {err}"
-        reason = validate_upload(indices, values, self.num_params, self.max_upload)
+        reason = validate_upload(indices, values, self.num_params, self.max_upload, bound=self.cfg.protocol.clip)
         if reason is None:
             apply_upload(self.params, indices, values)
             self.stats.record(indices, server_round)
@@ -126,25 +130,36 @@ class SelectiveServer:
         return self.model
 
 
+def claimed_partition(metrics: dict) -> int:
+    """The partition id a reply claims, or -1 when it is missing or not an integer (a reply is untrusted)."""
+    try:
+        value = metrics.get("partition-id", -1)
+        return int(value) if float(value).is_integer() else -1
+    except (TypeError, ValueError, OverflowError):
+        return -1
+
+
 def exchange(grid: Grid, server: SelectiveServer, nodes: list[int], server_round: int, timeout_s: float) -> dict:
     """Send downloads to ``nodes`` (one batch), apply the valid uploads; what happened, per node."""
     messages = [server.download_message(node, server_round) for node in nodes]
-    outcome = {"bytes_down": sum(arrays_nbytes(m.content["download"]) for m in messages), "clients": [], "rejected": [], "failed": []}
+    outcome = {"bytes_down": sum(message_nbytes(m) for m in messages), "clients": [], "rejected": [], "failed": []}
     replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(messages, timeout=timeout_s)}
     for node in nodes:
         reply = replies.get(node)
         if reply is None or reply.has_error():
             why = "no reply within timeout" if reply is None else f"error: {reply.error.reason}"
             print(f"[dssgd] round {server_round}: node {node} skipped ({why})", flush=True)
-            outcome["failed"].append({"node": int(node), "reason": why})
+            outcome["failed"].append({"node": int(node), "reason": why, "bytes_up": 0 if reply is None else message_nbytes(reply)})
             continue
         metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
-        bytes_up = arrays_nbytes(reply.content["upload"]) if "upload" in reply.content else 0
+        metrics["partition-id"] = claimed_partition(metrics)
+        bytes_up = message_nbytes(reply)  # the whole reply: upload, metrics, metadata
         reason = server.accept(reply, server_round)
         if reason is not None:
             print(f"[dssgd] round {server_round}: upload of node {node} rejected: {reason}", flush=True)
             outcome["rejected"].append({"node": int(node), "partition": int(metrics.get("partition-id", -1)), "reason": reason})
-        outcome["clients"].append({**metrics, "node": int(node), "bytes_up": bytes_up, "accepted": reason is None})
+        released = "upload" in reply.content  # what the participant sent spends its ε, accepted or not
+        outcome["clients"].append({**metrics, "node": int(node), "bytes_up": bytes_up, "accepted": reason is None, "released": released})
     return outcome
 
 
@@ -164,18 +179,35 @@ def summarise(values: list[float], prefix: str) -> dict:
 
 
 class ParticipantLedger:
-    """The latest accuracy, loss and cumulative ε reported by each participant (keyed by partition id)."""
+    """The latest accuracy, loss and cumulative ε of each participant (keyed by partition id).
 
-    FIELDS = ("local_accuracy", "local_loss", "epsilon", "laplace_epsilon")
+    ``epsilon`` (DP-SGD) is the participant's own accountant. ``upload_epsilon_spent`` is
+    counted here, by the server, from what it received: ε per upload times the number of
+    uploads the participant sent (basic sequential composition of pure ε-DP releases),
+    rejected ones included, since they were released too.
 
-    def __init__(self):
+    Parameters
+    ----------
+    upload_epsilon : float or None
+        ε of one upload (``protocol.upload_epsilon``); None when uploads are not private.
+    """
+
+    FIELDS = ("local_accuracy", "local_loss", "epsilon", "upload_epsilon_spent")
+
+    def __init__(self, upload_epsilon: float | None = None):
+        self.upload_epsilon = upload_epsilon
         self.latest: dict[str, dict[int, float]] = {field: {} for field in self.FIELDS}
+        self.uploads: dict[int, list[float]] = {}
 
     def update(self, clients: list[dict]) -> None:
         for client in clients:
-            for field in self.FIELDS:
-                if field in client:
-                    self.latest[field][int(client["partition-id"])] = float(client[field])
+            partition = int(client["partition-id"])
+            for field in ("local_accuracy", "local_loss", "epsilon"):
+                if isinstance(client.get(field), (int, float)):  # a reply's metrics are untrusted
+                    self.latest[field][partition] = float(client[field])
+            if self.upload_epsilon is not None and client.get("released"):
+                self.uploads.setdefault(partition, []).append(float(self.upload_epsilon))
+                self.latest["upload_epsilon_spent"][partition] = compose_laplace_epsilon(self.uploads[partition])
 
     def values(self, field: str) -> list[float]:
         return [value for _, value in sorted(self.latest[field].items())]
@@ -208,9 +240,10 @@ def round_row(server_round: int, outcome: dict, ledger: ParticipantLedger, evalu
         rejected=outcome["rejected"],
         failed=outcome["failed"],
     )
-    laplace = ledger.values("laplace_epsilon")
-    if laplace:
-        row["laplace_epsilon"], row["client_laplace_epsilon"] = max(laplace), laplace
+    row["bytes_up"] += sum(f["bytes_up"] for f in outcome["failed"])  # refused replies crossed the wire too
+    spent = ledger.values("upload_epsilon_spent")
+    if spent:
+        row["upload_epsilon_spent"], row["client_upload_epsilon_spent"] = max(spent), spent
     return row
 
 
@@ -218,7 +251,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
     """Run DSSGD for the remaining rounds; returns extra summary fields."""
     cfg = run.cfg
     server = SelectiveServer(run)
-    ledger = ParticipantLedger()
+    ledger = ParticipantLedger(cfg.protocol.upload_epsilon)
     nodes = wait_for_nodes(grid, cfg.num_clients, cfg.timeout_s)
     run.round_seconds()
     rejected_total = failed_total = 0
@@ -248,4 +281,5 @@ def run(grid: Grid, run: ServerRun) -> dict:
         "local_accuracy_max": final.get("local_accuracy_max"),
         "rejected_uploads": rejected_total,
         "failed_participants": failed_total,
+        **({"upload_epsilon_spent": final["upload_epsilon_spent"]} if "upload_epsilon_spent" in final else {}),
     }

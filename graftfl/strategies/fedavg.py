@@ -10,7 +10,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from graftfl.core.meter import metrics_row
-from graftfl.strategies.utils import ServerRun, arrays_nbytes, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, message_nbytes, wait_for_nodes
 
 PROTOCOL = "fedavg"
 
@@ -32,14 +32,16 @@ class FedAvgWithMetrics(FedAvg):
         self.client_rows: list[dict] = []
         self.client_errors: list[str] = []
         self.bytes_down = 0
+        self.failed_bytes_up = 0
         self.sent = 0
         self.privacy_histories: dict[str, str] = dict((run.resume_state or {}).get("extra", {}).get("privacy_histories", {}))
 
     def _construct_messages(self, record, node_ids, message_type) -> Iterable[Message]:
         # Flower sends plain "train"; the graftfl ClientApp routes "<category>.<protocol>".
-        self.bytes_down = arrays_nbytes(record[self.arrayrecord_key]) * len(node_ids)
+        messages = list(super()._construct_messages(record, node_ids, f"{message_type}.{PROTOCOL}"))
+        self.bytes_down = sum(message_nbytes(message) for message in messages)  # config and arrays, every message
         self.sent = len(node_ids)
-        return super()._construct_messages(record, node_ids, f"{message_type}.{PROTOCOL}")
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
@@ -52,11 +54,8 @@ class FedAvgWithMetrics(FedAvg):
         if not any(not reply.has_error() for reply in replies):
             # Flower would keep the old model and go on: a run in which nobody trains must stop, and say why.
             raise RuntimeError(f"round {server_round}: no client finished training ({'; '.join(self.client_errors)})")
-        self.client_rows = [
-            {**dict(reply.content["metrics"]), "bytes_up": arrays_nbytes(reply.content[self.arrayrecord_key])}
-            for reply in replies
-            if not reply.has_error()
-        ]
+        self.client_rows = [{**dict(reply.content["metrics"]), "bytes_up": message_nbytes(reply)} for reply in replies if not reply.has_error()]
+        self.failed_bytes_up = sum(message_nbytes(reply) for reply in replies if reply.has_error())  # error replies travel too
         for reply in replies:
             if not reply.has_error() and "privacy" in reply.content:
                 partition_id = int(reply.content["metrics"]["partition-id"])
@@ -64,14 +63,15 @@ class FedAvgWithMetrics(FedAvg):
         return super().aggregate_train(server_round, replies)
 
 
-def round_row(server_round: int, evaluation: dict, client_rows: list[dict], bytes_down: int, wall_s: float, client_errors: list[str] = ()) -> dict:
+def round_row(server_round: int, evaluation: dict, client_rows: list[dict], bytes_down: int, wall_s: float, client_errors: list[str] = (),
+              failed_bytes_up: int = 0) -> dict:
     """One metrics.jsonl row from the server evaluation and the clients' replies (and failures)."""
     by_client = sorted(client_rows, key=lambda r: r.get("partition-id", 0))
     return metrics_row(
         server_round,
         accuracy=evaluation["accuracy"],
         loss=evaluation["loss"],
-        bytes_up=sum(r["bytes_up"] for r in by_client),
+        bytes_up=sum(r["bytes_up"] for r in by_client) + failed_bytes_up,
         bytes_down=bytes_down,
         client_flops=sum(r.get("client_flops", 0) for r in by_client),
         wall_s=wall_s,
@@ -103,7 +103,8 @@ def run(grid: Grid, run: ServerRun) -> dict:
             return None
         model.load_state_dict(arrays.to_torch_state_dict())
         evaluation = run.evaluate(model)
-        row = round_row(offset + server_round, evaluation, strategy.client_rows, strategy.bytes_down, run.round_seconds(), strategy.client_errors)
+        row = round_row(offset + server_round, evaluation, strategy.client_rows, strategy.bytes_down, run.round_seconds(), strategy.client_errors,
+                        strategy.failed_bytes_up)
         run.recorder.log_round(row)
         run.checkpoint(offset + server_round, model, {"privacy_histories": strategy.privacy_histories})
         print(f"[fedavg] round {offset + server_round}/{cfg.rounds} accuracy {evaluation['accuracy']:.4f}", flush=True)

@@ -31,7 +31,7 @@ from graftfl.core.meter import metrics_row
 from graftfl.core.models import model_from_config
 from graftfl.core.split import MiddleStage, TopStage, activation_shape, cut_points, model_parts, split_at_cut
 from graftfl.core.train import optimizer_from_config
-from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, arrays_nbytes, message_nbytes, require_choice, wait_for_nodes
 from graftfl.transport.frames import max_frame_bytes
 from graftfl.transport.server import DataPlaneServer
 
@@ -232,7 +232,7 @@ class SplitRunner:
 
     # ------------------------------------------------------------------ turns
     def message(self, node: int, category: str, turn, round_number: int, **fields) -> tuple[Message, int]:
-        records, nbytes = self.handoff.outgoing()
+        records, _ = self.handoff.outgoing()
         config = self.run.config_record(**{
             "server-round": round_number,
             "data-plane-address": self.plane.address,
@@ -240,7 +240,8 @@ class SplitRunner:
             **fields,
         })
         content = RecordDict({"config": config, **records})
-        return Message(content=content, dst_node_id=node, message_type=f"{category}.{self.protocol}"), nbytes
+        message = Message(content=content, dst_node_id=node, message_type=f"{category}.{self.protocol}")
+        return message, message_nbytes(message)  # the whole message (config, hand-off), not the payload alone
 
     def client_turn(self, node: int, round_number: int, index: int) -> dict | None:
         turn = self.plane.open_turn(label=f"round {round_number} node {node}", accept=frame_kinds(self.stage, "train"),
@@ -262,7 +263,8 @@ class SplitRunner:
         metrics = dict(reply.content["metrics"])
         partition = int(metrics.get("partition-id", -1))
         self.partition_of[node] = partition
-        handed_back = self.handoff.accept(reply, int(metrics.get("samples", 0)))
+        self.handoff.accept(reply, int(metrics.get("samples", 0)))
+        handed_back = message_nbytes(reply)  # the whole reply (metrics, hand-off), as for the message sent
         return {
             "partition-id": partition,
             "bytes_up": turn.bytes_up + handed_back,
@@ -310,7 +312,7 @@ class SplitRunner:
             "partition-id": int(reply.content["metrics"].get("partition-id", -1)),
             "accuracy": float(totals["correct"]) / count,
             "loss": float(totals["loss_sum"]) / count,
-            "bytes_up": turn.bytes_up,
+            "bytes_up": turn.bytes_up + message_nbytes(reply),
             "bytes_down": turn.bytes_down + bytes_down,
         }
 

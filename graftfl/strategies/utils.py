@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from omegaconf import DictConfig
 
 from graftfl.config import to_container
@@ -42,8 +43,10 @@ class ServerRun:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.recorder = RunRecorder(self.run_dir, resume=resume)
         self.resume_state = load_checkpoint(self.run_dir) if resume else None
+        # Rows logged after the checkpoint (a crash between logging a round and checkpointing it) are dropped.
+        resume_round = int(self.resume_state["round"]) if self.resume_state else 0
+        self.recorder = RunRecorder(self.run_dir, resume=resume, resume_round=resume_round)
         self.device = resolve_device(cfg.device)
         self._data: DatasetSplits | None = None
         self._round_started = time.monotonic()
@@ -103,6 +106,19 @@ def wait_for_nodes(grid, count: int, timeout_s: float) -> list[int]:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(nodes)} of {count} SuperNodes connected within {timeout_s:.0f} s")
         time.sleep(0.5)
+
+
+def message_nbytes(message_or_recorddict: Message | RecordDict) -> int:
+    """Bytes of a Flower message (or of its content alone) as flwr sends it: graftfl's one definition of traffic.
+
+    flwr 1.41 moves a message as a tree of objects (the message with its metadata, the
+    RecordDict, every record, array and array chunk), each serialized with
+    ``deflate()`` and pushed once per message (identical objects only once). This is the
+    sum of those serialized objects: payload, config and metrics records, protobuf framing
+    and metadata included; the transport's own framing (HTTP/gRPC headers, TLS) is not.
+    """
+    objects = get_all_nested_objects(message_or_recorddict)
+    return int(sum(len(obj.deflate()) for obj in objects.values()))
 
 
 def arrays_nbytes(record: ArrayRecord) -> int:

@@ -1,0 +1,66 @@
+"""Bytes have one definition: the serialized Flower messages, both directions, config included."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import push_objects
+
+from graftfl.config import compose_config
+from graftfl.strategies.fedavg import FedAvgWithMetrics, round_row
+from graftfl.strategies.utils import ServerRun, message_nbytes
+from tests.conftest import flower_task_identity
+from tests.test_fedavg_failures import failed_reply, reply_metadata
+
+
+def pushed_by_flower(message: Message) -> int:
+    """What Flower's own object push hands to the transport for ``message`` (every object's bytes)."""
+    pushed: list[int] = []
+    push_objects(get_all_nested_objects(message), push_object_fn=lambda object_id, content: pushed.append(len(content)), max_concurrent_pushes=1)
+    return sum(pushed)
+
+
+def a_message(config_text: str = "x") -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": Array(np.arange(1000, dtype=np.float32)), "b": Array(np.ones(10, np.float32))}),
+        "config": ConfigRecord({"graftfl-config": config_text, "server-round": 3}),
+        "metrics": MetricRecord({"loss": 0.5}),
+    })
+    with flower_task_identity():
+        return Message(content=content, dst_node_id=7, message_type="train.fedavg")
+
+
+def test_message_nbytes_is_what_flower_pushes_and_counts_the_config():
+    message = a_message()
+    assert message_nbytes(message) == pushed_by_flower(a_message())
+    assert message_nbytes(message) > 4040 + message_nbytes(RecordDict({"metrics": MetricRecord({"loss": 0.5})}))  # payload is inside
+    assert message_nbytes(a_message("x" * 5001)) - message_nbytes(message) >= 5000  # config is counted
+    assert message_nbytes(message.content) < message_nbytes(message)  # the message adds its metadata
+
+
+class FakeGrid:
+    def get_node_ids(self):
+        return [11, 12]
+
+
+def test_fedavg_counts_whole_messages_both_ways(tmp_path):
+    """bytes_down: every train message (config + arrays); bytes_up: every reply, error replies too."""
+    run = ServerRun(compose_config(["dataset=digits"]), tmp_path / "run")
+    strategy = FedAvgWithMetrics(run, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=2)
+    arrays = ArrayRecord({"w": torch.ones(300)})
+    with flower_task_identity():
+        messages = list(strategy.configure_train(1, arrays, run.config_record(), FakeGrid()))
+        assert len(messages) == 2
+        assert strategy.bytes_down == sum(message_nbytes(m) for m in messages)
+        assert strategy.bytes_down > 2 * (300 * 4 + len(run.config_record()["graftfl-config"]))  # not the tensors alone
+        good = [Message(RecordDict({"arrays": ArrayRecord({"w": torch.ones(300)}), "metrics": MetricRecord({"partition-id": node, "num-examples": 10})}),
+                        metadata=reply_metadata(node)) for node in (0, 1)]
+        bad = failed_reply(2, "site data missing")
+        strategy.sent = 3
+        strategy.aggregate_train(1, [*good, bad])
+    assert [row["bytes_up"] for row in strategy.client_rows] == [message_nbytes(r) for r in good]
+    row = round_row(1, {"accuracy": 0.5, "loss": 1.0}, strategy.client_rows, strategy.bytes_down, 0.1, strategy.client_errors, strategy.failed_bytes_up)
+    assert row["bytes_up"] == sum(message_nbytes(r) for r in good) + message_nbytes(bad)
+    assert row["bytes_down"] == sum(message_nbytes(m) for m in messages)
