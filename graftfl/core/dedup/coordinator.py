@@ -13,7 +13,8 @@ import json
 import logging
 import secrets
 import time
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class DedupCoordinator:
         self.num_sites = num_sites
         self.session = session or secrets.token_hex(16)
         self.failed: dict[int, str] = {}
+        self.begun: set[int] = set()
         self.requests: dict[int, bytes] = {}
         self.setups: dict[int, bytes] = {}
         self.responses: dict[tuple[int, int], bytes] = {}
@@ -62,7 +64,7 @@ class DedupCoordinator:
         if step == "serve":
             out = {}
             for server in live:
-                peers = {f"request.{j}": self.requests[j] for j in live if j > server and j in self.requests and server in self.setups}
+                peers = {f"request.{j}": self.requests[j] for j in live if j > server and j in self.requests and server in self.begun}
                 if peers:
                     out[server] = {**self._base(step, server), **peers}
             return out
@@ -91,6 +93,9 @@ class DedupCoordinator:
             if reply is None or isinstance(reply, BaseException):
                 self.fail(rank, step, "no reply (timed out)" if reply is None else f"{type(reply).__name__}: {reply}")
                 continue
+            if not isinstance(reply, Mapping):
+                self.fail(rank, step, f"bad reply: expected a record, got {type(reply).__name__}")
+                continue
             try:
                 self._take(step, rank, message, reply)
             except (TypeError, ValueError, KeyError) as error:
@@ -100,13 +105,19 @@ class DedupCoordinator:
         info = self.site_info[rank]
         if step == "request":
             info.update({key: _count(reply.get(key), key) for key in ("elements", "records", "patients")})
-            for name, needed, store in (("request", rank > 0, self.requests), ("setup", rank < self.num_sites - 1, self.setups)):
+            self.begun.add(rank)
+            for name, needed, store in (("request", rank > 0, self.requests), ("setup", "setup" in reply, self.setups)):
                 if needed:
                     if not isinstance(reply.get(name), (bytes, bytearray)):
                         raise ValueError(f"reply to 'request' lacks the '{name}' bytes")
                     store[rank] = bytes(reply[name])
                     info[f"seconds_{name}"] = round(_seconds(reply.get(f"seconds_{name}")), 4)
         elif step == "serve":
+            if "setup" in reply:  # GCS: the setup is sized for the requests, so it comes with the responses
+                if not isinstance(reply["setup"], (bytes, bytearray)):
+                    raise ValueError("'setup' must be bytes")
+                self.setups[rank] = bytes(reply["setup"])
+                info["seconds_setup"] = round(_seconds(reply.get("seconds_setup")), 4)
             for name in message:
                 if name.startswith("request."):
                     peer = int(name.split(".", 1)[1])
@@ -115,7 +126,8 @@ class DedupCoordinator:
                         self.responses[(rank, peer)] = bytes(response)
                         self.serve_seconds[(rank, peer)] = _seconds(reply.get(f"seconds.{peer}"))
                     else:
-                        self.pair_errors[(rank, peer)] = f"site {rank} sent no response for site {peer}"
+                        why = reply.get(f"error.{peer}")
+                        self.pair_errors[(rank, peer)] = f"site {rank} refused the request of site {peer}: {str(why)[:500]}" if why else f"site {rank} sent no response for site {peer}"
         elif step == "finish":
             text = reply.get("report")
             if not isinstance(text, str) or len(text) > MAX_REPORT_CHARS:
@@ -127,6 +139,8 @@ class DedupCoordinator:
                     raise ValueError(f"report names pair with site {peer}, not a lower-ranked site")
                 pairs[int(peer)] = {key: _count(result.get(key), key) for key in ("overlap_patients", "matched_images", "dropped_records")}
                 pairs[int(peer)]["seconds"] = _seconds(result.get("seconds"))
+            for peer, why in dict(report.get("errors", {})).items():
+                self.pair_errors[(int(peer), rank)] = f"site {rank} refused the messages of site {peer}: {str(why)[:500]}"
             self.reports[rank] = {"pairs": pairs, **{key: _count(report.get(key), key) for key in ("records", "patients", "dropped_records")}}
 
     def report(self, bytes_up: int = 0, bytes_down: int = 0, wall_seconds: float | None = None) -> dict[str, Any]:

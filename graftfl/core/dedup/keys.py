@@ -16,8 +16,8 @@ import hmac
 import os
 import re
 import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 SALT_NODE_CONFIG_KEY = "dedup-salt"
 SALT_ENV_VAR = "GRAFTFL_DEDUP_SALT"
@@ -131,12 +131,12 @@ class SaltedKeys:
     mac_key: bytes
 
     @classmethod
-    def from_salt(cls, salt: str | bytes) -> "SaltedKeys":
+    def from_salt(cls, salt: str | bytes) -> SaltedKeys:
         root = check_salt(salt)
-        derive = lambda label: hmac.new(root, b"graftfl-dedup-v1/" + label, hashlib.sha256).digest()  # noqa: E731
+        derive = lambda label: hmac.new(root, b"graftfl-dedup-v1/" + label, hashlib.sha256).digest()
         return cls(element_key=derive(b"element"), mac_key=derive(b"mac"))
 
     def element(self, kind: str, domain: str, value: str) -> str:
         """The PSI element of ``value``: hex HMAC-SHA256 over kind, key domain and value."""
-        message = "\x00".join((kind, domain, value)).encode()
+        message = f"{kind}\x00{domain}\x00{value}".encode()
         return hmac.new(self.element_key, message, hashlib.sha256).hexdigest()

@@ -19,9 +19,9 @@ need a secure comparison beyond PSI). docs/dedup.md gives the false-positive fig
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import comb
-from typing import Sequence
 
 import numpy as np
 

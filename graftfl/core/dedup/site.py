@@ -6,7 +6,8 @@ size of j's set. Each site runs three steps, each answering one relayed message:
 
 ``request``  make fresh EC keys; a client-role site (rank > 0) blinds its elements
              once (the same request goes to every lower-ranked site); a server-role site
-             (rank < num_sites - 1) encodes its own blinded elements once (the setup).
+             (rank < num_sites - 1) encodes its own blinded elements once (the setup; with
+             GCS that waits for ``serve``, where the requests' sizes are known).
 ``serve``    for every higher-ranked site's request, apply this site's key (the response).
 ``finish``   for every lower-ranked site, unblind its response, look it up in its setup,
              and drop every record of each patient (and each image) found.
@@ -21,85 +22,15 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from .keys import KeySpec, SaltedKeys
-from .phash import BandScheme
+from .config import DedupConfig
+from .keys import SaltedKeys
 from .wire import DedupProtocolError, open_envelope, seal
 
 log = logging.getLogger(__name__)
-
-MAX_FPR = 1e-9
-DATA_STRUCTURES = ("raw", "gcs")
-IMAGE_MODES = ("none", "phash")
-
-
-@dataclass(frozen=True)
-class DedupConfig:
-    """Settings every site must share (the server may send them; the salt never comes from it).
-
-    Parameters
-    ----------
-    key
-        Manifest column(s) of the identifier key, ``"patient_id"`` or ``"name|birth_date|sex"``.
-    nfkc, collapse_whitespace
-        Normalization applied to each key part before it is trimmed and case-folded.
-    images
-        ``"none"`` or ``"phash"`` (also match near-duplicate images through pHash bands).
-    image_bands, image_max_distance
-        The band scheme (:class:`~graftfl.core.dedup.phash.BandScheme`).
-    data_structure
-        ``"raw"`` (exact, larger setup) or ``"gcs"`` (Golomb-compressed, false-positive rate ``fpr``).
-    fpr
-        False-positive rate of the GCS setup for a full request; refused above 1e-9.
-    max_peer_items
-        Largest request a site serves (and the size its GCS setup is built for).
-    max_message_bytes
-        Largest envelope a site opens.
-    """
-
-    key: str = "patient_id"
-    nfkc: bool = True
-    collapse_whitespace: bool = True
-    images: str = "none"
-    image_bands: int = 8
-    image_max_distance: int = 3
-    data_structure: str = "raw"
-    fpr: float = 1e-9
-    max_peer_items: int = 10_000_000
-    max_message_bytes: int = 1 << 30
-
-    def __post_init__(self) -> None:
-        if self.images not in IMAGE_MODES:
-            raise ValueError(f"dedup.images={self.images!r}; valid: {IMAGE_MODES}")
-        if self.data_structure not in DATA_STRUCTURES:
-            raise ValueError(f"dedup.data_structure={self.data_structure!r}; valid: {DATA_STRUCTURES}")
-        if not 0.0 < float(self.fpr) <= MAX_FPR:
-            raise ValueError(f"dedup.fpr={self.fpr} must be in (0, {MAX_FPR}]: a false positive drops a unique patient")
-        if not 1 <= self.max_peer_items <= 100_000_000:
-            raise ValueError(f"dedup.max_peer_items={self.max_peer_items} must be in [1, 100000000]")
-        if self.max_message_bytes < 1024:
-            raise ValueError(f"dedup.max_message_bytes={self.max_message_bytes} must be at least 1024")
-        self.key_spec()  # validates the column list
-        if self.images == "phash":
-            self.band_scheme()
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "DedupConfig":
-        """Build from a config mapping (e.g. the ``dedup`` group); unknown keys are an error."""
-        names = {item.name for item in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown dedup setting(s) {unknown}; valid: {sorted(names)}")
-        return cls(**dict(values))
-
-    def key_spec(self) -> KeySpec:
-        return KeySpec(columns=self.key, nfkc=self.nfkc, collapse_whitespace=self.collapse_whitespace)
-
-    def band_scheme(self) -> BandScheme:
-        return BandScheme(bands=self.image_bands, max_distance=self.image_max_distance)
-
 
 @dataclass
 class PairResult:
@@ -113,7 +44,7 @@ class PairResult:
 
 
 def _psi():
-    import private_set_intersection.python as psi  # noqa: PLC0415 - heavy native module, loaded when used
+    import private_set_intersection.python as psi
 
     return psi
 
@@ -220,17 +151,33 @@ class DedupSite:
             reply["request"] = seal(mac, "request", session, rank, None, len(self.elements), payload)
             reply["seconds_request"] = time.perf_counter() - started
         if rank < num_sites - 1:
-            started = time.perf_counter()
             server = psi.server.CreateWithNewKey(True)
             self._state["server_key"] = bytes(server.GetPrivateKeyBytes())
-            structure = psi.DataStructure.GCS if self.config.data_structure == "gcs" else psi.DataStructure.RAW
-            payload = server.CreateSetupMessage(self.config.fpr, self.config.max_peer_items, self.elements, structure).SerializeToString()
-            reply["setup"] = seal(mac, "setup", session, rank, None, len(self.elements), payload)
-            reply["seconds_setup"] = time.perf_counter() - started
+            if self.config.data_structure == "raw":  # RAW ignores the client's size: set up now, in parallel with requests
+                reply.update(self.server_setup(0))
         return reply
 
-    def server_response(self, peer: int, request: bytes) -> bytes:
-        """Step ``serve`` for one higher-ranked ``peer``: its request under this site's key."""
+    def server_setup(self, num_client_inputs: int) -> dict[str, Any]:
+        """This site's blinded elements for every higher-ranked site: ``{"setup": bytes, "seconds_setup": float}``.
+
+        GCS is sized for ``num_client_inputs`` (the largest request served); where the library
+        cannot build it (it fails for small sets against large requests) the exact RAW form is sent.
+        """
+        psi, started = _psi(), time.perf_counter()
+        server = psi.server.CreateFromKey(self._state["server_key"], True)
+        structure = psi.DataStructure.RAW
+        if self.config.data_structure == "gcs":
+            try:
+                setup = server.CreateSetupMessage(self.config.fpr, max(1, num_client_inputs), self.elements, psi.DataStructure.GCS)
+                structure = None
+            except (ValueError, RuntimeError) as error:
+                log.warning("dedup: GCS setup failed (%s); sending the exact RAW setup instead", error)
+        if structure is not None:
+            setup = server.CreateSetupMessage(self.config.fpr, max(1, num_client_inputs), self.elements, structure)
+        sealed = seal(self._salted.mac_key, "setup", self._state["session"], self._state["rank"], None, len(self.elements), setup.SerializeToString())
+        return {"setup": sealed, "seconds_setup": time.perf_counter() - started}
+
+    def _open_request(self, peer: int, request: bytes):
         psi, session, rank = _psi(), self._state.get("session"), self._state.get("rank")
         if not self._state.get("server_key") or not isinstance(peer, int) or not rank < peer < self._state["num_sites"]:
             raise DedupProtocolError(f"site {rank} serves only higher-ranked sites after its request step; got a request from {peer!r}")
@@ -241,9 +188,35 @@ class DedupSite:
         if count != header["count"] or count > self.config.max_peer_items or not parsed.reveal_intersection:
             raise DedupProtocolError(f"dedup request from site {peer}: {count} elements (header says {header['count']}, "
                                      f"limit dedup.max_peer_items={self.config.max_peer_items})")
-        server = psi.server.CreateFromKey(self._state["server_key"], True)
-        response = server.ProcessRequest(parsed).SerializeToString()
-        return seal(self._salted.mac_key, "response", session, rank, peer, count, response)
+        return parsed
+
+    def serve(self, requests: Mapping[int, bytes]) -> dict[str, Any]:
+        """Step ``serve``: ``{"response.<j>": bytes}`` for each valid request, ``{"error.<j>": str}`` for each refused one,
+        and ``"setup"`` when it was deferred to now (GCS). One bad request costs that pair only."""
+        reply: dict[str, Any] = {}
+        parsed = {}
+        for peer, request in sorted(requests.items()):
+            try:
+                parsed[peer] = self._open_request(peer, request)
+            except DedupProtocolError as error:
+                log.warning("dedup: refused the request of site %d: %s", peer, error)
+                reply[f"error.{peer}"] = str(error)
+        if self.config.data_structure != "raw" and parsed:
+            reply.update(self.server_setup(max(len(request.encrypted_elements) for request in parsed.values())))
+        for peer, request in parsed.items():
+            started = time.perf_counter()
+            reply[f"response.{peer}"] = self._respond(peer, request)
+            reply[f"seconds.{peer}"] = time.perf_counter() - started
+        return reply
+
+    def server_response(self, peer: int, request: bytes) -> bytes:
+        """One pair's response (raises :class:`DedupProtocolError` on a bad request); :meth:`serve` does all peers."""
+        return self._respond(peer, self._open_request(peer, request))
+
+    def _respond(self, peer: int, request) -> bytes:
+        server = _psi().server.CreateFromKey(self._state["server_key"], True)
+        response = server.ProcessRequest(request).SerializeToString()
+        return seal(self._salted.mac_key, "response", self._state["session"], self._state["rank"], peer, len(request.encrypted_elements), response)
 
     def client_finish(self, peer: int, setup: bytes, response: bytes) -> PairResult:
         """Step ``finish`` for one lower-ranked ``peer``: the records to drop because ``peer`` holds them too."""
@@ -302,8 +275,9 @@ class DedupSite:
         """Answer one relayed message (a ConfigRecord-like mapping of str -> bytes/str/int).
 
         ``{"step": "request", "session", "rank", "num_sites"}`` -> ``{"elements", "request"?, "setup"?, "seconds_*"}``;
-        ``{"step": "serve", ..., "request.<j>": bytes}`` -> ``{"response.<j>": bytes, "seconds.<j>": float}``;
-        ``{"step": "finish", ..., "setup.<i>": bytes, "response.<i>": bytes}`` -> ``{"report": JSON str}``.
+        ``{"step": "serve", ..., "request.<j>": bytes}`` -> ``{"response.<j>": bytes | "error.<j>": str, "seconds.<j>": float, "setup"?}``;
+        ``{"step": "finish", ..., "setup.<i>": bytes, "response.<i>": bytes}`` -> ``{"report": JSON str}`` (counts, and
+        ``errors``: peer -> why its messages were refused).
         """
         step, session, rank = message.get("step"), message.get("session"), message.get("rank")
         if not isinstance(session, str) or not isinstance(rank, int):
@@ -312,16 +286,16 @@ class DedupSite:
             return self.begin(session, rank, message.get("num_sites"))
         self._expect(session, rank)
         if step == "serve":
-            reply: dict[str, Any] = {}
-            for peer in _peers(message, "request."):
-                started = time.perf_counter()
-                reply[f"response.{peer}"] = self.server_response(peer, message[f"request.{peer}"])
-                reply[f"seconds.{peer}"] = time.perf_counter() - started
-            return reply
+            return self.serve({peer: message[f"request.{peer}"] for peer in _peers(message, "request.")})
         if step == "finish":
+            errors = {}
             for peer in _peers(message, "setup."):
-                self.client_finish(peer, message[f"setup.{peer}"], message.get(f"response.{peer}"))
-            return {"report": json.dumps(self.finish_report())}
+                try:
+                    self.client_finish(peer, message[f"setup.{peer}"], message.get(f"response.{peer}"))
+                except DedupProtocolError as error:
+                    log.warning("dedup: refused the messages of site %d: %s", peer, error)
+                    errors[str(peer)] = str(error)
+            return {"report": json.dumps({**self.finish_report(), "errors": errors})}
         raise DedupProtocolError(f"unknown dedup step {step!r}; valid: request, serve, finish")
 
 
