@@ -374,3 +374,21 @@ def test_phash_bands_find_a_lightly_noised_image():
     assert pair["matched_images"] == 1 and pair["overlap_patients"] == 0 and report["totals"]["matched_images"] == 1
     assert site_b.dropped_records() == [1]
     assert near_duplicate_pairs(hashes_a, hashes_b, config.band_scheme()) == {(0, 1)}
+
+
+def test_gcs_setup_the_library_cannot_build_falls_back_to_exact_raw(monkeypatch, caplog):
+    import private_set_intersection.python as psi
+
+    real = psi.server.CreateSetupMessage
+
+    def refuse_gcs(self, fpr, num_client_inputs, inputs, ds=psi.DataStructure.GCS):
+        if ds == psi.DataStructure.GCS:
+            raise ValueError("basic_string::_M_replace_aux")  # what openmined-psi 2.0.6 raises for small sets vs large requests
+        return real(self, fpr, num_client_inputs, inputs, ds)
+
+    monkeypatch.setattr(psi.server, "CreateSetupMessage", refuse_gcs)
+    config = DedupConfig(data_structure="gcs")
+    sites = [DedupSite(["a", "b", "c"], SALT, config), DedupSite(["c", "d", "a"], SALT, config)]
+    report = run_pairwise_dedup(sites)
+    assert report["pairs"][0]["overlap_patients"] == 2 and sites[1].dropped_records() == [0, 2]
+    assert "RAW setup instead" in caplog.text
