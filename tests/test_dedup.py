@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import itertools
 import json
 
@@ -262,6 +263,15 @@ def test_open_envelope_refuses_forgery_and_oversize():
         fresh.server_response(1, reply["request"])  # replayed from another session
     with pytest.raises(DedupProtocolError, match="higher-ranked"):
         other.server_response(0, reply["request"])
+    # a well-tagged frame whose header is garbage (only a salt holder could make one) is refused, not a crash
+    import struct
+
+    from graftfl.core.dedup.wire import MAGIC
+
+    body = MAGIC + struct.pack(">I", 3) + b"[1]" + b"payload"
+    forged = body + hmac.new(SaltedKeys.from_salt(SALT).mac_key, body, hashlib.sha256).digest()
+    with pytest.raises(DedupProtocolError, match="not a JSON object"):
+        other.server_response(1, forged)
     small = DedupSite(["a-patient"], SALT, DedupConfig(max_message_bytes=1024))
     small.begin("s1", 0, 2)
     with pytest.raises(DedupProtocolError, match="exceeds the limit"):

@@ -65,7 +65,12 @@ def open_envelope(mac_key: bytes, frame: Any, *, kind: str, session: str, sender
     if header_len > MAX_HEADER_BYTES or len(MAGIC) + 4 + header_len > len(body):
         raise DedupProtocolError(f"{what}: bad header length {header_len}")
     start = len(MAGIC) + 4
-    header = json.loads(body[start : start + header_len])
+    try:
+        header = json.loads(body[start : start + header_len])
+    except ValueError as error:
+        raise DedupProtocolError(f"{what}: header is not JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise DedupProtocolError(f"{what}: header is not a JSON object")
     expected = {"kind": kind, "session": session, "sender": sender, "receiver": receiver}
     for field, value in expected.items():
         if header.get(field) != value:
