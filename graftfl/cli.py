@@ -24,6 +24,7 @@ def simulate(cfg) -> Path:
     from flwr.simulation import run_simulation
 
     from graftfl.clients.app import app as client_app
+    from graftfl.clients.split_turns import ALLOW_SERVER_EVAL_ENV
     from graftfl.core.handoff import KEY_ENV as SPLIT_KEY_ENV
 
     # Ray workers must import this checkout's graftfl, whatever their working directory.
@@ -38,12 +39,24 @@ def simulate(cfg) -> Path:
     own_key = not os.environ.get(SPLIT_KEY_ENV)
     if own_key:
         os.environ[SPLIT_KEY_ENV] = os.urandom(32).hex()
+    # Every simulated site is the caller's: its acknowledgement in the config is the sites' consent too.
+    # Features sites write under a folder of their own choosing; on this one machine: beside the run.
+    own_sites_dir = "GRAFTFL_SITES_DIR" not in os.environ
+    if own_sites_dir:
+        os.environ["GRAFTFL_SITES_DIR"] = str((run_dir_of(cfg) / "sites").resolve())
+    allow_server_eval = bool((cfg.get("eval") or {}).get("server_reveals_bottom")) and ALLOW_SERVER_EVAL_ENV not in os.environ
+    if allow_server_eval:
+        os.environ[ALLOW_SERVER_EVAL_ENV] = "1"
     started = time.time()
     try:
         run_simulation(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, backend_config=backend_config)
     finally:
         if own_key:
             os.environ.pop(SPLIT_KEY_ENV, None)
+        if allow_server_eval:
+            os.environ.pop(ALLOW_SERVER_EVAL_ENV, None)
+        if own_sites_dir:
+            os.environ.pop("GRAFTFL_SITES_DIR", None)
     run_dir = run_dir_of(cfg)
     summary = run_dir / "summary.json"
     if not summary.exists() or summary.stat().st_mtime < started - 1:  # resume: the old run's summary does not count

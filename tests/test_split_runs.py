@@ -23,6 +23,7 @@ from flwr.app import Context, Error, Message, RecordDict
 
 from graftfl.config import compose_config
 from graftfl.server_app.app import run_protocol
+from graftfl.strategies.split_turns import AllTurnsFailed
 from graftfl.transport.client import DataPlaneClient
 from tests.conftest import flower_task_identity
 
@@ -157,8 +158,10 @@ def test_keyless_client_refuses_to_relay_whatever_the_server_says(tmp_path, monk
     monkeypatch.delenv("GRAFTFL_SPLIT_KEY", raising=False)
     cfg = compose_config(["dataset=digits", "num_clients=2", "rounds=1", "progress=false", f"output_dir={tmp_path}", "protocol.turn_batches=3", "protocol=split"])
     grid = ClaimsSimulationGrid(2)
-    summary = json.loads((run_protocol(grid, cfg) / "summary.json").read_text())
-    failed = summary["failed_turns"]
+    with pytest.raises(AllTurnsFailed) as stopped:  # every turn of the round failed: the run stops with the reasons
+        run_protocol(grid, cfg)
+    failed = stopped.value.failed_turns
+    assert "MissingSplitKey" in str(stopped.value) and "node 100" in str(stopped.value) and "node 101" in str(stopped.value)
     assert [f["node"] for f in failed] == [100, 101]
     for record in failed:
         assert "MissingSplitKey" in record["reason"] and "GRAFTFL_SPLIT_KEY" in record["reason"] and "split-key" in record["reason"]
@@ -197,6 +200,7 @@ def test_sim_gives_the_clients_a_fresh_key_per_run_and_keeps_the_callers(tmp_pat
     [
         ["protocol=split", "protocol.handoff=local", "protocol.turn_order=random"],
         ["protocol=split", "protocol.handoff=average", "protocol.wire_dtype=bfloat16"],
+        ["protocol=split", "protocol.handoff=average", "eval.where=server"],
         ["protocol=ushaped", "protocol.handoff=relay"],
         ["protocol=ushaped", "protocol.handoff=local"],
         ["protocol=semisup", "protocol.handoff=average", "protocol.unlabeled_fraction=0.5"],
@@ -209,7 +213,10 @@ def test_protocol_variants_run(tmp_path, overrides):
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["client_flops"] > 0 for r in rows)
     assert rows[-1]["accuracy"] > 0.2, rows[-1]
     evaluated = len(rows[-1]["eval_clients"])
-    assert evaluated == (3 if "protocol.handoff=local" in overrides else 1)
+    # eval.where=site (default): every site scores its own held-out rows; server: its test set through one client (each with local)
+    on_server = "eval.where=server" in overrides
+    assert evaluated == (1 if on_server and "protocol.handoff=local" not in overrides else 3)
+    assert all(count > 0 for count in rows[-1]["eval_client_count"]) and rows[-1]["eval_where"] == ("server" if on_server else "site")
 
 
 def test_sim_split_digits_produces_run_dir(tmp_path):

@@ -3,7 +3,8 @@
 Each module ``graftfl/clients/<protocol>.py`` declares ``PROTOCOL`` and any of
 ``train``, ``evaluate`` and ``query`` handlers; they are discovered here, so
 adding a protocol touches no other protocol. Modules without ``PROTOCOL``
-(shared helpers such as ``utils``) are not protocols.
+(shared helpers such as ``utils``) are not protocols. Every handler is wrapped by
+:func:`graftfl.clients.guard.guarded`: a failure's text returns without the site's secrets.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pkgutil
 from flwr.clientapp import ClientApp
 
 import graftfl.clients as clients_package
+from graftfl.clients.guard import guarded
 
 CATEGORIES = ("train", "evaluate", "query")
 
@@ -32,7 +34,7 @@ def build_client_app() -> ClientApp:
         for category in CATEGORIES:
             handler = getattr(module, category, None)
             if handler is not None:
-                getattr(client_app, category)(module.PROTOCOL)(handler)
+                getattr(client_app, category)(module.PROTOCOL)(guarded(handler))
     return client_app
 
 

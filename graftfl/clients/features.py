@@ -18,15 +18,18 @@ Message types handled (``train.features`` carries a ``phase``):
   original / latent / reconstruction grid into the site directory.
 
 The autoencoder lives in ``context.state`` between messages and, once final, in
-``<site-dir>/autoencoder.pt`` where ``site-dir`` is the SuperNode's node config
-``site-dir`` (a folder on the site's own disk) or, when unset, ``<run-dir>/sites/site-<id>``
-(simulation and deploy-local, where every site shares the machine). The server
-never receives the encoder or decoder in ``local`` mode.
+``<site-dir>/autoencoder.pt``. The site alone chooses that folder, never the
+server's message (:func:`site_dir`): node config ``site-dir``; else
+``$GRAFTFL_SITES_DIR/site-<id>`` (``graftfl sim`` and ``deploy-local`` set it to
+``<run-dir>/sites``, every site sharing the machine); else a private temporary
+folder of its own. The server never receives the encoder or decoder in ``local`` mode.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +59,27 @@ def site_name(partition_id: int) -> str:
     return f"site-{partition_id}"
 
 
-def site_dir(message: Message, context: Context) -> Path:
-    """Where this site keeps its autoencoder and figure (see the module docstring)."""
-    if "site-dir" in context.node_config:
-        return Path(str(context.node_config["site-dir"]))
+SITE_DIR_NODE_CONFIG = "site-dir"
+SITES_DIR_ENV = "GRAFTFL_SITES_DIR"
+SITE_DIR_STATE = "features.site-dir"
+
+
+def site_dir(context: Context) -> Path:
+    """Where this site writes its autoencoder and figure: a folder the site chose itself.
+
+    Node config ``site-dir``, else ``$GRAFTFL_SITES_DIR/site-<id>``, else a fresh
+    private temporary folder, remembered in ``context.state`` for the run's later
+    messages. A path in the server's message is never used: a server must not
+    choose where a site writes.
+    """
+    if SITE_DIR_NODE_CONFIG in context.node_config:
+        return Path(str(context.node_config[SITE_DIR_NODE_CONFIG]))
     partition_id, _ = partition_id_of(context)
-    return Path(str(message.content["config"]["run_dir"])) / "sites" / site_name(partition_id)
+    if os.environ.get(SITES_DIR_ENV):
+        return Path(os.environ[SITES_DIR_ENV]) / site_name(partition_id)
+    if SITE_DIR_STATE not in context.state:
+        context.state[SITE_DIR_STATE] = ConfigRecord({"path": tempfile.mkdtemp(prefix=f"graftfl-{site_name(partition_id)}-")})
+    return Path(str(context.state[SITE_DIR_STATE]["path"]))
 
 
 def new_autoencoder(cfg: DictConfig, input_shape) -> StagedModel:
@@ -107,11 +125,12 @@ def train_site_autoencoder(message: Message, context: Context) -> Message:
     settings = cfg.protocol.autoencoder
     partition_id, _ = partition_id_of(context)
     x, _ = local_data(cfg, context)
+    server_round = int(message.content["config"].get("server-round", 0))
+    torch.manual_seed(round_seed(cfg, server_round, partition_id))  # a local autoencoder's start follows ``seed`` too
     model = new_autoencoder(cfg, x.shape[1:])
     federated = "arrays" in message.content
     if federated:
         model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-    server_round = int(message.content["config"].get("server-round", 0))
     result = train_autoencoder(
         model,
         x,
@@ -159,7 +178,7 @@ def upload_chunk(message: Message, context: Context) -> Message:
     x, y = local_data(cfg, context)
     model = install_final_autoencoder(message, cfg, context, x.shape[1:])
     if chunk == 0:
-        save_autoencoder(site_dir(message, context) / AUTOENCODER_FILE, model, x.shape[1:], int(cfg.protocol.conv_channels), channel_stats(cfg.dataset))
+        save_autoencoder(site_dir(context) / AUTOENCODER_FILE, model, x.shape[1:], int(cfg.protocol.conv_channels), channel_stats(cfg.dataset))
     first = chunk * chunk_size
     rows = slice(first, min(first + chunk_size, len(y)))
     latents = encode(model, x[rows], device=client_device(cfg, context))
@@ -205,7 +224,7 @@ def evaluate(message: Message, context: Context) -> Message:
     correct = predicted == y
     model = stored_autoencoder(cfg, context, x.shape[1:])
     error_sums, error_counts = reconstruction_error_by_class(model, x, y, num_classes, client_device(cfg, context))
-    figure = class_grid_figure(site_dir(message, context) / "reconstructions.png", model, x, y, num_classes, title=f"{site_name(partition_id)}: original / latent / reconstruction")
+    figure = class_grid_figure(site_dir(context) / "reconstructions.png", model, x, y, num_classes, title=f"{site_name(partition_id)}: original / latent / reconstruction")
     metrics = MetricRecord(
         {
             "partition-id": partition_id,

@@ -4,7 +4,15 @@ A ``train.<protocol>`` message is one turn: restore the client's model parts
 (relayed ciphertext, ``context.state`` or averaged arrays; the first turn starts
 from the shared seed, Gupta & Raskar §3.4), stream the turn's batches over the
 data plane, and reply with metrics plus what the hand-off policy needs. An
-``evaluate.<protocol>`` message streams the server's test set the same way.
+``evaluate.<protocol>`` message scores the client's parts on the site's own
+held-out data (``eval.where=site``, the default: a seeded ``eval.site_fraction``
+of the partition that never trains) and returns aggregate counts only. The
+server's own test set (``eval.where=server``) would give the server pairs of
+inputs it chose and their activations, from which it can fit the bottom: with
+``handoff=relay`` a site takes part only when its own node config allows it.
+
+With ``handoff=relay`` the client-held parts start from weights derived from the
+sites' relay key (:func:`relay_init_seed`), not from the server's ``seed``.
 
 Each protocol's client module only supplies a *role builder*
 ``build_role(cfg, model, input_shape, num_classes, device) -> role`` (a role from
@@ -13,7 +21,10 @@ Each protocol's client module only supplies a *role builder*
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
+import os
 from typing import Callable
 
 import torch
@@ -95,23 +106,63 @@ def relay_key(context: Context) -> bytes:
     return client_key(dict(context.node_config))
 
 
+ALLOW_SERVER_EVAL_NODE_CONFIG = "allow-server-eval"
+ALLOW_SERVER_EVAL_ENV = "GRAFTFL_ALLOW_SERVER_EVAL"
+
+
+def relay_init_seed(key: bytes, cfg) -> int:
+    """Seed of the client-held parts' initial weights under relay: a function of the sites' key.
+
+    The server chooses ``seed``; were the bottom built from it, the server would
+    know the bottom's starting point (and, after short turns, roughly the bottom).
+    HMAC-SHA256 of the run seed and model under the relay key gives every site the
+    same start and the server none.
+    """
+    tag = f"graftfl-relay-init-v1|{int(cfg.seed)}|{cfg.model.name}".encode()
+    return int.from_bytes(hmac.new(key, tag, hashlib.sha256).digest()[:8], "big") >> 1
+
+
 def prepare_role(cfg, message: Message, context: Context, build_role: RoleBuilder, input_shape, num_classes: int, key: bytes | None = None):
     """The client's role, restored according to ``protocol.handoff`` (``key``: the relay key, when known)."""
     device = client_device(cfg, context)
+    handoff = cfg.protocol.handoff
     seed_everything(cfg.seed, cfg.deterministic)  # the shared seed: same initial model as the server's
+    if handoff == "relay":  # ... but the parts only the sites hold start from the sites' secret
+        key = key if key is not None else relay_key(context)
+        torch.manual_seed(relay_init_seed(key, cfg))
     model = model_from_config(cfg, input_shape, num_classes)
     role = build_role(cfg, model, input_shape, num_classes, device)
     role.optimizer = role_optimizer(cfg, role)
-    handoff = cfg.protocol.handoff
     content = message.content
     if handoff == "relay" and "handoff" in content and RELAY_KEY in content["handoff"]:
-        key = key if key is not None else relay_key(context)
         load_role_state(role, decrypt_state(key, bytes(content["handoff"][RELAY_KEY])))
     elif handoff in ("local", "average") and STATE_KEY in context.state:
         load_role_state(role, torch.load(io.BytesIO(bytes(context.state[STATE_KEY]["state"])), map_location="cpu", weights_only=True))
     if handoff == "average" and AVERAGE_KEY in content:
         load_role_arrays(role, content[AVERAGE_KEY])
     return role
+
+
+def site_split(cfg, x: torch.Tensor, y: torch.Tensor, partition_id: int):
+    """``(train_x, train_y, held_x, held_y)``: with ``eval.where=site`` a seeded share of the partition is held out.
+
+    The held-out rows never train; evaluation runs on them at the site. With
+    ``eval.where=server`` nothing is held out (``held_x``/``held_y`` are None).
+    """
+    if str(cfg.eval.get("where", "site")) != "site":
+        return x, y, None, None
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(cfg.seed) * 7_919 + 17 + partition_id))
+    held = max(1, int(round(len(y) * float(cfg.eval.site_fraction))))
+    if held >= len(y):
+        raise ValueError(f"eval.site_fraction={cfg.eval.site_fraction} leaves no training rows of this site's {len(y)}")
+    held_rows, train_rows = order[:held].sort().values, order[held:].sort().values
+    return x[train_rows], y[train_rows], x[held_rows], y[held_rows]
+
+
+def site_allows_server_eval(context: Context) -> bool:
+    """The site's own consent (node config or environment) to stream the server's inputs through a relayed bottom."""
+    value = context.node_config.get(ALLOW_SERVER_EVAL_NODE_CONFIG, os.environ.get(ALLOW_SERVER_EVAL_ENV, ""))
+    return str(value).strip().lower() in ("1", "true", "yes")
 
 
 def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -157,7 +208,7 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
     partition_id, _ = partition_id_of(context)
     # relay: no key of its own -> refuse the turn before any data-plane traffic (MissingSplitKey)
     key = relay_key(context) if cfg.protocol.handoff == "relay" else None
-    x, y = local_data(cfg, context)
+    x, y, _, _ = site_split(cfg, *local_data(cfg, context), partition_id)
     role = prepare_role(cfg, message, context, build_role, tuple(x.shape[1:]), num_classes_of(cfg), key)
     batches, progress = turn_batches(cfg, context, len(y), partition_id)
     hidden = hidden_label_mask(len(y), cfg.protocol.unlabeled_fraction, cfg.seed * 31 + partition_id) if isinstance(role, SemisupClient) else None
@@ -197,21 +248,42 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
 
 
 def evaluate_turn(message: Message, context: Context, build_role: RoleBuilder) -> Message:
-    """Handle ``evaluate.<protocol>``: stream the server's test set through this client's parts."""
+    """Handle ``evaluate.<protocol>``: score this client's parts; only aggregate counts go back.
+
+    ``eval.where=site``: the site's held-out rows (:func:`site_split`).
+    ``eval.where=server``: the server's test set, which hands the server inputs it
+    chose together with their activations; under relay a site does that only with
+    its own consent (node config ``allow-server-eval``).
+    """
     cfg = config_of(message)
     partition_id, _ = partition_id_of(context)
-    data = dataset_from_config(cfg.dataset)
-    role = prepare_role(cfg, message, context, build_role, data.input_shape, data.num_classes)
-    x, y = test_subset(data.test_x, data.test_y, cfg.dataset.get("test_size"), cfg.seed)
+    handoff = cfg.protocol.handoff
+    key = relay_key(context) if handoff == "relay" else None
+    where = str(cfg.eval.get("where", "site"))
+    if where == "site":
+        _, _, x, y = site_split(cfg, *local_data(cfg, context), partition_id)
+        input_shape, num_classes = tuple(x.shape[1:]), num_classes_of(cfg)
+    elif where == "server":
+        if handoff == "relay" and not site_allows_server_eval(context):
+            raise PermissionError(
+                "eval.where=server streams inputs the server chose through the relayed bottom, which reveals the bottom to the "
+                f"server; this site refuses (allow it with node config {ALLOW_SERVER_EVAL_NODE_CONFIG}=true or {ALLOW_SERVER_EVAL_ENV}=1)"
+            )
+        data = dataset_from_config(cfg.dataset)
+        x, y = test_subset(data.test_x, data.test_y, cfg.dataset.get("test_size"), cfg.seed)
+        input_shape, num_classes = data.input_shape, data.num_classes
+    else:
+        raise ValueError(f"eval.where must be one of ['site', 'server'], got '{where}'")
+    role = prepare_role(cfg, message, context, build_role, input_shape, num_classes, key)
     fields = message.content["config"]
-    per_sample_bytes = 4 * int(torch.tensor(role.act_shape).prod()) + 8
+    per_sample_bytes = 4 * max(int(torch.tensor(role.act_shape).prod()), num_classes) + 8
     batch = max(1, min(int(cfg.eval.batch_size), max_frame_bytes(cfg) // (2 * per_sample_bytes)))
     totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
     with DataPlaneClient(str(fields["data-plane-address"]), str(fields["data-plane-token"]), wire_dtype=cfg.protocol.wire_dtype,
                          ca_cert=ca_cert_of(cfg, context), max_frame_bytes=max_frame_bytes(cfg)) as plane:
         for start in range(0, len(y), batch):
             result = role.eval_batch(x[start : start + batch], y[start : start + batch], plane.exchange)
-            for key in totals:
-                totals[key] += result[key]
+            for name in totals:
+                totals[name] += result[name]
     metrics = {"partition-id": partition_id, **totals}
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)

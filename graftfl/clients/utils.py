@@ -25,12 +25,42 @@ CONFIG_KEY = "graftfl-config"
 PRIVACY_STATE_KEY = "privacy"
 
 
+class ServerConfigRefused(ValueError):
+    """The server's config holds something a site never evaluates (an interpolation or resolver)."""
+
+
+def refuse_interpolations(data, path: str = "") -> None:
+    """Raise :class:`ServerConfigRefused` when any key or string value (recursively) contains ``${``.
+
+    The server sends its config *resolved*; an interpolation left in it could only
+    make the site evaluate something (``${oc.env:...}`` reads the site's environment).
+    """
+    if isinstance(data, dict):
+        for key, value in data.items():
+            where = f"{path}.{key}" if path else str(key)
+            if "${" in str(key):
+                raise ServerConfigRefused(f"server-sent config key '{where}' contains '${{': a site never evaluates interpolations or resolvers")
+            refuse_interpolations(value, where)
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            refuse_interpolations(value, f"{path}[{index}]")
+    elif isinstance(data, str) and "${" in data:
+        raise ServerConfigRefused(
+            f"server-sent config value at '{path}' contains '${{': a site never evaluates interpolations or resolvers "
+            "(the server must send its resolved config as plain data)"
+        )
+
+
 def config_of(message: Message) -> DictConfig:
-    """The resolved run config the server sent with ``message``."""
+    """The resolved run config the server sent with ``message``: plain data, never evaluated here."""
     record = message.content["config"]
     if CONFIG_KEY not in record:
         raise ValueError(f"message '{message.metadata.message_type}' carries no {CONFIG_KEY}")
-    return from_container(json.loads(record[CONFIG_KEY]))
+    data = json.loads(record[CONFIG_KEY])
+    if not isinstance(data, dict):
+        raise ServerConfigRefused(f"{CONFIG_KEY} must be a JSON object, got {type(data).__name__}")
+    refuse_interpolations(data)
+    return from_container(data)
 
 
 def partition_id_of(context: Context) -> tuple[int, int]:

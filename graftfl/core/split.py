@@ -147,9 +147,8 @@ class TopStage(ServerStage):
     """Server side of ``split``/``semisup``: the top of the model and the loss.
 
     Frames: ``train`` (activations, labels) -> ``gradient`` (gradient of the
-    activations); ``eval`` (activations, labels) -> ``eval_result`` with the
-    batch's loss sum and correct count (also accumulated in the session state
-    under ``"eval"``).
+    activations); ``eval_forward`` (activations only) -> ``logits``, which the
+    client scores against labels that stay with it.
 
     The client waits only for the gradient of its activations, so ``train``
     computes that alone and leaves the top's own parameter gradients and
@@ -165,25 +164,20 @@ class TopStage(ServerStage):
         self.act_shape, self.num_classes = tuple(act_shape), int(num_classes)
 
     def input_specs(self, kind: str, state: dict) -> dict[str, TensorSpec] | None:
-        if kind in ("train", "eval"):
+        if kind == "train":
             return {"activations": TensorSpec(self.act_shape), "labels": TensorSpec((), floating=False, num_classes=self.num_classes)}
+        if kind == "eval_forward":
+            return {"activations": TensorSpec(self.act_shape)}
         return None
 
     def handle(self, kind: str, tensors: dict[str, torch.Tensor], state: dict) -> tuple[str, dict[str, torch.Tensor], dict]:
         self.complete_step()
         activations = tensors["activations"].to(self.device)
-        labels = tensors["labels"].to(self.device)
-        if kind == "eval":
+        if kind == "eval_forward":
             self.top.eval()
             with torch.no_grad():
-                logits = self.top(activations)
-                loss_sum = float(F.cross_entropy(logits, labels, reduction="sum"))
-                correct = int((logits.argmax(1) == labels).sum())
-            totals = state.setdefault("eval", {"loss_sum": 0.0, "correct": 0, "count": 0})
-            totals["loss_sum"] += loss_sum
-            totals["correct"] += correct
-            totals["count"] += len(labels)
-            return "eval_result", {}, {"loss_sum": loss_sum, "correct": correct}
+                return "logits", {"logits": self.top(activations).cpu()}, {}
+        labels = tensors["labels"].to(self.device)
         self.top.train()
         activations.requires_grad_(True)
         loss = F.cross_entropy(self.top(activations), labels)
@@ -235,6 +229,11 @@ class MiddleStage(ServerStage):
 # ------------------------------------------------------------- client roles ---
 
 
+def score_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Aggregate evaluation counts of one batch: ``loss_sum``, ``correct``, ``count``."""
+    return {"loss_sum": float(F.cross_entropy(logits.float(), labels, reduction="sum")), "correct": int((logits.argmax(1) == labels).sum()), "count": len(labels)}
+
+
 class BottomClient:
     """Client side of ``split``: holds the bottom, sends activations and labels.
 
@@ -264,9 +263,10 @@ class BottomClient:
 
     @torch.no_grad()
     def eval_batch(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> dict:
+        """Score one batch: activations go up, logits come back, labels and the counts stay here."""
         self.bottom.eval()
-        _, meta = exchange("eval", {"activations": self.bottom(x.to(self.device)).cpu(), "labels": y})
-        return {"loss_sum": float(meta["loss_sum"]), "correct": int(meta["correct"]), "count": len(y)}
+        reply, _ = exchange("eval_forward", {"activations": self.bottom(x.to(self.device)).cpu()})
+        return score_logits(reply["logits"].to(self.device), y.to(self.device))
 
 
 class UShapedClient:
@@ -302,9 +302,7 @@ class UShapedClient:
         self.bottom.eval()
         self.head.eval()
         reply, _ = exchange("eval_forward", {"activations": self.bottom(x.to(self.device)).cpu()})
-        logits = self.head(reply["outputs"].to(self.device))
-        y = y.to(self.device)
-        return {"loss_sum": float(F.cross_entropy(logits, y, reduction="sum")), "correct": int((logits.argmax(1) == y).sum()), "count": len(y)}
+        return score_logits(self.head(reply["outputs"].to(self.device)), y.to(self.device))
 
 
 class SemisupClient(BottomClient):

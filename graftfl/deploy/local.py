@@ -111,6 +111,7 @@ class LocalDeployment:
     # The split-learning relay key (AES-256) is the clients' secret: a fresh one per run,
     # or the caller's GRAFTFL_SPLIT_KEY, given to the SuperNodes only (never the SuperLink).
     split_key: str = field(default_factory=lambda: os.environ.get(SPLIT_KEY_ENV) or os.urandom(32).hex())
+    sites_dir: Path | None = None  # where features sites write (their own choice, given in their environment)
 
     def __post_init__(self) -> None:
         if self.auth and not self.tls:
@@ -128,6 +129,8 @@ class LocalDeployment:
         if supernode:
             # Environment, not --node-config: argv is readable by every user through ps.
             env[SPLIT_KEY_ENV] = self.split_key
+            if self.sites_dir is not None:
+                env["GRAFTFL_SITES_DIR"] = str(self.sites_dir)
         # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name: same venv first.
         env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
         env.update({
@@ -287,7 +290,8 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
     cfg = with_run_id(cfg)
     run_dir = run_dir_of(cfg)
     workdir = Path(tempfile.mkdtemp(prefix="graftfl-deploy-"))
-    deployment = LocalDeployment(workdir, num_nodes=int(cfg.num_clients), tls=tls, auth=auth, echo=sys.stdout)
+    deployment = LocalDeployment(workdir, num_nodes=int(cfg.num_clients), tls=tls, auth=auth, echo=sys.stdout,
+                                 sites_dir=(run_dir / "sites").resolve())
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handlers = {}
     if in_main_thread:

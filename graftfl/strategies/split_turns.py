@@ -4,9 +4,15 @@ Flower is the control plane: each client *turn* is one ``train.<protocol>``
 message carrying the data-plane address, a one-time token, the turn length and
 the protocol config (plus the relayed ciphertext or the averaged weights); the
 per-batch traffic runs over :class:`~graftfl.transport.server.DataPlaneServer`
-meanwhile. Evaluation is an ``evaluate.<protocol>`` message through the same
-path: the client streams the server's test set through its bottom, so with
-``relay`` the server never needs the bottom weights it only holds as ciphertext.
+meanwhile. Evaluation is an ``evaluate.<protocol>`` message to every site
+(``eval.where=site``, the default): each site scores the current parts on its own
+held-out rows and returns only ``correct``, ``loss_sum`` and ``count``; the server
+pools them weighted by count. ``eval.where=server`` streams the server's test set
+through a client's bottom instead: the server then holds (input, activation)
+pairs for inputs it chose and can fit the bottom, so with ``relay`` it is a config
+error unless ``eval.server_reveals_bottom`` acknowledges that.
+
+A round in which every turn failed stops the run with the turns' reasons.
 
 Faults: a turn whose reply is an error or does not arrive within
 ``protocol.turn_timeout_s`` is recorded in ``failed_turns``; its token is
@@ -40,6 +46,15 @@ log = logging.getLogger(__name__)
 HANDOFFS = ("relay", "local", "average")
 TURN_ORDERS = ("round_robin", "random")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
+EVAL_WHERE = ("site", "server")
+
+
+class AllTurnsFailed(RuntimeError):
+    """Every turn of a round failed: the run stops with the turns' reasons (``failed_turns``: their records)."""
+
+    def __init__(self, message: str, failed_turns: list[dict]):
+        super().__init__(message)
+        self.failed_turns = failed_turns
 
 
 def validate_split_config(cfg) -> None:
@@ -63,6 +78,15 @@ def validate_split_config(cfg) -> None:
         raise ValueError(f"protocol={protocol.name} does not support privacy={cfg.privacy.name} (use privacy=none)")
     if cfg.resume:
         raise ValueError(f"protocol={protocol.name} cannot resume a run yet (resume=null)")
+    require_choice("eval.where", cfg.eval.get("where", "site"), EVAL_WHERE)
+    if cfg.eval.get("where", "site") == "site" and not 0 < float(cfg.eval.site_fraction) < 1:
+        raise ValueError(f"eval.site_fraction must be in (0, 1) (the share of each site's partition held out for evaluation), got {cfg.eval.site_fraction}")
+    if cfg.eval.get("where", "site") == "server" and protocol.handoff == "relay" and not cfg.eval.get("server_reveals_bottom", False):
+        raise ValueError(
+            "eval.where=server with protocol.handoff=relay streams the server's own test set through the clients' bottom, "
+            "which lets the server fit the bottom the relay encrypts; use eval.where=site, or acknowledge with "
+            "eval.server_reveals_bottom=true (each site must also allow it: node config allow-server-eval=true)"
+        )
     # stage names do not depend on the input size: a 3x32x32 stand-in is enough to check the cut
     cut_points(model_from_config(cfg, (3, 32, 32), 10), protocol.cut_stage, protocol.get("head_stages"))
 
@@ -223,6 +247,9 @@ class SplitRunner:
             self.run.round_seconds()
             for round_number in range(1, cfg.rounds + 1):
                 rows = [self.client_turn(node, round_number, index) for index, node in enumerate(turn_order(nodes, cfg.protocol.turn_order, cfg.seed, round_number))]
+                if not any(rows):
+                    reasons = "; ".join(f"node {f['node']}: {f['reason']}" for f in self.failed_turns if f["round"] == round_number)
+                    raise AllTurnsFailed(f"[{self.protocol}] round {round_number}: every turn failed ({reasons})", list(self.failed_turns))
                 self.handoff.end_round()
                 evaluation = self.evaluate(nodes, round_number)
                 self.log_round(round_number, [r for r in rows if r is not None], evaluation)
@@ -279,17 +306,23 @@ class SplitRunner:
 
     # ------------------------------------------------------------- evaluation
     def evaluate(self, nodes: list[int], round_number: int) -> dict:
-        """Test-set accuracy through the split path (every site's own model with ``local``)."""
-        if self.cfg.protocol.handoff == "local":
+        """Accuracy and loss of the current parts, pooled over the evaluating sites (weighted by count).
+
+        ``eval.where=site``: every site on its own held-out rows. ``eval.where=server``:
+        the server's test set through one client (every site with ``handoff=local``).
+        """
+        if self.cfg.eval.get("where", "site") == "site" or self.cfg.protocol.handoff == "local":
             targets = nodes
         else:  # the latest relayed / averaged weights: any client can load them
             targets = [nodes[0]]
         results = [r for r in (self.evaluate_on(node, round_number) for node in targets) if r is not None]
-        if not results:
-            return {"accuracy": None, "loss": None, "bytes_up": 0, "bytes_down": 0, "per_client": []}
+        counted = [r for r in results if r["count"] > 0]
+        if not counted:
+            return {"accuracy": None, "loss": None, "bytes_up": sum(r["bytes_up"] for r in results), "bytes_down": sum(r["bytes_down"] for r in results), "per_client": results}
+        total = sum(r["count"] for r in counted)
         return {
-            "accuracy": float(np.mean([r["accuracy"] for r in results])),
-            "loss": float(np.mean([r["loss"] for r in results])),
+            "accuracy": sum(r["correct"] for r in counted) / total,
+            "loss": sum(r["loss_sum"] for r in counted) / total,
             "bytes_up": sum(r["bytes_up"] for r in results),
             "bytes_down": sum(r["bytes_down"] for r in results),
             "per_client": results,
@@ -305,13 +338,21 @@ class SplitRunner:
         if failure is not None:
             log.warning("evaluation on node %s failed: %s", node, failure)
             return None
-        # split/semisup: the server counted the test results itself; ushaped: only the client sees labels.
-        totals = turn.state.get("eval") or dict(reply.content["metrics"])
-        count = max(int(totals["count"]), 1)
+        # Only aggregate counts come back (the labels stay at the site); bounded before they are pooled.
+        metrics = reply.content["metrics"]
+        count = max(int(metrics.get("count", 0)), 0)
+        correct = min(max(int(metrics.get("correct", 0)), 0), count)
+        loss_sum = float(metrics.get("loss_sum", 0.0))
+        if not np.isfinite(loss_sum) or loss_sum < 0:
+            log.warning("evaluation on node %s returned an invalid loss sum %r: ignored", node, loss_sum)
+            return None
         return {
-            "partition-id": int(reply.content["metrics"].get("partition-id", -1)),
-            "accuracy": float(totals["correct"]) / count,
-            "loss": float(totals["loss_sum"]) / count,
+            "partition-id": int(metrics.get("partition-id", -1)),
+            "count": count,
+            "correct": correct,
+            "loss_sum": loss_sum,
+            "accuracy": correct / count if count else None,
+            "loss": loss_sum / count if count else None,
             "bytes_up": turn.bytes_up + message_nbytes(reply),
             "bytes_down": turn.bytes_down + bytes_down,
         }
@@ -341,6 +382,9 @@ class SplitRunner:
             server_steps=self.stage.steps,
             eval_clients=[r["partition-id"] for r in evaluation["per_client"]],
             eval_client_accuracy=[r["accuracy"] for r in evaluation["per_client"]],
+            eval_client_loss=[r["loss"] for r in evaluation["per_client"]],
+            eval_client_count=[r["count"] for r in evaluation["per_client"]],
+            eval_where=str(self.cfg.eval.get("where", "site")),
             failed_turns=len(failed),
         )
         self.run.recorder.log_round(row)

@@ -140,8 +140,8 @@ class FeatureRun:
         )
 
     def federated_autoencoder(self) -> ArrayRecord:
+        torch.manual_seed(self.cfg.seed)  # before the model is built: ``seed`` sets the initial weights
         model = conv_ae(self.run.data.input_shape, latent_dim=int(self.protocol.latent_dim), channels=int(self.protocol.conv_channels))
-        torch.manual_seed(self.cfg.seed)
         arrays = ArrayRecord(model.state_dict())
         aggregator = FedAvg()  # Flower's weighted average ("num-examples") of the replies' ArrayRecords
         for server_round in range(1, int(self.protocol.autoencoder.rounds) + 1):
