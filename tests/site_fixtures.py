@@ -52,7 +52,11 @@ def manifest_folder(root: Path, rows: list[dict], shape=(8, 8), seed: int = 0) -
 def write_dicom(path: Path, pixels: np.ndarray, bits: int = 12) -> Path:
     """A minimal single-frame MONOCHROME2 DICOM file written with pydicom."""
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        SecondaryCaptureImageStorage,
+        generate_uid,
+    )
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage

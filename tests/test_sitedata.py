@@ -9,9 +9,26 @@ import numpy as np
 import pytest
 import torch
 
-from graftfl.core.site_stats import ChannelMoments, MomentsError, channel_moments, combine_moments
-from graftfl.core.sitedata import SiteDataError, SiteDeclaration, held_out_mask, load_site_data, site_data_from_config
-from tests.site_fixtures import image_folder, manifest_folder, random_images, write_dicom, write_png
+from graftfl.core.site_stats import (
+    ChannelMoments,
+    MomentsError,
+    channel_moments,
+    combine_moments,
+)
+from graftfl.core.sitedata import (
+    SiteDataError,
+    SiteDeclaration,
+    held_out_mask,
+    load_site_data,
+    site_data_from_config,
+)
+from tests.site_fixtures import (
+    image_folder,
+    manifest_folder,
+    random_images,
+    write_dicom,
+    write_png,
+)
 
 GREY_8 = SiteDeclaration(input_shape=(1, 8, 8), num_classes=10)
 
