@@ -300,3 +300,16 @@ def test_federated_moments_give_the_pooled_mean_and_std():
 def test_impossible_moments_are_rejected(values, message):
     with pytest.raises(MomentsError, match=message):
         ChannelMoments.from_dict(values, channels=1, source="site-9")
+
+
+def test_hugging_face_single_dataset_with_split_column_and_guessed_columns(tmp_path):
+    import datasets
+
+    images = random_images(4)
+    datasets.Dataset.from_dict(
+        {"pixels": [img.tolist() for img in images], "target": [3, 1, 4, 1], "split": ["train", "test", "train", "train"]},
+        features=datasets.Features({"pixels": datasets.Array2D((8, 8), "uint8"), "target": datasets.Value("int64"), "split": datasets.Value("string")}),
+    ).save_to_disk(str(tmp_path))
+    data = load_site_data(tmp_path, GREY_8, "site-3")
+    assert data.format == "hf" and data.y.tolist() == [3, 1, 4, 1] and data.test_mask.tolist() == [False, True, False, False]
+    assert torch.equal(data.x[2, 0], torch.from_numpy(images[2]).float() / 255) and data.patient_ids is None

@@ -215,6 +215,13 @@ def decode_image(source: Any, where: str, site: str) -> tuple[np.ndarray, bool]:
         raise SiteDataError(f"site {site}: {where}: expected an H x W or H x W x C image, got an array of shape {array.shape}")
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255.0, True
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535.0, False
+    if np.issubdtype(array.dtype, np.integer):  # e.g. nested lists: the bit depth is lost, values tell it
+        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if low < 0 or high > 65535:
+            raise SiteDataError(f"site {site}: {where}: integer pixel values must lie in 0..255 or 0..65535, got [{low}, {high}]")
+        return (array.astype(np.float32) / 255.0, True) if high <= 255 else (array.astype(np.float32) / 65535.0, False)
     array = array.astype(np.float32)
     if array.size and (array.min() < 0 or array.max() > 1):
         raise SiteDataError(f"site {site}: {where}: non-8-bit pixel values must lie in [0, 1], got [{array.min()}, {array.max()}]")

@@ -72,7 +72,8 @@ def read_hf(data_path: Path, site: str, image_column: str | None = None, label_c
         columns = part.column_names
         split_values = part["split"] if fixed_split is None and "split" in columns else None
         patients = [str(p) for p in part["patient_id"]] if "patient_id" in columns else None
-        image_columns.append((part, image_col))
+        # Array features in numpy format keep their dtype (uint8 vs uint16); Image features stay Pillow images
+        image_columns.append((part if isinstance(features[image_col], datasets.Image) else part.with_format("numpy"), image_col))
         for row, label in enumerate(part[label_col]):
             split = fixed_split
             if split_values is not None:
