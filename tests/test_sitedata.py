@@ -313,3 +313,11 @@ def test_hugging_face_single_dataset_with_split_column_and_guessed_columns(tmp_p
     data = load_site_data(tmp_path, GREY_8, "site-3")
     assert data.format == "hf" and data.y.tolist() == [3, 1, 4, 1] and data.test_mask.tolist() == [False, True, False, False]
     assert torch.equal(data.x[2, 0], torch.from_numpy(images[2]).float() / 255) and data.patient_ids is None
+
+
+def test_manifest_row_without_its_file_names_the_file(tmp_path):
+    manifest_folder(tmp_path, [{"path": "a.png", "label": "1"}])
+    (tmp_path / "manifest.csv").write_text("path,label\na.png,1\nscans/missing.png,2\n")
+    for use_cache in (True, False):
+        with pytest.raises(SiteDataError, match=r"site site-2: .*scans/missing.png: file not found"):
+            load_site_data(tmp_path, GREY_8, "site-2", use_cache=use_cache)

@@ -224,10 +224,15 @@ def load_site_data(
     payload, key, index = None, None, None
     if folder is not None:
         index = site_cache.ContentIndex(folder)
-        fingerprint = index.fingerprint(path, _source_files(path, fmt, records), verify=verify_cache)
+        try:
+            fingerprint = index.fingerprint(path, _source_files(path, fmt, records), verify=verify_cache)
+        except FileNotFoundError as err:
+            raise SiteDataError(f"site {site}: {err.filename}: file not found (listed in {path / MANIFEST_NAME})") from err
         params = {"format": fmt, "input_shape": declaration.input_shape, "resize": declaration.resize}  # row order: fixed by the hashed manifest / sorted listing
         key = site_cache.cache_key(fingerprint, params)
         payload = site_cache.read_entry(folder, key)
+    if payload is not None and tuple(payload["x"].shape) != (len(records), *declaration.input_shape):
+        payload = None  # an entry that does not fit the listing is never trusted: decode again
     from_cache = payload is not None
     if payload is None:
         hf_images = hf_image_reader() if hf_image_reader is not None else None
