@@ -11,6 +11,7 @@ from pathlib import Path
 from graftfl.config import ConfigError, expand_sweep, resolve_job_config
 from graftfl.core.data import DatasetUnavailable, dataset_from_config
 from graftfl.core.run_dir import project_root, run_dir_of, with_run_id
+from graftfl.prepare_sites import add_commands as add_prepare_sites_command
 
 
 def simulate(cfg) -> Path:
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (implies --tls)")
     deploy.add_argument("overrides", nargs="*")
     deploy.set_defaults(handler=cmd_deploy_local)
+    add_prepare_sites_command(commands)
     for module in extra_command_modules():
         module.add_commands(commands)
     return parser

@@ -3,7 +3,7 @@ import torch
 
 from graftfl.core.models import MODELS, build_model, cut_model
 
-SHAPES = {"lenet": (1, 28, 28), "cnn": (3, 32, 32), "mlp": (1, 8, 8), "vgg11": (3, 32, 32), "resnet18": (3, 32, 32)}
+SHAPES = {"lenet": (1, 28, 28), "cnn": (3, 32, 32), "mlp": (1, 8, 8), "small_cnn": (1, 8, 8), "vgg11": (3, 32, 32), "resnet18": (3, 32, 32)}
 
 
 # conv_ae reconstructs images instead of predicting classes: tests/test_features_models.py covers it.

@@ -226,6 +226,19 @@ def channel_stats(data_cfg) -> tuple[list[float], list[float]]:
     return train_t.mean(dim=(0, 2, 3)).tolist(), train_t.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
 
 
+def raw_arrays_from_config(data_cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The dataset's raw pixels (uint8, N x C x H x W) and labels: ``train_x, train_y, test_x, test_y``.
+
+    Unlike :func:`dataset_from_config` nothing is standardised: ``graftfl prepare-sites``
+    writes these pixels out as image files.
+    """
+    train_x, train_y, test_x, test_y = _dataset_loader(data_cfg.name, data_cfg.get("subset"))(Path(data_cfg.root).expanduser(), data_cfg.download)
+    if train_x.ndim == 3:  # IDX files hold N x H x W
+        train_x, test_x = train_x[:, None], test_x[:, None]
+    train_y, test_y = (np.asarray(labels, dtype=np.int64).reshape(-1) for labels in (train_y, test_y))
+    return np.ascontiguousarray(train_x), train_y, np.ascontiguousarray(test_x), test_y
+
+
 def dataset_from_config(data_cfg) -> DatasetSplits:
     """Load the dataset described by a ``dataset`` config group."""
     return load_dataset(data_cfg.name, data_cfg.root, data_cfg.download, data_cfg.get("subset"))
