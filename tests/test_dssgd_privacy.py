@@ -20,7 +20,7 @@ from graftfl.config import ConfigError, compose_config
 from graftfl.core.codec import flatten_parameters
 from graftfl.core.selective import SparseVectorScales, coordinate_budget, decode_sparse, make_upload
 from graftfl.server_app.app import run_protocol
-from graftfl.server_app.checkpoint import load_checkpoint
+from graftfl.strategies.checkpoint import load_checkpoint
 from graftfl.strategies.utils import ServerRun
 from tests.dssgd_helpers import LocalGrid, server_identity
 

@@ -9,7 +9,7 @@ import pytest
 from graftfl.config import compose_config
 from graftfl.core.meter import RunRecorder
 from graftfl.server_app.app import run_protocol
-from graftfl.server_app.checkpoint import load_checkpoint
+from graftfl.strategies.checkpoint import load_checkpoint
 from graftfl.strategies.utils import ServerRun
 from tests.dssgd_helpers import LocalGrid, server_identity
 
