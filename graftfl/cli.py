@@ -10,6 +10,7 @@ from pathlib import Path
 
 from graftfl.config import ConfigError, expand_sweep, resolve_job_config
 from graftfl.core.data import DatasetUnavailable, dataset_from_config
+from graftfl.protocols import load_protocol, protocol_commands
 
 
 def project_root() -> Path:
@@ -18,11 +19,11 @@ def project_root() -> Path:
 
 def simulate(cfg) -> Path:
     """Run one composed config in Flower's simulation runtime (Ray), or directly when not federated."""
-    from graftfl.server_app.app import make_server_app, protocol_module, run_dir_of, run_protocol, with_run_id
+    from graftfl.server_app.app import make_server_app, run_dir_of, run_protocol, with_run_id
 
     cfg = with_run_id(cfg)
     dataset_from_config(cfg.dataset)  # fail fast (and cache for the in-process ServerApp) before Ray starts
-    if not getattr(protocol_module(cfg.protocol.name), "FEDERATED", True):
+    if not load_protocol(cfg.protocol.name).federated:
         return run_protocol(None, cfg)
     from flwr.simulation import run_simulation
 
@@ -91,21 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (implies --tls)")
     deploy.add_argument("overrides", nargs="*")
     deploy.set_defaults(handler=cmd_deploy_local)
-    for module in extra_command_modules():
-        module.add_commands(commands)
+    for add_commands in protocol_commands():  # e.g. features' `serve` and `predict`
+        add_commands(commands)
     return parser
-
-
-def extra_command_modules():
-    """Protocols may add commands (e.g. ``serve``) through ``graftfl/server_app/*_cli.py`` modules."""
-    import importlib
-    import pkgutil
-
-    import graftfl.server_app as server_app_package
-
-    for info in pkgutil.iter_modules(server_app_package.__path__):
-        if info.name.endswith("_cli"):
-            yield importlib.import_module(f"graftfl.server_app.{info.name}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from graftfl.core.data import dataset_from_config
 from graftfl.core.privacy import compose_laplace_epsilon
 from graftfl.core.selective import decode_sparse, encode_sparse, make_upload, overwrite
 from graftfl.core.train import evaluate
+from graftfl.protocols import ClientProtocol
 
 PROTOCOL = "dssgd"
 LOCAL_MODEL_KEY = "dssgd-local-model"
@@ -102,3 +103,6 @@ def train(message: Message, context: Context) -> Message:
         {"upload": ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()}), "metrics": MetricRecord(metrics)}
     )
     return Message(content=content, reply_to=message)
+
+
+CLIENT_PROTOCOL = ClientProtocol(name=PROTOCOL, train=train)

@@ -38,6 +38,7 @@ from graftfl.core.autoencoder import class_grid_figure, encode, reconstruction_e
 from graftfl.core.data import channel_stats, dataset_from_config
 from graftfl.core.meter import count_train_flops
 from graftfl.core.models import StagedModel, build_model
+from graftfl.protocols import ClientProtocol
 
 PROTOCOL = "features"
 AUTOENCODER_STATE = "features.autoencoder"
@@ -215,3 +216,6 @@ def evaluate(message: Message, context: Context) -> Message:
     )
     content = RecordDict({"metrics": metrics, "files": ConfigRecord({"figure": str(figure or "")})})
     return Message(content, reply_to=message)
+
+
+CLIENT_PROTOCOL = ClientProtocol(name=PROTOCOL, train=train, evaluate=evaluate, query=query)

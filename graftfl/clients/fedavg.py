@@ -15,6 +15,7 @@ from graftfl.clients.utils import (
     restored_history_for,
     round_seed,
 )
+from graftfl.protocols import ClientProtocol
 
 PROTOCOL = "fedavg"
 
@@ -36,3 +37,6 @@ def train(message: Message, context: Context) -> Message:
     if history is not None:  # (noise, sample rate, steps) only: lets the server checkpoint the accountant
         content["privacy"] = ConfigRecord({"history": history})
     return Message(content=content, reply_to=message)
+
+
+CLIENT_PROTOCOL = ClientProtocol(name=PROTOCOL, train=train)

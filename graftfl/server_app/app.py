@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import logging
 import shlex
 import time
 import uuid
@@ -13,7 +13,10 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from graftfl.config import resolve_job_config, to_yaml
-from graftfl.strategies.utils import ServerRun
+from graftfl.protocols import load_phase, load_protocol
+from graftfl.strategies.utils import ServerRun, wait_for_nodes
+
+logger = logging.getLogger(__name__)
 
 
 def new_run_id(cfg: DictConfig) -> str:
@@ -35,8 +38,23 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir) / cfg.run_id
 
 
-def protocol_module(name: str):
-    return importlib.import_module(f"graftfl.strategies.{name}")
+def run_phases(grid: Grid | None, run: ServerRun) -> dict:
+    """Run the config's pre-training ``phases`` once, in order; ``{phase: its summary fields}``.
+
+    Every phase sees the same connected sites, before the protocol's own rounds
+    (a resumed run runs them again: a fresh site process has no phase state).
+    """
+    names = list(run.cfg.get("phases") or [])
+    if not names:
+        return {}
+    if grid is None:
+        raise ValueError(f"phases={names} need a federated protocol; protocol '{run.cfg.protocol.name}' runs without sites")
+    node_ids = wait_for_nodes(grid, run.cfg.num_clients, run.cfg.timeout_s)
+    summaries = {}
+    for name in names:
+        logger.info("[%s] phase %s on %d sites", run.cfg.protocol.name, name, len(node_ids))
+        summaries[name] = load_phase(name).run(grid, run, node_ids) or {}
+    return summaries
 
 
 def run_protocol(grid: Grid | None, cfg: DictConfig) -> Path:
@@ -47,7 +65,11 @@ def run_protocol(grid: Grid | None, cfg: DictConfig) -> Path:
         raise FileNotFoundError(f"resume={cfg.resume}: no such run directory")
     run = ServerRun(cfg, run_dir, resume=bool(cfg.resume))
     run.recorder.write_config(to_yaml(cfg))
-    extra = protocol_module(cfg.protocol.name).run(grid, run) or {}
+    protocol = load_protocol(cfg.protocol.name)
+    phases = run_phases(grid, run)
+    extra = protocol.run(grid, run) or {}
+    if phases:
+        extra["phases"] = phases
     run.recorder.write_summary(
         protocol=cfg.protocol.name,
         dataset=cfg.dataset.name,

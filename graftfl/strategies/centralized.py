@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 
 from graftfl.core.local_round import partition_data, train_flops_per_sample, train_round
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun
 
 PROTOCOL = "centralized"
-FEDERATED = False  # called with grid=None: there is nothing to federate
 
 
 def union_of_partitions(run: ServerRun) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,3 +49,10 @@ def run(grid, run: ServerRun) -> dict:
         run.checkpoint(server_round, model, {"privacy_history": history})
         print(f"[centralized] round {server_round}/{cfg.rounds} accuracy {evaluation['accuracy']:.4f}", flush=True)
     return {"train_samples": len(y)}
+
+
+def validate_config(cfg) -> None:
+    """No checks beyond the shared ones in :func:`graftfl.config.validate`."""
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config, federated=False)

@@ -28,6 +28,7 @@ from graftfl.core.selective import (
     encode_sparse,
     validate_upload,
 )
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
 
 PROTOCOL = "dssgd"
@@ -247,3 +248,6 @@ def run(grid: Grid, run: ServerRun) -> dict:
         "rejected_uploads": rejected_total,
         "failed_participants": failed_total,
     }
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)

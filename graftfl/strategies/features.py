@@ -36,6 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from graftfl.core.autoencoder import conv_ae, save_classifier, train_autoencoder, train_classifier
+from graftfl.protocols import ServerProtocol
 from graftfl.server_app.feature_service import CLASSIFIER_FILE, OnlineTrainer, ServedClassifier
 from graftfl.server_app.feature_store import Chunk, ChunkRules, FeatureStore, InvalidChunk
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
@@ -504,3 +505,6 @@ def run(grid: Grid, run: ServerRun) -> dict:
         "figures": tables["figures"],
         **features.rejection_counts(),
     }
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)

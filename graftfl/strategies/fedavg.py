@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, wait_for_nodes
 
 PROTOCOL = "fedavg"
@@ -124,3 +125,10 @@ def run(grid: Grid, run: ServerRun) -> dict:
             evaluate_fn=evaluate_global,
         )
     return {}
+
+
+def validate_config(cfg) -> None:
+    """No checks beyond the shared ones in :func:`graftfl.config.validate`."""
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)

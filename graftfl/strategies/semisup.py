@@ -9,6 +9,7 @@ from __future__ import annotations
 from flwr.serverapp import Grid
 
 from graftfl.core.split import TopStage, activation_shape, model_parts
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun
 from graftfl.strategies.split_turns import SplitRunner, server_optimizer, validate_split_config
 
@@ -28,3 +29,6 @@ def run(grid: Grid, run: ServerRun) -> dict:
     stage = TopStage(top, server_optimizer(run.cfg, top), activation_shape(bottom, run.data.input_shape), run.data.num_classes, run.device)
     summary = SplitRunner(grid, run, PROTOCOL, stage, top).run_rounds()
     return {**summary, "unlabeled_fraction": float(run.cfg.protocol.unlabeled_fraction), "alpha": float(run.cfg.protocol.alpha)}
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)

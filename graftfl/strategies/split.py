@@ -10,6 +10,7 @@ from __future__ import annotations
 from flwr.serverapp import Grid
 
 from graftfl.core.split import TopStage, activation_shape, model_parts
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun
 from graftfl.strategies.split_turns import SplitRunner, server_optimizer, validate_split_config
 
@@ -30,3 +31,6 @@ def build_stage(run: ServerRun) -> tuple[TopStage, object]:
 def run(grid: Grid, run: ServerRun) -> dict:
     stage, top = build_stage(run)
     return SplitRunner(grid, run, PROTOCOL, stage, top).run_rounds()
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from graftfl.core.local_round import partition_data, train_flops_per_sample, train_round
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun
 
 PROTOCOL = "standalone"
-FEDERATED = False  # nothing is exchanged, so nothing runs through Flower
 
 
 def run(grid, run: ServerRun) -> dict:
@@ -61,3 +61,10 @@ def run(grid, run: ServerRun) -> dict:
         print(f"[standalone] round {server_round}/{cfg.rounds} mean local accuracy {row['accuracy']:.4f}", flush=True)
     final = run.recorder.rows[-1]
     return {"local_accuracy_min": final["local_accuracy_min"], "local_accuracy_max": final["local_accuracy_max"]}
+
+
+def validate_config(cfg) -> None:
+    """No checks beyond the shared ones in :func:`graftfl.config.validate`."""
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config, federated=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from flwr.serverapp import Grid
 
 from graftfl.core.split import MiddleStage, activation_shape, model_parts
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun
 from graftfl.strategies.split_turns import SplitRunner, server_optimizer, validate_split_config
 
@@ -33,3 +34,6 @@ def build_stage(run: ServerRun) -> tuple[MiddleStage, object]:
 def run(grid: Grid, run: ServerRun) -> dict:
     stage, middle = build_stage(run)
     return SplitRunner(grid, run, PROTOCOL, stage, middle).run_rounds()
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)
