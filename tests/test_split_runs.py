@@ -183,6 +183,7 @@ def test_protocol_variants_run(tmp_path, overrides):
     assert evaluated == (3 if "protocol.handoff=local" in overrides else 1)
 
 
+@pytest.mark.slow
 def test_sim_split_digits_produces_run_dir(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.run(
