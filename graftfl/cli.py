@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 
 from graftfl.config import ConfigError, expand_sweep, resolve_job_config
+from graftfl.console import show_progress
 from graftfl.core.data import DatasetUnavailable, dataset_from_config
 from graftfl.protocols import load_protocol, protocol_commands
+
+
+logger = logging.getLogger(__name__)
 
 
 def project_root() -> Path:
@@ -59,7 +64,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     jobs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
     for number, overrides in enumerate(jobs):
         if args.multirun:
-            print(f"[multirun] job {number}: {' '.join(overrides)}", flush=True)
+            logger.info("[multirun] job %d: %s", number, " ".join(overrides))
         run_dir = simulate(resolve_job_config(overrides))
         print(f"run: {run_dir}", flush=True)
     return 0
@@ -99,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_progress()  # round progress and rejected replies on stderr; stdout ends with `run: runs/<id>`
     try:
         return args.handler(args)
     except ConfigError as err:

@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from graftfl.config import resolve_job_config, to_yaml
+from graftfl.console import show_progress
 from graftfl.protocols import load_phase, load_protocol
 from graftfl.strategies.utils import ServerRun, wait_for_nodes
 
@@ -99,5 +100,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployment entry: ``flwr run . <conn> --run-config "overrides='protocol=fedavg dataset=digits'"``."""
+    show_progress()  # this process has no `graftfl` command to set up the console
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
     run_protocol(grid, resolve_job_config(overrides))

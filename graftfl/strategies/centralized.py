@@ -6,6 +6,7 @@ It writes the same run directory as the federated protocols (zero traffic), so
 
 from __future__ import annotations
 
+import logging
 import torch
 
 from graftfl.core.local_round import partition_data, train_flops_per_sample, train_round
@@ -13,6 +14,7 @@ from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun
 
 PROTOCOL = "centralized"
+logger = logging.getLogger(__name__)
 
 
 def union_of_partitions(run: ServerRun) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +49,7 @@ def run(grid, run: ServerRun) -> dict:
             row["epsilon"] = metrics["epsilon"]
         run.recorder.log_round(row)
         run.checkpoint(server_round, model, {"privacy_history": history})
-        print(f"[centralized] round {server_round}/{cfg.rounds} accuracy {evaluation['accuracy']:.4f}", flush=True)
+        logger.info(f"[centralized] round {server_round}/{cfg.rounds} accuracy {evaluation['accuracy']:.4f}")
     return {"train_samples": len(y)}
 
 

@@ -9,6 +9,7 @@ it to the global vector. Participants keep their own models between rounds
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -32,6 +33,7 @@ from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
 
 PROTOCOL = "dssgd"
+logger = logging.getLogger(__name__)
 ORDERS = ("random", "round_robin")
 
 
@@ -135,14 +137,14 @@ def exchange(grid: Grid, server: SelectiveServer, nodes: list[int], server_round
         reply = replies.get(node)
         if reply is None or reply.has_error():
             why = "no reply within timeout" if reply is None else f"error: {reply.error.reason}"
-            print(f"[dssgd] round {server_round}: node {node} skipped ({why})", flush=True)
+            logger.warning(f"[dssgd] round {server_round}: node {node} skipped ({why})")
             outcome["failed"].append({"node": int(node), "reason": why})
             continue
         metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
         bytes_up = arrays_nbytes(reply.content["upload"]) if "upload" in reply.content else 0
         reason = server.accept(reply, server_round)
         if reason is not None:
-            print(f"[dssgd] round {server_round}: upload of node {node} rejected: {reason}", flush=True)
+            logger.warning(f"[dssgd] round {server_round}: upload of node {node} rejected: {reason}")
             outcome["rejected"].append({"node": int(node), "partition": int(metrics.get("partition-id", -1)), "reason": reason})
         outcome["clients"].append({**metrics, "node": int(node), "bytes_up": bytes_up, "accepted": reason is None})
     return outcome
@@ -233,10 +235,9 @@ def run(grid: Grid, run: ServerRun) -> dict:
         rejected_total += len(outcome["rejected"])
         failed_total += len(outcome["failed"])
         run.checkpoint(server_round, server.global_model(), {"stats": server.stats.state_dict(), "cursor": server.cursor})
-        print(
+        logger.info(
             f"[dssgd] round {server_round}/{cfg.rounds} local accuracy {row['accuracy'] or float('nan'):.4f} "
-            f"global {evaluation['accuracy']:.4f} up {row['bytes_up']} B",
-            flush=True,
+            f"global {evaluation['accuracy']:.4f} up {row['bytes_up']} B"
         )
     final = run.recorder.rows[-1] if run.recorder.rows else {}
     return {

@@ -25,6 +25,7 @@ in the summary, and the run goes on with the other sites.
 
 from __future__ import annotations
 
+import logging
 import json
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from graftfl.server_app.feature_store import Chunk, ChunkRules, FeatureStore, In
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
 
 PROTOCOL = "features"
+logger = logging.getLogger(__name__)
 AE_TRAINING = ("local", "federated", "public")
 CLASSIFIER_MODES = ("offline", "online")
 STORE_FILE = "features.db"
@@ -117,7 +119,7 @@ class FeatureRun:
         good = []
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.timeout_s):
             if reply.has_error():
-                print(f"[features] site node {reply.metadata.src_node_id} failed: {reply.error.reason}", flush=True)
+                logger.warning(f"[features] site node {reply.metadata.src_node_id} failed: {reply.error.reason}")
             else:
                 good.append(reply)
         return good
@@ -125,7 +127,7 @@ class FeatureRun:
     def reject(self, node: int, phase: str, reason: str, **where) -> dict:
         """Record and print a refused reply; returns its entry for the metrics row."""
         entry = {"phase": phase, "node": int(node), "client_id": client_id_of(node), **where, "reason": reason}
-        print(f"[features] {phase} reply of {client_id_of(node)} rejected: {reason}", flush=True)
+        logger.warning(f"[features] {phase} reply of {client_id_of(node)} rejected: {reason}")
         self.rejections.append(entry)
         return entry
 
@@ -179,7 +181,7 @@ class FeatureRun:
                 raise RuntimeError("no site returned autoencoder weights")
             arrays, _ = aggregator.aggregate_train(server_round, replies)
             self.log_autoencoder_round(replies, bytes_down=arrays_nbytes(arrays) * len(messages), bytes_up=sum(arrays_nbytes(r.content["arrays"]) for r in replies))
-            print(f"[features] federated autoencoder round {server_round}/{self.protocol.ae_rounds}", flush=True)
+            logger.info(f"[features] federated autoencoder round {server_round}/{self.protocol.ae_rounds}")
         return arrays
 
     def public_autoencoder(self) -> ArrayRecord:
@@ -237,7 +239,7 @@ class FeatureRun:
             key = (node, next_chunk[node])
             attempts[key] = attempts.get(key, 0) + 1
             if attempts[key] >= UPLOAD_ATTEMPTS:  # a site that keeps failing is left out, the others go on
-                print(f"[features] giving up on node {node} after {UPLOAD_ATTEMPTS} failed uploads of chunk {next_chunk[node]}", flush=True)
+                logger.warning(f"[features] giving up on node {node} after {UPLOAD_ATTEMPTS} failed uploads of chunk {next_chunk[node]}")
                 del next_chunk[node]
 
     def chunk_from(self, reply: Message, chunk_number: int) -> tuple[Chunk, int]:
@@ -485,7 +487,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
         trainer = OnlineTrainer(features.store, features.served, int(protocol.classifier.retrain_every), run.data.num_classes, features.classifier_kwargs())
         trainer.start()
     records = features.upload_all(autoencoder, trainer)
-    print(f"[features] {records} records in the store", flush=True)
+    logger.info(f"[features] {records} records in the store")
     if trainer is not None:
         trainer.finish()
         features.log_retrains(trainer)
@@ -495,7 +497,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
     tables = features.service_round()
     write_tables(run.run_dir, tables, run.cfg)
     features.store.close()
-    print(f"[features] service-mode accuracy {tables['accuracy']:.4f}, reconstruction error {tables['reconstruction_error']:.4f}", flush=True)
+    logger.info(f"[features] service-mode accuracy {tables['accuracy']:.4f}, reconstruction error {tables['reconstruction_error']:.4f}")
     return {
         "ae_training": protocol.ae_training,
         "classifier_mode": protocol.classifier.mode,

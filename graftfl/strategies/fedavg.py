@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -13,6 +14,7 @@ from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, wait_for_nodes
 
 PROTOCOL = "fedavg"
+logger = logging.getLogger(__name__)
 
 
 class FedAvgWithMetrics(FedAvg):
@@ -35,11 +37,23 @@ class FedAvgWithMetrics(FedAvg):
         self.sent = 0
         self.privacy_histories: dict[str, str] = dict((run.resume_state or {}).get("extra", {}).get("privacy_histories", {}))
 
-    def _construct_messages(self, record, node_ids, message_type) -> Iterable[Message]:
-        # Flower sends plain "train"; the graftfl ClientApp routes "<category>.<protocol>".
-        self.bytes_down = arrays_nbytes(record[self.arrayrecord_key]) * len(node_ids)
-        self.sent = len(node_ids)
-        return super()._construct_messages(record, node_ids, f"{message_type}.{PROTOCOL}")
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Flower's sampling and payload, sent as ``train.fedavg`` (and the downlink bytes counted)."""
+        messages = self._routed(super().configure_train(server_round, arrays, config, grid))
+        self.bytes_down = arrays_nbytes(arrays) * len(messages)
+        self.sent = len(messages)
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self._routed(super().configure_evaluate(server_round, arrays, config, grid))
+
+    @staticmethod
+    def _routed(messages: Iterable[Message]) -> list[Message]:
+        # Flower sends plain "train"/"evaluate"; the graftfl ClientApp routes "<category>.<protocol>".
+        return [
+            Message(content=message.content, dst_node_id=message.metadata.dst_node_id, message_type=f"{message.metadata.message_type}.{PROTOCOL}")
+            for message in messages
+        ]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
@@ -48,7 +62,7 @@ class FedAvgWithMetrics(FedAvg):
         if missing > 0:
             self.client_errors.append(f"{missing} client(s) did not reply within timeout_s")
         if self.client_errors:
-            print(f"[fedavg] round {server_round}: {len(self.client_errors)} client failure(s): {'; '.join(self.client_errors)}", flush=True)
+            logger.warning("[fedavg] round %d: %d client failure(s): %s", server_round, len(self.client_errors), "; ".join(self.client_errors))
         if not any(not reply.has_error() for reply in replies):
             # Flower would keep the old model and go on: a run in which nobody trains must stop, and say why.
             raise RuntimeError(f"round {server_round}: no client finished training ({'; '.join(self.client_errors)})")
@@ -111,7 +125,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
         row = round_row(offset + server_round, evaluation, strategy.client_rows, strategy.bytes_down, run.round_seconds(), strategy.client_errors)
         run.recorder.log_round(row)
         run.checkpoint(offset + server_round, model, {"privacy_histories": strategy.privacy_histories})
-        print(f"[fedavg] round {offset + server_round}/{cfg.rounds} accuracy {evaluation['accuracy']:.4f}", flush=True)
+        logger.info("[fedavg] round %d/%d accuracy %.4f", offset + server_round, cfg.rounds, evaluation["accuracy"])
         return MetricRecord({"accuracy": evaluation["accuracy"], "loss": evaluation["loss"]})
 
     remaining = cfg.rounds - offset

@@ -31,6 +31,7 @@ from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, w
 from graftfl.transport.frames import max_frame_bytes
 from graftfl.transport.server import DataPlaneServer
 
+
 log = logging.getLogger(__name__)
 
 HANDOFFS = ("relay", "local", "average")
@@ -180,7 +181,7 @@ class SplitRunner:
         cfg = self.cfg
         nodes = wait_for_nodes(self.grid, cfg.num_clients, cfg.timeout_s)
         self.plane = start_data_plane(cfg, self.stage)
-        print(f"[{self.protocol}] data plane on {self.plane.address} (tls={self.plane.tls}, handoff={cfg.protocol.handoff})", flush=True)
+        log.info(f"[{self.protocol}] data plane on {self.plane.address} (tls={self.plane.tls}, handoff={cfg.protocol.handoff})")
         try:
             self.run.round_seconds()
             for round_number in range(1, cfg.rounds + 1):
@@ -218,7 +219,7 @@ class SplitRunner:
             }
             self.failed_turns.append(record)
             log.warning("split turn failed: %s", record)
-            print(f"[{self.protocol}] round {round_number}: turn of node {node} failed ({failure}); continuing with the next client", flush=True)
+            log.warning(f"[{self.protocol}] round {round_number}: turn of node {node} failed ({failure}); continuing with the next client")
             return None
         metrics = dict(reply.content["metrics"])
         partition = int(metrics.get("partition-id", -1))
@@ -301,4 +302,4 @@ class SplitRunner:
         self.run.recorder.log_round(row)
         self.run.checkpoint(round_number, self.server_part, {"part": "server", "protocol": self.protocol, RELAY_KEY: self.handoff.ciphertext})
         accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
-        print(f"[{self.protocol}] round {round_number}/{self.cfg.rounds} accuracy {accuracy} failed turns {len(failed)}", flush=True)
+        log.info(f"[{self.protocol}] round {round_number}/{self.cfg.rounds} accuracy {accuracy} failed turns {len(failed)}")

@@ -6,6 +6,7 @@ for ``dssgd`` (mean, min, max), so the table shows what collaboration adds.
 
 from __future__ import annotations
 
+import logging
 import numpy as np
 
 from graftfl.core.local_round import partition_data, train_flops_per_sample, train_round
@@ -13,6 +14,7 @@ from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun
 
 PROTOCOL = "standalone"
+logger = logging.getLogger(__name__)
 
 
 def run(grid, run: ServerRun) -> dict:
@@ -58,7 +60,7 @@ def run(grid, run: ServerRun) -> dict:
             row["epsilon"], row["client_epsilon"] = max(epsilon), epsilon
         run.recorder.log_round(row)
         run.checkpoint(server_round, models[0], {"participants": {pid: m.state_dict() for pid, m in models.items()}})
-        print(f"[standalone] round {server_round}/{cfg.rounds} mean local accuracy {row['accuracy']:.4f}", flush=True)
+        logger.info(f"[standalone] round {server_round}/{cfg.rounds} mean local accuracy {row['accuracy']:.4f}")
     final = run.recorder.rows[-1]
     return {"local_accuracy_min": final["local_accuracy_min"], "local_accuracy_max": final["local_accuracy_max"]}
 
