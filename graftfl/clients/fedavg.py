@@ -15,6 +15,7 @@ from graftfl.clients.utils import (
     restored_history_for,
     round_seed,
 )
+from graftfl.core.wire import PARTITION_ID, ROUND_OFFSET, SERVER_ROUND
 from graftfl.protocols import ClientProtocol
 
 PROTOCOL = "fedavg"
@@ -24,14 +25,14 @@ def train(message: Message, context: Context) -> Message:
     cfg = config_of(message)
     fields = message.content["config"]
     # Flower counts a resumed run's rounds from 1 again; the offset keeps the seeds of an uninterrupted run.
-    server_round = int(fields["server-round"]) + int(fields.get("round-offset", 0))
+    server_round = int(fields[SERVER_ROUND]) + int(fields.get(ROUND_OFFSET, 0))
     x, y = local_data(cfg, context)
     model = new_model(cfg, x.shape[1:], num_classes_of(cfg))
     model.load_state_dict(message.content["arrays"].to_torch_state_dict())
     partition_id, _ = partition_id_of(context)
     seed = round_seed(cfg, server_round, partition_id)
     metrics = local_train(model, x, y, cfg, context, seed, restored_history_for(message, partition_id))
-    metrics["partition-id"] = partition_id
+    metrics[PARTITION_ID] = partition_id
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
     history = privacy_history_of(context)
     if history is not None:  # (noise, sample rate, steps) only: lets the server checkpoint the accountant

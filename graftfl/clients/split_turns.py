@@ -25,8 +25,8 @@ from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY, client_key, decrypt_sta
 from graftfl.core.meter import count_train_flops
 from graftfl.core.split import SemisupClient, hidden_label_mask, test_subset
 from graftfl.core.train import make_optimizer, seed_everything
+from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, NODE_CA_CERT, max_frame_bytes
 from graftfl.transport.client import DataPlaneClient
-from graftfl.transport.frames import max_frame_bytes
 
 STATE_KEY = "split-client"
 PROGRESS_KEY = "split-progress"
@@ -62,7 +62,7 @@ def load_role_arrays(role, arrays: ArrayRecord) -> None:
 
 def ca_cert_of(cfg, context: Context) -> str | None:
     """The CA the client trusts for the data plane: node-config ``ca-cert`` wins (a local fact)."""
-    return str(context.node_config.get("ca-cert") or "") or (cfg.get("tls") or {}).get("ca_cert")
+    return str(context.node_config.get(NODE_CA_CERT) or "") or (cfg.get("tls") or {}).get("ca_cert")
 
 
 def relay_key(context: Context) -> bytes:
@@ -138,7 +138,7 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
     hidden = hidden_label_mask(len(y), cfg.protocol.unlabeled_fraction, cfg.seed * 31 + partition_id) if isinstance(role, SemisupClient) else None
     fields = message.content["config"]
     losses, samples = [], 0
-    with DataPlaneClient(str(fields["data-plane-address"]), str(fields["data-plane-token"]), wire_dtype=cfg.protocol.wire_dtype,
+    with DataPlaneClient(str(fields[DATA_PLANE_ADDRESS]), str(fields[DATA_PLANE_TOKEN]), wire_dtype=cfg.protocol.wire_dtype,
                          ca_cert=ca_cert_of(cfg, context), max_frame_bytes=max_frame_bytes(cfg)) as plane:
         for indices in batches:
             if hidden is None:
@@ -182,7 +182,7 @@ def evaluate_turn(message: Message, context: Context, build_role: RoleBuilder) -
     per_sample_bytes = 4 * int(torch.tensor(role.act_shape).prod()) + 8
     batch = max(1, min(int(cfg.eval.batch_size), max_frame_bytes(cfg) // (2 * per_sample_bytes)))
     totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
-    with DataPlaneClient(str(fields["data-plane-address"]), str(fields["data-plane-token"]), wire_dtype=cfg.protocol.wire_dtype,
+    with DataPlaneClient(str(fields[DATA_PLANE_ADDRESS]), str(fields[DATA_PLANE_TOKEN]), wire_dtype=cfg.protocol.wire_dtype,
                          ca_cert=ca_cert_of(cfg, context), max_frame_bytes=max_frame_bytes(cfg)) as plane:
         for start in range(0, len(y), batch):
             result = role.eval_batch(x[start : start + batch], y[start : start + batch], plane.exchange)

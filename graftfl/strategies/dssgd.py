@@ -29,6 +29,7 @@ from graftfl.core.selective import (
     encode_sparse,
     validate_upload,
 )
+from graftfl.core.wire import SERVER_ROUND
 from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
 
@@ -103,7 +104,7 @@ class SelectiveServer:
         arrays = encode_sparse(indices, values, self.num_params)
         content = RecordDict(
             {
-                "config": self.run.config_record(**{"server-round": server_round}),
+                "config": self.run.config_record(**{SERVER_ROUND: server_round}),
                 "download": ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()}),
             }
         )

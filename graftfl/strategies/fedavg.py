@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from graftfl.core.wire import PRIVACY_HISTORIES, ROUND_OFFSET
 from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, wait_for_nodes
 
@@ -135,7 +136,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=remaining,
             timeout=cfg.timeout_s,
-            train_config=run.config_record(**{"privacy-histories": json.dumps(strategy.privacy_histories), "round-offset": offset}),
+            train_config=run.config_record(**{PRIVACY_HISTORIES: json.dumps(strategy.privacy_histories), ROUND_OFFSET: offset}),
             evaluate_fn=evaluate_global,
         )
     return {}

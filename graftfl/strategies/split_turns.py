@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from graftfl.core.codec import FLOAT_WIRE_DTYPES
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY
 from graftfl.core.train import make_optimizer
+from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, SERVER_ROUND, max_frame_bytes
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, require_choice, wait_for_nodes
-from graftfl.transport.frames import max_frame_bytes
 from graftfl.transport.server import DataPlaneServer
 
 
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 HANDOFFS = ("relay", "local", "average")
 TURN_ORDERS = ("round_robin", "random")
-WIRE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def validate_split_config(cfg) -> None:
@@ -44,7 +44,7 @@ def validate_split_config(cfg) -> None:
     protocol = cfg.protocol
     require_choice("protocol.handoff", protocol.handoff, HANDOFFS)
     require_choice("protocol.turn_order", protocol.turn_order, TURN_ORDERS)
-    require_choice("protocol.wire_dtype", protocol.wire_dtype, WIRE_DTYPES)
+    require_choice("protocol.wire_dtype", protocol.wire_dtype, FLOAT_WIRE_DTYPES)
     if protocol.turn_batches is not None and int(protocol.turn_batches) < 1:
         raise ValueError("protocol.turn_batches must be >= 1 or null (one local epoch per turn)")
     if float(protocol.turn_timeout_s) <= 0 or float(protocol.max_frame_mb) <= 0:
@@ -197,9 +197,9 @@ class SplitRunner:
     def message(self, node: int, category: str, turn, round_number: int, **fields) -> tuple[Message, int]:
         records, nbytes = self.handoff.outgoing()
         config = self.run.config_record(**{
-            "server-round": round_number,
-            "data-plane-address": self.plane.address,
-            "data-plane-token": turn.token,
+            SERVER_ROUND: round_number,
+            DATA_PLANE_ADDRESS: self.plane.address,
+            DATA_PLANE_TOKEN: turn.token,
             **fields,
         })
         content = RecordDict({"config": config, **records})
