@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 
 from graftfl.config import ConfigError, expand_sweep, resolve_job_config
+from graftfl.console import show_progress
 from graftfl.core.data import DatasetUnavailable, dataset_from_config
 from graftfl.core.run_dir import project_root, run_dir_of, with_run_id
 from graftfl.prepare_sites import add_commands as add_prepare_sites_command
+from graftfl.protocols import load_protocol, protocol_commands
+
+
+logger = logging.getLogger(__name__)
 
 
 def simulate(cfg) -> Path:
     """Run one composed config in Flower's simulation runtime (Ray), or directly when not federated."""
-    from graftfl.server_app.app import make_server_app, protocol_module, run_protocol
+    from graftfl.server_app.app import make_server_app, run_protocol
 
     cfg = with_run_id(cfg)
     dataset_from_config(cfg.dataset)  # fail fast (and cache for the in-process ServerApp) before Ray starts
-    if not getattr(protocol_module(cfg.protocol.name), "FEDERATED", True):
+    if not load_protocol(cfg.protocol.name).federated:
         return run_protocol(None, cfg)
     from flwr.simulation import run_simulation
 
@@ -69,7 +75,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     jobs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
     for number, overrides in enumerate(jobs):
         if args.multirun:
-            print(f"[multirun] job {number}: {' '.join(overrides)}", flush=True)
+            logger.info("[multirun] job %d: %s", number, " ".join(overrides))
         run_dir = simulate(resolve_job_config(overrides))
         print(f"run: {run_dir}", flush=True)
     return 0
@@ -103,25 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("overrides", nargs="*")
     deploy.set_defaults(handler=cmd_deploy_local)
     add_prepare_sites_command(commands)
-    for module in extra_command_modules():
-        module.add_commands(commands)
+    for add_commands in protocol_commands():  # e.g. features' `serve` and `predict`
+        add_commands(commands)
     return parser
-
-
-def extra_command_modules():
-    """Protocols may add commands (e.g. ``serve``) through ``graftfl/commands/*_cli.py`` modules."""
-    import importlib
-    import pkgutil
-
-    import graftfl.commands as commands_package
-
-    for info in pkgutil.iter_modules(commands_package.__path__):
-        if info.name.endswith("_cli"):
-            yield importlib.import_module(f"graftfl.commands.{info.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_progress()  # round progress and rejected replies on stderr; stdout ends with `run: runs/<id>`
     try:
         return args.handler(args)
     except ConfigError as err:

@@ -14,6 +14,8 @@ from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from graftfl.protocols import load_phase, load_protocol, phase_names, protocol_names
+
 GROUPS = ("protocol", "dataset", "model", "privacy", "partition", "experiment")
 
 
@@ -183,12 +185,31 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.partition.name in PARTITIONERS, f"unknown partition '{cfg.partition.name}'; valid: {list(PARTITIONERS)}")
     _require(cfg.model.name in MODELS, f"unknown model '{cfg.model.name}'; valid models: {sorted(MODELS)}")
     _require(cfg.protocol.name in group_options("protocol"), f"unknown protocol '{cfg.protocol.name}'; valid: {group_options('protocol')}")
-    protocol_checks = getattr(_protocol_module(cfg.protocol.name), "validate_config", None)
-    if protocol_checks is not None:
-        try:
-            protocol_checks(cfg)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+    _require(cfg.protocol.name in protocol_names(), f"protocol '{cfg.protocol.name}' has a config file but is not registered; registered: {protocol_names()}")
+    protocol = load_protocol(cfg.protocol.name)  # a module that breaks the contract fails here, loudly
+    _checked(protocol.validate_config, cfg)
+    _validate_phases(cfg, protocol.federated)
+
+
+def _checked(check, cfg: DictConfig) -> None:
+    """Run a protocol's or phase's ``validate_config``; its ``ValueError`` becomes a :class:`ConfigError`."""
+    try:
+        check(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _validate_phases(cfg: DictConfig, federated: bool) -> None:
+    """``phases``: registered names, each once, only for a protocol that runs through Flower."""
+    phases = list(cfg.get("phases") or [])
+    for name in phases:
+        _require(isinstance(name, str) and name in phase_names(), f"unknown phase '{name}' in phases; valid phases: {phase_names()}")
+    _require(len(set(phases)) == len(phases), f"phases lists a phase twice: {phases}")
+    _require(not phases or federated, f"phases={phases} need a federated protocol; protocol '{cfg.protocol.name}' runs without sites")
+    for name in phases:
+        phase = load_phase(name)
+        if phase.validate_config is not None:
+            _checked(phase.validate_config, cfg)
 
 
 def _fractions(cfg: DictConfig):
@@ -196,15 +217,6 @@ def _fractions(cfg: DictConfig):
     for key, value in cfg.protocol.items():
         if (key.startswith("fraction") or key.startswith("theta")) and value is not None:
             yield f"protocol.{key}", float(value)
-
-
-def _protocol_module(name: str):
-    import importlib
-
-    try:
-        return importlib.import_module(f"graftfl.strategies.{name}")
-    except ModuleNotFoundError:
-        return None
 
 
 def to_yaml(cfg: DictConfig) -> str:

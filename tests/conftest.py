@@ -42,14 +42,28 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@contextmanager
-def flower_task_identity(run_id: int = 1):
-    """Flower builds messages only inside a task (a real ServerApp sets one): set one for the test."""
+def _current(identity: str) -> int | None:
+    """A TaskIdentity value through its public property (``None`` when no task is set)."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    try:
+        return getattr(TaskIdentity, identity)
+    except RuntimeError:
+        return None
+
+
+@contextmanager
+def flower_task_identity(run_id: int = 1):
+    """Flower builds messages only inside a task (a real ServerApp sets one): set one for the test.
+
+    Only TaskIdentity's public setters are used, as Flower's own runtimes do.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = {name: _current(name) for name in ("task_id", "run_id", "node_id")}
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 0
     try:
         yield
     finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+        for name, value in saved.items():
+            setattr(TaskIdentity, name, value)

@@ -108,6 +108,7 @@ def assert_run_directory(run_dir: Path, num_clients: int, rounds: int) -> dict:
 
 
 # -- end to end --------------------------------------------------------------------------
+@pytest.mark.slow
 @needs_proc
 def test_deploy_local_runs_fedavg_and_leaves_nothing_behind(tmp_path):
     run_dir, stderr = run_deploy_local(["protocol=fedavg", "dataset=digits", "num_clients=2", "rounds=1"], tmp_path)
@@ -120,6 +121,7 @@ def test_deploy_local_runs_fedavg_and_leaves_nothing_behind(tmp_path):
     assert sorted(rows[0]["clients"]) == [0, 1]  # both SuperNodes trained, each on its node-config partition
 
 
+@pytest.mark.slow
 @needs_proc
 def test_deploy_local_with_tls_and_supernode_auth(tmp_path):
     """``--auth`` (implies ``--tls``): throwaway CA, registered SuperNode keys, a full round over TLS."""
@@ -131,6 +133,7 @@ def test_deploy_local_with_tls_and_supernode_auth(tmp_path):
         assert Path(config["tls"][key]).is_absolute()
 
 
+@pytest.mark.slow
 @needs_proc
 def test_deploy_local_split_relay_gets_a_client_only_key(tmp_path, monkeypatch):
     """Relay hand-off needs a key only the SuperNodes hold; deploy-local makes one per run."""
@@ -143,6 +146,7 @@ def test_deploy_local_split_relay_gets_a_client_only_key(tmp_path, monkeypatch):
     assert len(rows) == 1 and rows[0]["accuracy"] > 0.0
 
 
+@pytest.mark.slow
 def test_deploy_local_ushaped_over_a_tls_data_plane(tmp_path):
     """With --tls the split data plane serves TLS with deploy-local's certificates; labels stay at the sites."""
     run_dir, _ = run_deploy_local(["--tls", "protocol=ushaped", "protocol.handoff=local", "protocol.turn_batches=3",
@@ -153,6 +157,7 @@ def test_deploy_local_ushaped_over_a_tls_data_plane(tmp_path):
     assert len(rows) == 1 and rows[0]["accuracy"] > 0.0 and rows[0]["clients"] == [0, 1]
 
 
+@pytest.mark.slow
 def test_deploy_local_features_fills_the_store_and_serves_the_sites(tmp_path):
     """Feature upload on a real deployment: autoencoders, chunked uploads into the store, service mode."""
     run_dir, _ = run_deploy_local(["protocol=features", "dataset=digits", "num_clients=2", "partition.samples_per_client=200",
@@ -176,6 +181,7 @@ def test_split_key_reaches_the_supernodes_only(tmp_path, monkeypatch):
     assert len(keys) == 3 and all(len(bytes.fromhex(key)) == 32 for key in keys)  # fresh per run
 
 
+@pytest.mark.slow
 @needs_proc
 def test_ctrl_c_stops_every_process(tmp_path):
     """SIGINT (Ctrl-C) once the SuperNodes are online: exit 130, no process of ours left."""

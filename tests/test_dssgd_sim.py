@@ -35,6 +35,7 @@ def assert_run_format(run_dir: Path, protocol: str, rounds: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_sim_dssgd_writes_the_run_directory(tmp_path):
     """The real command, Flower simulation (Ray) included."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}

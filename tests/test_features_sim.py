@@ -44,6 +44,7 @@ def features_run(tmp_path_factory):
     return run_dir_from(proc, workdir)
 
 
+@pytest.mark.slow
 def test_sim_writes_tables_figures_store_and_metrics(features_run):
     run_dir = features_run
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "classifier.pt", "features.db", "tables.json", "table_accuracy.md", "table_reconstruction.md"):
@@ -79,6 +80,7 @@ def test_sim_writes_tables_figures_store_and_metrics(features_run):
     assert all(row["rejected"] == [] for row in rows if row["phase"] in ("upload", "service"))
 
 
+@pytest.mark.slow
 def test_serve_and_predict_on_the_run(features_run, tmp_path, capsys):
     run_dir = features_run
     digits = load_dataset("digits")
@@ -111,6 +113,7 @@ def test_serve_command_without_a_finished_run(tmp_path, capsys):
     assert "classifier.pt" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ae_training", ["local", "public"])
 def test_sim_local_and_public_autoencoders_with_the_offline_classifier(tmp_path, ae_training):
     """The paper's mode (one autoencoder per site) and the public one, each with one offline training."""

@@ -5,7 +5,6 @@ Drives :class:`FeatureRun` directly through a scripted grid: no Flower simulatio
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import numpy as np
@@ -20,6 +19,7 @@ from graftfl.strategies.features.classifier import ServedClassifier
 from graftfl.strategies.features.store import Chunk, ChunkRules, FeatureStore, InvalidChunk
 from graftfl.strategies.utils import ServerRun
 from tests.conftest import flower_task_identity
+from tests.helpers import FakeGrid
 
 LATENT, CHUNK_SIZE, NUM_CLASSES, ROWS_PER_SITE = 8, 4, 10, 8  # digits: 10 classes
 HONEST = 11
@@ -113,23 +113,12 @@ def upload_content(message: Message) -> RecordDict:
     return content
 
 
-class ScriptedGrid:
-    """Answers every message at once with ``respond(message)``; replies of bad sites come first."""
-
-    def __init__(self, nodes: list[int], respond):
-        self.nodes, self.respond, self.ids = nodes, respond, itertools.count()
-        self.sent: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, timeout=None):
-        self.sent += messages
-        replies = [reply_to(m, self.respond(m), f"msg-{next(self.ids)}") for m in messages]
-        return sorted(replies, key=lambda r: r.metadata.src_node_id == HONEST)
+def ScriptedGrid(nodes: list[int], respond) -> FakeGrid:
+    """The shared grid answering every message at once with ``respond(message)``; replies of bad sites come first."""
+    return FakeGrid(nodes=nodes, respond=respond, reply_order=lambda reply: reply.metadata.src_node_id == HONEST)
 
 
-def feature_run(tmp_path, grid: ScriptedGrid) -> FeatureRun:
+def feature_run(tmp_path, grid: FakeGrid) -> FeatureRun:
     cfg = compose_config(["protocol=features", "dataset=digits", f"num_clients={len(grid.nodes)}", f"protocol.latent_dim={LATENT}", f"protocol.chunk_size={CHUNK_SIZE}", "protocol.store_synchronous=OFF"])
     return FeatureRun(grid, ServerRun(cfg, tmp_path / "run"))
 

@@ -47,3 +47,21 @@ def test_failed_and_missing_clients_are_recorded(strategy):
 def test_a_round_that_no_client_finished_stops_the_run(strategy):
     with pytest.raises(RuntimeError, match="no client finished training.*site data missing"):
         strategy.aggregate_train(1, [failed_reply(1, "site data missing"), failed_reply(2, "site data missing")])
+
+
+def test_configure_train_routes_flowers_messages_to_the_graftfl_client_and_counts_the_downlink(strategy):
+    """Flower's own sampling and payload (public configure_* hooks), sent as ``train.fedavg``."""
+    from flwr.app import ConfigRecord
+
+    from tests.conftest import flower_task_identity
+    from tests.helpers import FakeGrid
+
+    arrays = ArrayRecord({"w": torch.ones(5)})
+    with flower_task_identity():
+        messages = list(strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), FakeGrid(3)))
+        evaluations = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), FakeGrid(3)))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [100, 101, 102]
+    assert {m.metadata.message_type for m in messages} == {"train.fedavg"}
+    assert float(messages[0].content["config"]["lr"]) == 0.1 and int(messages[0].content["config"]["server-round"]) == 1
+    assert strategy.sent == 3 and strategy.bytes_down == 3 * 5 * 4  # three float32 copies of the model
+    assert evaluations == []  # fraction_evaluate=0: the server evaluates the global model itself

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
 import torch
 
 from tests.conftest import read_metrics, run_dir_from, run_graftfl
+
+pytestmark = pytest.mark.slow  # every test here starts a Flower simulation
 
 BASE = ["protocol=fedavg", "dataset=digits", "num_clients=2", "progress=false"]
 

@@ -1,14 +1,13 @@
 """Whole split runs: the ServerApp pipeline with Flower messages, in process and in Flower's simulation.
 
-``InProcessGrid`` delivers each Flower message to the real ClientApp handler of
-its node (with its own Context and node config) in this process, so the turn
-orchestration, hand-off policies and faults are tested in seconds; the per-batch
+``InProcessGrid`` (the shared :class:`~tests.helpers.FakeGrid`) delivers each
+Flower message to the real ClientApp handler of its node (with its own Context
+and node config) in this process, so the turn orchestration, hand-off policies and faults are tested in seconds; the per-batch
 traffic still runs over the real gRPC data plane on 127.0.0.1.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -19,47 +18,21 @@ from unittest import mock
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
 
 from graftfl.config import compose_config
 from graftfl.server_app.app import run_protocol
 from graftfl.strategies.split_turns import AllTurnsFailed
 from graftfl.transport.client import DataPlaneClient
 from tests.conftest import flower_task_identity
+from tests.helpers import FakeGrid
 
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT_KEY = "11" * 32
 
 
-class InProcessGrid:
-    """A Grid whose nodes are ClientApp handlers in this process; ``faults[(round, node)]`` replaces a handler."""
-
-    def __init__(self, num_nodes: int, faults: dict | None = None):
-        self.contexts = {
-            100 + i: Context(run_id=7, node_id=100 + i, node_config={"partition-id": i, "num-partitions": num_nodes, "split-key": SPLIT_KEY}, state=RecordDict(), run_config={})
-            for i in range(num_nodes)
-        }
-        self.faults = faults or {}
-        self.log: list[tuple[Message, Message]] = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for message in messages:
-            category, protocol = message.metadata.message_type.split(".")
-            node = message.metadata.dst_node_id
-            handler = getattr(importlib.import_module(f"graftfl.clients.{protocol}"), category)
-            fault = self.faults.get((int(message.content["config"]["server-round"]), node)) if category == "train" else None
-            try:
-                reply = (fault or handler)(message, self.contexts[node])
-            except Exception as err:  # what Flower does with a raising ClientApp
-                reply = Message(Error(code=0, reason=repr(err)), reply_to=message)
-            if reply is not None:
-                replies.append(reply)
-                self.log.append((message, reply))
-        return replies
+def InProcessGrid(num_nodes: int, faults: dict | None = None) -> FakeGrid:
+    """The shared in-process grid; every node holds the split key; ``faults[(round, node)]`` replaces a handler."""
+    return FakeGrid(num_nodes, run_id=7, node_config={"split-key": SPLIT_KEY}, faults=faults)
 
 
 @pytest.fixture(autouse=True)
@@ -140,13 +113,11 @@ def test_relay_ciphertext_on_server_is_not_the_weights(tmp_path):
     assert set(checkpoint["model"]) == {k for k in checkpoint["model"] if not k.startswith("conv1.")}, "the server holds the bottom"
 
 
-class ClaimsSimulationGrid(InProcessGrid):
+class ClaimsSimulationGrid(FakeGrid):
     """Keyless nodes behind a server that tells them they run in simulation (a server-known key would follow)."""
 
     def __init__(self, num_nodes: int):
-        super().__init__(num_nodes)
-        for context in self.contexts.values():
-            del context.node_config["split-key"]
+        super().__init__(num_nodes, run_id=7)  # no split-key in the node config
 
     def send_and_receive(self, messages, timeout=None):
         for message in messages:
@@ -219,6 +190,7 @@ def test_protocol_variants_run(tmp_path, overrides):
     assert all(count > 0 for count in rows[-1]["eval_client_count"]) and rows[-1]["eval_where"] == ("server" if on_server else "site")
 
 
+@pytest.mark.slow
 def test_sim_split_digits_produces_run_dir(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.run(

@@ -18,6 +18,7 @@ from graftfl.core.models import model_from_config
 from graftfl.core.privacy import secret_generator
 from graftfl.core.selective import decode_sparse, encode_sparse, make_upload, overwrite
 from graftfl.core.train import evaluate, round_seed
+from graftfl.protocols import ClientProtocol
 
 PROTOCOL = "dssgd"
 LOCAL_MODEL_KEY = "dssgd-local-model"
@@ -95,3 +96,6 @@ def train(message: Message, context: Context) -> Message:
         {"upload": ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()}), "metrics": MetricRecord(metrics)}
     )
     return Message(content=content, reply_to=message)
+
+
+CLIENT_PROTOCOL = ClientProtocol(name=PROTOCOL, train=train)

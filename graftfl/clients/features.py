@@ -43,6 +43,7 @@ from graftfl.core.data import channel_stats, dataset_from_config
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import StagedModel, build_model
 from graftfl.core.train import round_seed
+from graftfl.protocols import ClientProtocol
 
 PROTOCOL = "features"
 AUTOENCODER_STATE = "features.autoencoder"
@@ -236,3 +237,6 @@ def evaluate(message: Message, context: Context) -> Message:
     )
     content = RecordDict({"metrics": metrics, "files": ConfigRecord({"figure": str(figure or "")})})
     return Message(content, reply_to=message)
+
+
+CLIENT_PROTOCOL = ClientProtocol(name=PROTOCOL, train=train, evaluate=evaluate, query=query)

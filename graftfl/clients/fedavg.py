@@ -15,6 +15,8 @@ from graftfl.clients.utils import (
 )
 from graftfl.core.models import model_from_config
 from graftfl.core.train import round_seed
+from graftfl.core.wire import PARTITION_ID, ROUND_OFFSET, SERVER_ROUND
+from graftfl.protocols import ClientProtocol
 
 PROTOCOL = "fedavg"
 
@@ -23,16 +25,19 @@ def train(message: Message, context: Context) -> Message:
     cfg = config_of(message)
     fields = message.content["config"]
     # Flower counts a resumed run's rounds from 1 again; the offset keeps the seeds of an uninterrupted run.
-    server_round = int(fields["server-round"]) + int(fields.get("round-offset", 0))
+    server_round = int(fields[SERVER_ROUND]) + int(fields.get(ROUND_OFFSET, 0))
     x, y = local_data(cfg, context)
     model = model_from_config(cfg, x.shape[1:], num_classes_of(cfg))
     model.load_state_dict(message.content["arrays"].to_torch_state_dict())
     partition_id, _ = partition_id_of(context)
     seed = round_seed(cfg.seed, server_round, partition_id)
     metrics = local_train(model, x, y, cfg, context, seed, restored_history_for(message, partition_id))
-    metrics["partition-id"] = partition_id
+    metrics[PARTITION_ID] = partition_id
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
     history = privacy_history_of(context)
     if history is not None:  # (noise, sample rate, steps) only: lets the server checkpoint the accountant
         content["privacy"] = ConfigRecord({"history": history})
     return Message(content=content, reply_to=message)
+
+
+CLIENT_PROTOCOL = ClientProtocol(name=PROTOCOL, train=train)

@@ -6,6 +6,7 @@ from flwr.app import Context, Message
 
 from graftfl.core.split import SemisupClient, build_decoder, split_at_cut
 from graftfl.clients.split_turns import evaluate_turn, train_turn
+from graftfl.protocols import ClientProtocol
 
 PROTOCOL = "semisup"
 
@@ -23,3 +24,6 @@ def train(message: Message, context: Context) -> Message:
 
 def evaluate(message: Message, context: Context) -> Message:
     return evaluate_turn(message, context, build_role)
+
+
+CLIENT_PROTOCOL = ClientProtocol(name=PROTOCOL, train=train, evaluate=evaluate)

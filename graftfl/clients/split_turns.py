@@ -37,8 +37,8 @@ from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import model_from_config
 from graftfl.core.split import SemisupClient, hidden_label_mask, test_subset
 from graftfl.core.train import optimizer_from_config, seed_everything
+from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, NODE_CA_CERT, max_frame_bytes
 from graftfl.transport.client import DataPlaneClient
-from graftfl.transport.frames import max_frame_bytes
 
 STATE_KEY = "split-client"
 PROGRESS_KEY = "split-progress"
@@ -94,7 +94,7 @@ def ca_cert_of(cfg, context: Context) -> str | None:
     in plaintext. With a CA the channel is TLS only, so a plaintext server cannot be
     reached either (the handshake fails before any frame).
     """
-    ca_cert = str(context.node_config.get("ca-cert") or "") or (cfg.get("tls") or {}).get("ca_cert")
+    ca_cert = str(context.node_config.get(NODE_CA_CERT) or "") or (cfg.get("tls") or {}).get("ca_cert")
     if not ca_cert and requires_tls(context):
         raise PlaintextRefused("this site requires TLS on the data plane (node-config require-tls=true), but neither its node-config "
                                "ca-cert nor the run's tls.ca_cert names a CA: refusing to send activations in plaintext")
@@ -214,7 +214,7 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
     hidden = hidden_label_mask(len(y), cfg.protocol.unlabeled_fraction, cfg.seed * 31 + partition_id) if isinstance(role, SemisupClient) else None
     fields = message.content["config"]
     losses, samples = [], 0
-    with DataPlaneClient(str(fields["data-plane-address"]), str(fields["data-plane-token"]), wire_dtype=cfg.protocol.wire_dtype,
+    with DataPlaneClient(str(fields[DATA_PLANE_ADDRESS]), str(fields[DATA_PLANE_TOKEN]), wire_dtype=cfg.protocol.wire_dtype,
                          ca_cert=ca_cert_of(cfg, context), max_frame_bytes=max_frame_bytes(cfg)) as plane:
         for indices in batches:
             if hidden is None:
@@ -279,7 +279,7 @@ def evaluate_turn(message: Message, context: Context, build_role: RoleBuilder) -
     per_sample_bytes = 4 * max(int(torch.tensor(role.act_shape).prod()), num_classes) + 8
     batch = max(1, min(int(cfg.eval.batch_size), max_frame_bytes(cfg) // (2 * per_sample_bytes)))
     totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
-    with DataPlaneClient(str(fields["data-plane-address"]), str(fields["data-plane-token"]), wire_dtype=cfg.protocol.wire_dtype,
+    with DataPlaneClient(str(fields[DATA_PLANE_ADDRESS]), str(fields[DATA_PLANE_TOKEN]), wire_dtype=cfg.protocol.wire_dtype,
                          ca_cert=ca_cert_of(cfg, context), max_frame_bytes=max_frame_bytes(cfg)) as plane:
         for start in range(0, len(y), batch):
             result = role.eval_batch(x[start : start + batch], y[start : start + batch], plane.exchange)

@@ -6,6 +6,7 @@ from flwr.app import Context, Message
 
 from graftfl.core.split import UShapedClient, activation_shape, model_parts
 from graftfl.clients.split_turns import evaluate_turn, train_turn
+from graftfl.protocols import ClientProtocol
 
 PROTOCOL = "ushaped"
 
@@ -24,3 +25,6 @@ def train(message: Message, context: Context) -> Message:
 
 def evaluate(message: Message, context: Context) -> Message:
     return evaluate_turn(message, context, build_role)
+
+
+CLIENT_PROTOCOL = ClientProtocol(name=PROTOCOL, train=train, evaluate=evaluate)

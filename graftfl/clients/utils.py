@@ -20,8 +20,17 @@ from graftfl.core.local_round import train_round
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.privacy import history_from_json, history_to_json
 from graftfl.core.train import resolve_device
+from graftfl.core.wire import (
+    CONFIG_KEY,
+    CONFIG_RECORD,
+    NODE_DATA_ROOT,
+    NODE_DEVICE,
+    NODE_NUM_PARTITIONS,
+    NODE_PARTITION_ID,
+    NUM_EXAMPLES,
+    PRIVACY_HISTORIES,
+)
 
-CONFIG_KEY = "graftfl-config"
 PRIVACY_STATE_KEY = "privacy"
 
 
@@ -53,7 +62,7 @@ def refuse_interpolations(data, path: str = "") -> None:
 
 def config_of(message: Message) -> DictConfig:
     """The resolved run config the server sent with ``message``: plain data, never evaluated here."""
-    record = message.content["config"]
+    record = message.content[CONFIG_RECORD]
     if CONFIG_KEY not in record:
         raise ValueError(f"message '{message.metadata.message_type}' carries no {CONFIG_KEY}")
     data = json.loads(record[CONFIG_KEY])
@@ -66,8 +75,8 @@ def config_of(message: Message) -> DictConfig:
 def partition_id_of(context: Context) -> tuple[int, int]:
     """``(partition-id, num-partitions)`` from the node config (set by the simulation or the SuperNode)."""
     try:
-        partition_id = int(context.node_config["partition-id"])
-        num_partitions = int(context.node_config["num-partitions"])
+        partition_id = int(context.node_config[NODE_PARTITION_ID])
+        num_partitions = int(context.node_config[NODE_NUM_PARTITIONS])
     except KeyError as err:
         raise ValueError("node config needs partition-id and num-partitions (flower-supernode --node-config)") from err
     if not 0 <= partition_id < num_partitions:
@@ -77,14 +86,14 @@ def partition_id_of(context: Context) -> tuple[int, int]:
 
 def client_device(cfg: DictConfig, context: Context) -> torch.device:
     """The node config's ``device`` (a local fact) wins over the run config's."""
-    return resolve_device(str(context.node_config.get("device", cfg.device)))
+    return resolve_device(str(context.node_config.get(NODE_DEVICE, cfg.device)))
 
 
 def local_data(cfg: DictConfig, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
     """This site's training partition (only its own indices are kept)."""
     data_cfg = cfg.dataset
-    if "data-root" in context.node_config:
-        data_cfg = from_container({**dict(data_cfg), "root": str(context.node_config["data-root"])})
+    if NODE_DATA_ROOT in context.node_config:
+        data_cfg = from_container({**dict(data_cfg), "root": str(context.node_config[NODE_DATA_ROOT])})
     data = dataset_from_config(data_cfg)
     partition_id, num_partitions = partition_id_of(context)
     indices = torch.from_numpy(partition_indices(data.train_y, cfg.partition, num_partitions, partition_id, cfg.seed))
@@ -120,7 +129,7 @@ def local_train(
     if "epsilon" in metrics:  # DP-SGD ran: keep the accountant for the next round
         context.state[PRIVACY_STATE_KEY] = ConfigRecord({"history": history_to_json(history)})
     metrics["client_flops"] = flops * metrics.pop("samples")
-    metrics["num-examples"] = len(y)
+    metrics[NUM_EXAMPLES] = len(y)
     return metrics
 
 
@@ -132,7 +141,7 @@ def privacy_history_of(context: Context) -> str | None:
 
 def restored_history_for(message: Message, partition_id: int) -> str | None:
     """The history the server checkpointed for ``partition_id`` (sent on resume), if any."""
-    histories = json.loads(message.content["config"].get("privacy-histories", "{}"))
+    histories = json.loads(message.content[CONFIG_RECORD].get(PRIVACY_HISTORIES, "{}"))
     return histories.get(str(partition_id))
 
 

@@ -11,10 +11,9 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
+FLOAT_WIRE_DTYPES = ("float32", "float16", "bfloat16")  # what activations/gradients may travel as (protocol.wire_dtype)
 WIRE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
+    **{name: getattr(torch, name) for name in FLOAT_WIRE_DTYPES},
     "int64": torch.int64,
     "int32": torch.int32,
     "uint8": torch.uint8,

@@ -25,7 +25,9 @@ import os
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-KEY_NODE_CONFIG = "split-key"
+from graftfl.core.wire import NODE_SPLIT_KEY
+
+KEY_NODE_CONFIG = NODE_SPLIT_KEY
 KEY_ENV = "GRAFTFL_SPLIT_KEY"
 ASSOCIATED_DATA = b"graftfl-split-relay-v1"
 NONCE_BYTES = 12

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import logging
 import shlex
 from pathlib import Path
 
@@ -11,12 +11,31 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from graftfl.config import resolve_job_config, to_yaml
+from graftfl.console import show_progress
 from graftfl.core.run_dir import run_dir_of, with_run_id
-from graftfl.strategies.utils import ServerRun
+from graftfl.protocols import load_phase, load_protocol
+from graftfl.strategies.utils import ServerRun, wait_for_nodes
+
+logger = logging.getLogger(__name__)
 
 
-def protocol_module(name: str):
-    return importlib.import_module(f"graftfl.strategies.{name}")
+def run_phases(grid: Grid | None, run: ServerRun) -> dict:
+    """Run the config's pre-training ``phases`` once, in order; ``{phase: its summary fields}``.
+
+    Every phase sees the same connected sites, before the protocol's own rounds
+    (a resumed run runs them again: a fresh site process has no phase state).
+    """
+    names = list(run.cfg.get("phases") or [])
+    if not names:
+        return {}
+    if grid is None:
+        raise ValueError(f"phases={names} need a federated protocol; protocol '{run.cfg.protocol.name}' runs without sites")
+    node_ids = wait_for_nodes(grid, run.cfg.num_clients, run.cfg.timeout_s)
+    summaries = {}
+    for name in names:
+        logger.info("[%s] phase %s on %d sites", run.cfg.protocol.name, name, len(node_ids))
+        summaries[name] = load_phase(name).run(grid, run, node_ids) or {}
+    return summaries
 
 
 def run_protocol(grid: Grid | None, cfg: DictConfig) -> Path:
@@ -27,7 +46,11 @@ def run_protocol(grid: Grid | None, cfg: DictConfig) -> Path:
         raise FileNotFoundError(f"resume={cfg.resume}: no such run directory")
     run = ServerRun(cfg, run_dir, resume=bool(cfg.resume))
     run.recorder.write_config(to_yaml(cfg))
-    extra = protocol_module(cfg.protocol.name).run(grid, run) or {}
+    protocol = load_protocol(cfg.protocol.name)
+    phases = run_phases(grid, run)
+    extra = protocol.run(grid, run) or {}
+    if phases:
+        extra["phases"] = phases
     run.recorder.write_summary(
         protocol=cfg.protocol.name,
         dataset=cfg.dataset.name,
@@ -57,5 +80,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployment entry: ``flwr run . <conn> --run-config "overrides='protocol=fedavg dataset=digits'"``."""
+    show_progress()  # this process has no `graftfl` command to set up the console
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
     run_protocol(grid, resolve_job_config(overrides))

@@ -6,14 +6,16 @@ It writes the same run directory as the federated protocols (zero traffic), so
 
 from __future__ import annotations
 
+import logging
 import torch
 
 from graftfl.core.local_round import partition_data, train_round
 from graftfl.core.meter import metrics_row, train_flops_per_sample
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun
 
 PROTOCOL = "centralized"
-FEDERATED = False  # called with grid=None: there is nothing to federate
+logger = logging.getLogger(__name__)
 
 
 def union_of_partitions(run: ServerRun) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,5 +51,12 @@ def run(grid, run: ServerRun) -> dict:
         )
         run.recorder.log_round(row)
         run.checkpoint(server_round, model, {"privacy_history": history})
-        print(f"[centralized] round {server_round}/{cfg.rounds} accuracy {evaluation['accuracy']:.4f}", flush=True)
+        logger.info(f"[centralized] round {server_round}/{cfg.rounds} accuracy {evaluation['accuracy']:.4f}")
     return {"train_samples": len(y)}
+
+
+def validate_config(cfg) -> None:
+    """No checks beyond the shared ones in :func:`graftfl.config.validate`."""
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config, federated=False)

@@ -9,6 +9,7 @@ it to the global vector. Participants keep their own models between rounds
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -30,9 +31,12 @@ from graftfl.core.selective import (
     encode_sparse,
     validate_upload,
 )
+from graftfl.core.wire import SERVER_ROUND
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun, message_nbytes, require_choice, wait_for_nodes
 
 PROTOCOL = "dssgd"
+logger = logging.getLogger(__name__)
 ORDERS = ("random", "round_robin")
 
 
@@ -105,7 +109,7 @@ class SelectiveServer:
         arrays = encode_sparse(indices, values, self.num_params)
         content = RecordDict(
             {
-                "config": self.run.config_record(**{"server-round": server_round}),
+                "config": self.run.config_record(**{SERVER_ROUND: server_round}),
                 "download": ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()}),
             }
         )
@@ -148,7 +152,7 @@ def exchange(grid: Grid, server: SelectiveServer, nodes: list[int], server_round
         reply = replies.get(node)
         if reply is None or reply.has_error():
             why = "no reply within timeout" if reply is None else f"error: {reply.error.reason}"
-            print(f"[dssgd] round {server_round}: node {node} skipped ({why})", flush=True)
+            logger.warning("[dssgd] round %s: node %s skipped (%s)", server_round, node, why)
             outcome["failed"].append({"node": int(node), "reason": why, "bytes_up": 0 if reply is None else message_nbytes(reply)})
             continue
         metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
@@ -156,7 +160,7 @@ def exchange(grid: Grid, server: SelectiveServer, nodes: list[int], server_round
         bytes_up = message_nbytes(reply)  # the whole reply: upload, metrics, metadata
         reason = server.accept(reply, server_round)
         if reason is not None:
-            print(f"[dssgd] round {server_round}: upload of node {node} rejected: {reason}", flush=True)
+            logger.warning(f"[dssgd] round {server_round}: upload of node {node} rejected: {reason}")
             outcome["rejected"].append({"node": int(node), "partition": int(metrics.get("partition-id", -1)), "reason": reason})
         released = "upload" in reply.content  # what the participant sent spends its ε, accepted or not
         outcome["clients"].append({**metrics, "node": int(node), "bytes_up": bytes_up, "accepted": reason is None, "released": released})
@@ -267,10 +271,9 @@ def run(grid: Grid, run: ServerRun) -> dict:
         rejected_total += len(outcome["rejected"])
         failed_total += len(outcome["failed"])
         run.checkpoint(server_round, server.global_model(), {"stats": server.stats.state_dict(), "cursor": server.cursor})
-        print(
+        logger.info(
             f"[dssgd] round {server_round}/{cfg.rounds} local accuracy {row['accuracy'] or float('nan'):.4f} "
-            f"global {evaluation['accuracy']:.4f} up {row['bytes_up']} B",
-            flush=True,
+            f"global {evaluation['accuracy']:.4f} up {row['bytes_up']} B"
         )
     final = run.recorder.rows[-1] if run.recorder.rows else {}
     return {
@@ -283,3 +286,6 @@ def run(grid: Grid, run: ServerRun) -> dict:
         "failed_participants": failed_total,
         **({"upload_epsilon_spent": final["upload_epsilon_spent"]} if "upload_epsilon_spent" in final else {}),
     }
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from graftfl.core.meter import metrics_row
+from graftfl.core.wire import PRIVACY_HISTORIES, ROUND_OFFSET
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun, message_nbytes, wait_for_nodes
 
 PROTOCOL = "fedavg"
+logger = logging.getLogger(__name__)
 
 
 class FedAvgWithMetrics(FedAvg):
@@ -36,12 +40,23 @@ class FedAvgWithMetrics(FedAvg):
         self.sent = 0
         self.privacy_histories: dict[str, str] = dict((run.resume_state or {}).get("extra", {}).get("privacy_histories", {}))
 
-    def _construct_messages(self, record, node_ids, message_type) -> Iterable[Message]:
-        # Flower sends plain "train"; the graftfl ClientApp routes "<category>.<protocol>".
-        messages = list(super()._construct_messages(record, node_ids, f"{message_type}.{PROTOCOL}"))
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Flower's sampling and payload, sent as ``train.fedavg`` (and the downlink bytes counted)."""
+        messages = self._routed(super().configure_train(server_round, arrays, config, grid))
         self.bytes_down = sum(message_nbytes(message) for message in messages)  # config and arrays, every message
-        self.sent = len(node_ids)
+        self.sent = len(messages)
         return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self._routed(super().configure_evaluate(server_round, arrays, config, grid))
+
+    @staticmethod
+    def _routed(messages: Iterable[Message]) -> list[Message]:
+        # Flower sends plain "train"/"evaluate"; the graftfl ClientApp routes "<category>.<protocol>".
+        return [
+            Message(content=message.content, dst_node_id=message.metadata.dst_node_id, message_type=f"{message.metadata.message_type}.{PROTOCOL}")
+            for message in messages
+        ]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
@@ -50,7 +65,7 @@ class FedAvgWithMetrics(FedAvg):
         if missing > 0:
             self.client_errors.append(f"{missing} client(s) did not reply within timeout_s")
         if self.client_errors:
-            print(f"[fedavg] round {server_round}: {len(self.client_errors)} client failure(s): {'; '.join(self.client_errors)}", flush=True)
+            logger.warning("[fedavg] round %d: %d client failure(s): %s", server_round, len(self.client_errors), "; ".join(self.client_errors))
         if not any(not reply.has_error() for reply in replies):
             # Flower would keep the old model and go on: a run in which nobody trains must stop, and say why.
             raise RuntimeError(f"round {server_round}: no client finished training ({'; '.join(self.client_errors)})")
@@ -107,7 +122,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
                         strategy.failed_bytes_up)
         run.recorder.log_round(row)
         run.checkpoint(offset + server_round, model, {"privacy_histories": strategy.privacy_histories})
-        print(f"[fedavg] round {offset + server_round}/{cfg.rounds} accuracy {evaluation['accuracy']:.4f}", flush=True)
+        logger.info("[fedavg] round %d/%d accuracy %.4f", offset + server_round, cfg.rounds, evaluation["accuracy"])
         return MetricRecord({"accuracy": evaluation["accuracy"], "loss": evaluation["loss"]})
 
     remaining = cfg.rounds - offset
@@ -117,7 +132,14 @@ def run(grid: Grid, run: ServerRun) -> dict:
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=remaining,
             timeout=cfg.timeout_s,
-            train_config=run.config_record(**{"privacy-histories": json.dumps(strategy.privacy_histories), "round-offset": offset}),
+            train_config=run.config_record(**{PRIVACY_HISTORIES: json.dumps(strategy.privacy_histories), ROUND_OFFSET: offset}),
             evaluate_fn=evaluate_global,
         )
     return {}
+
+
+def validate_config(cfg) -> None:
+    """No checks beyond the shared ones in :func:`graftfl.config.validate`."""
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from flwr.serverapp import Grid
 
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun
 from graftfl.strategies.split_turns import SplitRunner, top_stage, validate_split_config
 
@@ -26,3 +27,6 @@ def run(grid: Grid, run: ServerRun) -> dict:
     stage, top = top_stage(run)  # the same server part as split
     summary = SplitRunner(grid, run, PROTOCOL, stage, top).run_rounds()
     return {**summary, "unlabeled_fraction": float(run.cfg.protocol.unlabeled_fraction), "alpha": float(run.cfg.protocol.alpha)}
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from flwr.serverapp import Grid
 
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun
 from graftfl.strategies.split_turns import SplitRunner, top_stage, validate_split_config
 
@@ -22,3 +23,6 @@ def validate_config(cfg) -> None:
 def run(grid: Grid, run: ServerRun) -> dict:
     stage, top = top_stage(run)
     return SplitRunner(grid, run, PROTOCOL, stage, top).run_rounds()
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)

@@ -32,20 +32,21 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from graftfl.core.codec import FLOAT_WIRE_DTYPES
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY
 from graftfl.core.meter import metrics_row
 from graftfl.core.models import model_from_config
 from graftfl.core.split import MiddleStage, TopStage, activation_shape, cut_points, model_parts, split_at_cut
 from graftfl.core.train import optimizer_from_config
+from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, SERVER_ROUND, max_frame_bytes
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, message_nbytes, require_choice, wait_for_nodes
-from graftfl.transport.frames import max_frame_bytes
 from graftfl.transport.server import DataPlaneServer
+
 
 log = logging.getLogger(__name__)
 
 HANDOFFS = ("relay", "local", "average")
 TURN_ORDERS = ("round_robin", "random")
-WIRE_DTYPES = ("float32", "float16", "bfloat16")
 EVAL_WHERE = ("site", "server")
 
 
@@ -62,7 +63,7 @@ def validate_split_config(cfg) -> None:
     protocol = cfg.protocol
     require_choice("protocol.handoff", protocol.handoff, HANDOFFS)
     require_choice("protocol.turn_order", protocol.turn_order, TURN_ORDERS)
-    require_choice("protocol.wire_dtype", protocol.wire_dtype, WIRE_DTYPES)
+    require_choice("protocol.wire_dtype", protocol.wire_dtype, FLOAT_WIRE_DTYPES)
     if protocol.turn_batches is not None and int(protocol.turn_batches) < 1:
         raise ValueError("protocol.turn_batches must be >= 1 or null (one local epoch per turn)")
     if float(protocol.turn_timeout_s) <= 0 or float(protocol.max_frame_mb) <= 0:
@@ -242,7 +243,7 @@ class SplitRunner:
         cfg = self.cfg
         nodes = wait_for_nodes(self.grid, cfg.num_clients, cfg.timeout_s)
         self.plane = start_data_plane(cfg, self.stage)
-        print(f"[{self.protocol}] data plane on {self.plane.address} (tls={self.plane.tls}, handoff={cfg.protocol.handoff})", flush=True)
+        log.info(f"[{self.protocol}] data plane on {self.plane.address} (tls={self.plane.tls}, handoff={cfg.protocol.handoff})")
         try:
             self.run.round_seconds()
             for round_number in range(1, cfg.rounds + 1):
@@ -261,9 +262,9 @@ class SplitRunner:
     def message(self, node: int, category: str, turn, round_number: int, **fields) -> tuple[Message, int]:
         records, _ = self.handoff.outgoing()
         config = self.run.config_record(**{
-            "server-round": round_number,
-            "data-plane-address": self.plane.address,
-            "data-plane-token": turn.token,
+            SERVER_ROUND: round_number,
+            DATA_PLANE_ADDRESS: self.plane.address,
+            DATA_PLANE_TOKEN: turn.token,
             **fields,
         })
         content = RecordDict({"config": config, **records})
@@ -285,7 +286,7 @@ class SplitRunner:
             }
             self.failed_turns.append(record)
             log.warning("split turn failed: %s", record)
-            print(f"[{self.protocol}] round {round_number}: turn of node {node} failed ({failure}); continuing with the next client", flush=True)
+            log.warning(f"[{self.protocol}] round {round_number}: turn of node {node} failed ({failure}); continuing with the next client")
             return None
         metrics = dict(reply.content["metrics"])
         partition = int(metrics.get("partition-id", -1))
@@ -390,4 +391,4 @@ class SplitRunner:
         self.run.recorder.log_round(row)
         self.run.checkpoint(round_number, self.server_part, {"part": "server", "protocol": self.protocol, RELAY_KEY: self.handoff.ciphertext})
         accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
-        print(f"[{self.protocol}] round {round_number}/{self.cfg.rounds} accuracy {accuracy} failed turns {len(failed)}", flush=True)
+        log.info(f"[{self.protocol}] round {round_number}/{self.cfg.rounds} accuracy {accuracy} failed turns {len(failed)}")

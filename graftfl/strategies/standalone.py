@@ -6,16 +6,18 @@ for ``dssgd`` (mean, min, max), so the table shows what collaboration adds.
 
 from __future__ import annotations
 
+import logging
 import numpy as np
 import torch
 
 from graftfl.core.local_round import partition_data, train_round
 from graftfl.core.meter import metrics_row, train_flops_per_sample
 from graftfl.core.train import round_seed
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun
 
 PROTOCOL = "standalone"
-FEDERATED = False  # nothing is exchanged, so nothing runs through Flower
+logger = logging.getLogger(__name__)
 
 
 def run(grid, run: ServerRun) -> dict:
@@ -60,6 +62,13 @@ def run(grid, run: ServerRun) -> dict:
         )
         run.recorder.log_round(row)
         run.checkpoint(server_round, models[0], {"participants": {pid: m.state_dict() for pid, m in models.items()}})
-        print(f"[standalone] round {server_round}/{cfg.rounds} mean local accuracy {row['accuracy']:.4f}", flush=True)
+        logger.info(f"[standalone] round {server_round}/{cfg.rounds} mean local accuracy {row['accuracy']:.4f}")
     final = run.recorder.rows[-1]
     return {"local_accuracy_min": final["local_accuracy_min"], "local_accuracy_max": final["local_accuracy_max"]}
+
+
+def validate_config(cfg) -> None:
+    """No checks beyond the shared ones in :func:`graftfl.config.validate`."""
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config, federated=False)

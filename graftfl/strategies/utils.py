@@ -16,9 +16,9 @@ from graftfl.core.data import DatasetSplits, dataset_from_config
 from graftfl.core.meter import RunRecorder
 from graftfl.core.models import StagedModel, model_from_config
 from graftfl.core.train import evaluate, resolve_device, seed_everything
+from graftfl.core.wire import CONFIG_KEY
 from graftfl.strategies.checkpoint import load_checkpoint, save_checkpoint
 
-CONFIG_KEY = "graftfl-config"
 
 
 def require_choice(name: str, value, choices) -> None:

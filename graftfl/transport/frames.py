@@ -21,17 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from graftfl.core.codec import WIRE_DTYPES, tensor_from_bytes, tensor_to_bytes, wire_dtype
+from graftfl.core.codec import FLOAT_WIRE_DTYPES, WIRE_DTYPES, tensor_from_bytes, tensor_to_bytes, wire_dtype
 
 MAGIC = b"GFL1"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_DIMS = 8
-FLOAT_WIRE_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def max_frame_bytes(cfg) -> int:
-    """The frame size limit of a run (``protocol.max_frame_mb``) in bytes."""
-    return int(float(cfg.protocol.max_frame_mb) * (1 << 20))
 
 
 class FrameError(ValueError):

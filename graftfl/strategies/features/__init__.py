@@ -16,13 +16,18 @@ The HTTP prediction service and ``graftfl serve`` / ``graftfl predict`` live in
 
 from __future__ import annotations
 
+import logging
+
 from flwr.serverapp import Grid
 
+from graftfl.protocols import ServerProtocol
 from graftfl.strategies.features.classifier import OnlineTrainer
 from graftfl.strategies.features.phases import MESSAGE_TYPE, PROTOCOL, STORE_FILE, UPLOAD_ATTEMPTS, FeatureRun
 from graftfl.strategies.features.replies import client_id_of, upload_id_of
 from graftfl.strategies.features.tables import service_tables, write_tables
 from graftfl.strategies.utils import ServerRun, require_choice
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AE_TRAINING",
@@ -88,7 +93,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
         trainer = OnlineTrainer(features.store, features.served, int(protocol.classifier.retrain_every), run.data.num_classes, features.classifier_kwargs())
         trainer.start()
     records = features.upload_all(autoencoder, trainer)
-    print(f"[features] {records} records in the store", flush=True)
+    logger.info("[features] %d records in the store", records)
     if trainer is not None:
         trainer.finish()
         features.log_retrains(trainer)
@@ -98,7 +103,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
     tables = features.service_round()
     write_tables(run.run_dir, tables, run.cfg)
     features.store.close()
-    print(f"[features] service-mode accuracy {tables['accuracy']:.4f}, reconstruction error {tables['reconstruction_error']:.4f}", flush=True)
+    logger.info("[features] service-mode accuracy %.4f, reconstruction error %.4f", tables["accuracy"], tables["reconstruction_error"])
     return {
         "ae_training": protocol.autoencoder.training,
         "classifier_mode": protocol.classifier.mode,
@@ -108,3 +113,6 @@ def run(grid: Grid, run: ServerRun) -> dict:
         "figures": tables["figures"],
         **features.rejection_counts(),
     }
+
+
+SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)

@@ -21,6 +21,7 @@ the other sites.
 
 from __future__ import annotations
 
+import logging
 import json
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ from graftfl.strategies.features.tables import service_tables
 from graftfl.strategies.utils import ServerRun, arrays_nbytes, wait_for_nodes
 
 PROTOCOL = "features"
+logger = logging.getLogger(__name__)
 STORE_FILE = "features.db"
 MESSAGE_TYPE = f"train.{PROTOCOL}"
 UPLOAD_ATTEMPTS = 3  # failed or rejected tries of one chunk before a site is left out
@@ -88,7 +90,7 @@ class FeatureRun:
         good = []
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.timeout_s):
             if reply.has_error():
-                print(f"[features] site node {reply.metadata.src_node_id} failed: {reply.error.reason}", flush=True)
+                logger.warning(f"[features] site node {reply.metadata.src_node_id} failed: {reply.error.reason}")
             else:
                 good.append(reply)
         return good
@@ -96,7 +98,7 @@ class FeatureRun:
     def reject(self, node: int, phase: str, reason: str, **where) -> dict:
         """Record and print a refused reply; returns its entry for the metrics row."""
         entry = {"phase": phase, "node": int(node), "client_id": client_id_of(node), **where, "reason": reason}
-        print(f"[features] {phase} reply of {client_id_of(node)} rejected: {reason}", flush=True)
+        logger.warning(f"[features] {phase} reply of {client_id_of(node)} rejected: {reason}")
         self.rejections.append(entry)
         return entry
 
@@ -151,7 +153,7 @@ class FeatureRun:
                 raise RuntimeError("no site returned autoencoder weights")
             arrays, _ = aggregator.aggregate_train(server_round, replies)
             self.log_autoencoder_round(replies, bytes_down=arrays_nbytes(arrays) * len(messages), bytes_up=sum(arrays_nbytes(r.content["arrays"]) for r in replies))
-            print(f"[features] federated autoencoder round {server_round}/{self.protocol.autoencoder.rounds}", flush=True)
+            logger.info("[features] federated autoencoder round %s/%s", server_round, self.protocol.autoencoder.rounds)
         return arrays
 
     def public_autoencoder(self) -> ArrayRecord:
@@ -209,7 +211,7 @@ class FeatureRun:
             key = (node, next_chunk[node])
             attempts[key] = attempts.get(key, 0) + 1
             if attempts[key] >= UPLOAD_ATTEMPTS:  # a site that keeps failing is left out, the others go on
-                print(f"[features] giving up on node {node} after {UPLOAD_ATTEMPTS} failed uploads of chunk {next_chunk[node]}", flush=True)
+                logger.warning(f"[features] giving up on node {node} after {UPLOAD_ATTEMPTS} failed uploads of chunk {next_chunk[node]}")
                 del next_chunk[node]
 
     def chunk_from(self, reply: Message, chunk_number: int) -> tuple[Chunk, int]:
