@@ -20,6 +20,7 @@ from graftfl.config import ConfigError, compose_config
 from graftfl.core.codec import flatten_parameters
 from graftfl.core.selective import SparseVectorScales, coordinate_budget, decode_sparse, make_upload
 from graftfl.server_app.app import run_protocol
+from graftfl.core.models import model_from_config
 from graftfl.strategies.checkpoint import load_checkpoint
 from graftfl.strategies.utils import ServerRun
 from tests.dssgd_helpers import LocalGrid, server_identity
@@ -161,7 +162,7 @@ def test_private_noise_does_not_come_from_the_run_seed():
         cfg = compose_config([*BASE, "num_clients=2", *overrides])
         context = Context(run_id=1, node_id=101, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
         torch.manual_seed(cfg.seed)
-        params = flatten_parameters(dssgd_client.new_model(cfg, (1, 8, 8), 10))
+        params = flatten_parameters(model_from_config(cfg, (1, 8, 8), 10))
         with server_identity():
             reply = dssgd_client.train(_train_message(cfg, 1, None, params, params.numel()), context)
         return decode_sparse({k: a.numpy() for k, a in reply.content["upload"].items()})

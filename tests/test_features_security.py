@@ -40,7 +40,7 @@ class NoSiteAnswers:
 
 def initial_autoencoder(tmp_path: Path, seed: int, rng_before: int) -> dict[str, torch.Tensor]:
     """The weights the federated autoencoder phase starts from (sent in its first message)."""
-    cfg = compose_config(["protocol=features", "dataset=digits", "num_clients=1", "protocol.ae_training=federated", "protocol.latent_dim=8", f"seed={seed}"])
+    cfg = compose_config(["protocol=features", "dataset=digits", "num_clients=1", "protocol.autoencoder.training=federated", "protocol.latent_dim=8", f"seed={seed}"])
     grid = NoSiteAnswers()
     features = FeatureRun(grid, ServerRun(cfg, tmp_path / f"run-{seed}-{rng_before}"))
     torch.manual_seed(rng_before)  # whatever used the global generator before this phase
@@ -70,7 +70,7 @@ def files_under(folder: Path) -> list[Path]:
 
 @pytest.mark.parametrize("site_choice", ["node-config", "environment", "nothing"])
 def test_site_writes_only_where_it_chose(tmp_path, monkeypatch, site_choice):
-    cfg = compose_config(["protocol=features", "dataset=digits", "num_clients=2", "protocol.latent_dim=8", "protocol.ae_epochs=1", "partition.samples_per_client=60"])
+    cfg = compose_config(["protocol=features", "dataset=digits", "num_clients=2", "protocol.latent_dim=8", "protocol.autoencoder.epochs=1", "partition.samples_per_client=60"])
     outside = Path(tempfile.gettempdir()) / f"graftfl-server-chose-{os.getpid()}-{site_choice}"  # outside anything the site chose
     mine = tmp_path / "my-site"
     node_config = {"partition-id": 0, "num-partitions": 2}

@@ -82,10 +82,11 @@ def test_malformed_headers_get_invalid_argument_with_a_logged_reason(case, caplo
 def test_evaluation_turn_accepts_only_evaluation_frames():
     server, act_shape = make_top_server()
     try:
-        turn = server.open_turn("evaluate", accept=("eval",))
+        turn = server.open_turn("evaluate", accept=("eval_forward",))
         client = DataPlaneClient(server.address, turn.token)
-        meta = client.exchange("eval", good_frame(act_shape, "").tensors)[1]
-        assert meta["correct"] >= 0
+        activations = {"activations": good_frame(act_shape, "").tensors["activations"]}
+        logits = client.exchange("eval_forward", activations)[0]["logits"]
+        assert logits.shape[0] == BATCH  # an evaluation frame is served
         with pytest.raises(DataPlaneError) as error:  # a training step smuggled into an evaluation turn
             client.exchange("train", good_frame(act_shape, "").tensors)
         client.abandon()
@@ -118,7 +119,7 @@ def test_the_split_runner_declares_kinds_and_caps():
 
     top = TopStage(torch.nn.Linear(2, 2), None, (2,), 2)
     middle = MiddleStage(torch.nn.Linear(2, 2), None, (2,), (2,))
-    assert frame_kinds(top, "evaluate") == ("eval",) and frame_kinds(top, "train") == ("train",)
+    assert frame_kinds(top, "evaluate") == ("eval_forward",) and frame_kinds(top, "train") == ("train",)
     assert frame_kinds(middle, "evaluate") == ("eval_forward",) and set(frame_kinds(middle, "train")) == {"forward", "backward"}
     run = SimpleNamespace(data=SimpleNamespace(train_y=torch.zeros(1000)))
     cfg = compose_config(["protocol=split", "dataset=digits", "train.batch_size=32", "train.local_epochs=2"])
@@ -270,7 +271,7 @@ def test_a_site_that_requires_tls_never_sends_activations_in_plaintext(tmp_path,
     from graftfl.clients import split as split_client
 
     pki = write_test_pki(tmp_path)
-    overrides = ["protocol=split", "dataset=digits", "num_clients=2", "protocol.handoff=local", "protocol.turn_batches=2", "progress=false", f"train.batch_size={BATCH}"]
+    overrides = ["protocol=split", "dataset=digits", "model=lenet", "num_clients=2", "protocol.handoff=local", "protocol.turn_batches=2", "progress=false", f"train.batch_size={BATCH}"]
     cfg = compose_config(overrides + ([f"tls.ca_cert={pki['ca_cert']}"] if server_sends_ca else []))
     server, _ = make_top_server()  # plaintext data plane
     received = []

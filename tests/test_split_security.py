@@ -31,9 +31,10 @@ from graftfl.strategies.split_turns import AllTurnsFailed
 from graftfl.transport.frames import decode_tensors, parse_header
 from graftfl.transport.server import DataPlaneServer
 from tests.conftest import flower_task_identity
+from tests.helpers import FakeGrid
 from tests.test_split_runs import SPLIT_KEY, InProcessGrid
 
-RUN = ["dataset=digits", "num_clients=2", "rounds=2", "progress=false", "protocol=split", "protocol.turn_batches=4", "dataset.test_size=256"]
+RUN = ["dataset=digits", "model=lenet", "num_clients=2", "rounds=2", "progress=false", "protocol=split", "protocol.turn_batches=4", "dataset.test_size=256"]
 
 
 @pytest.fixture(autouse=True)
@@ -170,11 +171,11 @@ def test_server_evaluation_with_relay_needs_acknowledgement_and_site_consent(tmp
 # ----------------------------------------------------- server-sent config ---
 
 
-class ClientAppGrid(InProcessGrid):
+class ClientAppGrid(FakeGrid):
     """Delivers every message through the real ClientApp (as a SuperNode does) after a malicious server edits its config."""
 
     def __init__(self, num_nodes: int, tamper):
-        super().__init__(num_nodes)
+        super().__init__(num_nodes, run_id=7, node_config={"split-key": SPLIT_KEY})
         for context in self.contexts.values():
             del context.node_config["split-key"]  # the key is in the site's environment only
         self.tamper = tamper

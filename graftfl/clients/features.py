@@ -127,7 +127,7 @@ def train_site_autoencoder(message: Message, context: Context) -> Message:
     partition_id, _ = partition_id_of(context)
     x, _ = local_data(cfg, context)
     server_round = int(message.content["config"].get("server-round", 0))
-    torch.manual_seed(round_seed(cfg, server_round, partition_id))  # a local autoencoder's start follows ``seed`` too
+    torch.manual_seed(round_seed(cfg.seed, server_round, partition_id))  # a local autoencoder's start follows ``seed`` too
     model = new_autoencoder(cfg, x.shape[1:])
     federated = "arrays" in message.content
     if federated:

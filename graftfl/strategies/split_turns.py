@@ -111,9 +111,9 @@ def start_data_plane(cfg, stage) -> DataPlaneServer:
 
 def frame_kinds(stage, category: str) -> tuple[str, ...]:
     """The frame kinds a ``train`` or ``evaluate`` turn of ``stage`` accepts (an evaluation turn trains nothing)."""
+    if category == "evaluate":  # activations in, outputs back: labels and scores stay at the site
+        return ("eval_forward",)
     three_part = isinstance(stage, MiddleStage)  # ushaped: the server holds the middle
-    if category == "evaluate":
-        return ("eval_forward",) if three_part else ("eval",)
     return ("forward", "backward") if three_part else ("train",)
 
 
