@@ -136,9 +136,9 @@ def expand_sweep(overrides: Iterable[str]) -> list[list[str]]:
     """
     overrides = list(overrides)
     parsed = _parse(overrides)
-    declared = compose_config([o for o, p in zip(overrides, parsed) if not p.is_sweep_override()], validate_values=False).sweep
+    declared = compose_config([o for o, p in zip(overrides, parsed, strict=True) if not p.is_sweep_override()], validate_values=False).sweep
     axes: list[list[str]] = []
-    for text, override in zip(overrides, parsed):
+    for text, override in zip(overrides, parsed, strict=True):
         if override.is_sweep_override():
             prefix = text.split("=", 1)[0]
             axes.append([f"{prefix}={value}" for value in override.sweep_string_iterator()])

@@ -156,7 +156,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     latents = encode(model, load_images(args.images, stored["input_shape"], stored["normalisation"]))
     failures = 0
     with httpx.Client(timeout=args.timeout, verify=verify, headers={"Authorization": f"Bearer {token}"}) as client:
-        for image, latent in zip(args.images, latents):
+        for image, latent in zip(args.images, latents, strict=True):
             body = {"message": {"clientID": site, "value": latent.tolist(), "mode": "service", "timestamp": utc_now()}}
             try:
                 response = client.post(f"{args.url.rstrip('/')}/predict", json=body)

@@ -248,7 +248,7 @@ def class_grid_figure(path: Path, model: StagedModel, x: torch.Tensor, y: torch.
     fig, axes = plt.subplots(len(picks), 3, figsize=(4.5, 1.5 * len(picks)), squeeze=False)
     for row, index in enumerate(picks):
         panels = (_as_image(originals[row].numpy()), _as_square(latents[row]), _as_image(rebuilt[row]))
-        for col, (panel, name) in enumerate(zip(panels, ("original", "latent", "reconstruction"))):
+        for col, (panel, name) in enumerate(zip(panels, ("original", "latent", "reconstruction"), strict=True)):
             ax = axes[row][col]
             ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None)
             ax.set_xticks([])

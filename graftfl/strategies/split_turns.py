@@ -182,7 +182,7 @@ class HandoffState:
         for key in keys:
             arrays = [arrays[key].numpy() for _, arrays in self.round_weights]
             if np.issubdtype(arrays[0].dtype, np.floating):
-                averaged[key] = sum(a.astype(np.float64) * (samples / total) for (samples, _), a in zip(self.round_weights, arrays)).astype(arrays[0].dtype)
+                averaged[key] = sum(a.astype(np.float64) * (samples / total) for (samples, _), a in zip(self.round_weights, arrays, strict=True)).astype(arrays[0].dtype)
             else:  # counters such as batch norm's num_batches_tracked
                 averaged[key] = arrays[-1]
         self.average = ArrayRecord({key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in averaged.items()})

@@ -234,7 +234,7 @@ class FeatureStore:
         dim = int(chunk.vectors.shape[1])
         rows = [
             (chunk.client_id, chunk.upload_id, chunk.first_row + i, int(label), vector.tobytes(), dim, chunk.mode, stamp, chunk.message_id)
-            for i, (label, vector) in enumerate(zip(chunk.labels, chunk.vectors))
+            for i, (label, vector) in enumerate(zip(chunk.labels, chunk.vectors, strict=True))
         ]
         return self._insert(rows)
 
