@@ -195,6 +195,7 @@ class RunRecorder:
         self._started = time.monotonic()
 
     def write_config(self, config_yaml: str) -> None:
+        """Write the resolved run config to ``config.yaml`` in the run directory."""
         (self.run_dir / "config.yaml").write_text(config_yaml)
 
     def log_round(self, row: dict) -> dict:
@@ -207,9 +208,11 @@ class RunRecorder:
 
     @property
     def last_round(self) -> int:
+        """The number of the last recorded round, 0 before the first."""
         return int(self.rows[-1]["round"]) if self.rows else 0
 
     def totals(self) -> dict[str, float]:
+        """Sums over all recorded rounds of the fields in ``SUMMED_FIELDS`` (bytes, FLOPs, wall time)."""
         return {field: float(sum(row.get(field) or 0 for row in self.rows)) for field in SUMMED_FIELDS}
 
     def write_summary(self, **fields: Any) -> dict:

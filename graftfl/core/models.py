@@ -20,6 +20,7 @@ class StagedModel(nn.Sequential):
 
     @property
     def stage_names(self) -> list[str]:
+        """Names of the stages in order, the places where a protocol may cut."""
         return list(self._modules.keys())
 
 

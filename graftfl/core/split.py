@@ -164,6 +164,7 @@ class TopStage(ServerStage):
         self.act_shape, self.num_classes = tuple(act_shape), int(num_classes)
 
     def input_specs(self, kind: str, state: dict) -> dict[str, TensorSpec] | None:
+        """The tensors a frame of ``kind`` must carry, or None when ``kind`` is not accepted."""
         if kind == "train":
             return {"activations": TensorSpec(self.act_shape), "labels": TensorSpec((), floating=False, num_classes=self.num_classes)}
         if kind == "eval_forward":
@@ -171,6 +172,7 @@ class TopStage(ServerStage):
         return None
 
     def handle(self, kind: str, tensors: dict[str, torch.Tensor], state: dict) -> tuple[str, dict[str, torch.Tensor], dict]:
+        """Answer one frame: a training step (returns the activations' gradient) or an evaluation forward pass (returns logits)."""
         self.complete_step()
         activations = tensors["activations"].to(self.device)
         if kind == "eval_forward":
@@ -203,6 +205,7 @@ class MiddleStage(ServerStage):
         self.act_shape, self.out_shape = tuple(act_shape), tuple(out_shape)
 
     def input_specs(self, kind: str, state: dict) -> dict[str, TensorSpec] | None:
+        """The tensors a frame of ``kind`` must carry, or None when ``kind`` is not accepted in this state."""
         if kind in ("forward", "eval_forward"):
             return {"activations": TensorSpec(self.act_shape)}
         if kind == "backward" and "pending" in state:
@@ -210,6 +213,7 @@ class MiddleStage(ServerStage):
         return None
 
     def handle(self, kind: str, tensors: dict[str, torch.Tensor], state: dict) -> tuple[str, dict[str, torch.Tensor], dict]:
+        """Answer one frame: forward the middle (keeping the graph for the backward frame), backward, or evaluate."""
         self.complete_step()
         if kind == "eval_forward":
             self.middle.eval()
@@ -250,9 +254,11 @@ class BottomClient:
         self.bottom, self.optimizer, self.device = bottom.to(device), optimizer, torch.device(device)
 
     def modules(self) -> dict[str, nn.Module]:
+        """The modules this client trains and whose weights travel between turns."""
         return {"bottom": self.bottom}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> float:
+        """One training step: send activations and labels, backpropagate the returned gradient; returns the loss."""
         self.bottom.train()
         self.optimizer.zero_grad(set_to_none=True)
         activations = self.bottom(x.to(self.device))
@@ -281,9 +287,11 @@ class UShapedClient:
         self.bottom, self.head, self.optimizer, self.device = bottom.to(device), head.to(device), optimizer, torch.device(device)
 
     def modules(self) -> dict[str, nn.Module]:
+        """The modules this client trains and whose weights travel between turns."""
         return {"bottom": self.bottom, "head": self.head}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> float:
+        """One U-shaped step: bottom forward, middle on the server, head and loss here, gradients back; returns the loss."""
         self.bottom.train()
         self.head.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -299,6 +307,7 @@ class UShapedClient:
 
     @torch.no_grad()
     def eval_batch(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> dict:
+        """Score one batch: bottom here, middle on the server, head and labels here."""
         self.bottom.eval()
         self.head.eval()
         reply, _ = exchange("eval_forward", {"activations": self.bottom(x.to(self.device)).cpu()})
@@ -319,9 +328,14 @@ class SemisupClient(BottomClient):
         self.decoder, self.alpha = decoder.to(device), float(alpha)
 
     def modules(self) -> dict[str, nn.Module]:
+        """The modules this client trains and whose weights travel between turns."""
         return {"bottom": self.bottom, "decoder": self.decoder}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange, labeled: torch.Tensor | None = None) -> float:
+        """One semi-supervised step: the split loss on ``labeled`` rows plus ``alpha`` times the decoder reconstruction loss.
+
+        Returns the server's loss on the labeled rows (NaN when the batch has none).
+        """
         labeled = torch.ones(len(y), dtype=torch.bool) if labeled is None else labeled.bool()
         self.bottom.train()
         self.decoder.train()
