@@ -201,6 +201,7 @@ def send_one(grid, message: Message, timeout_s: float) -> tuple[Message | None, 
 
 
 def turn_order(nodes: list[int], mode: str, seed: int, round_number: int) -> list[int]:
+    """The order in which ``nodes`` take their turns in ``round_number``: as given, or shuffled reproducibly."""
     if mode == "random":
         order = list(nodes)
         random.Random(seed * 7919 + round_number).shuffle(order)
@@ -240,6 +241,7 @@ class SplitRunner:
 
 
     def run_rounds(self) -> dict:
+        """Start the data plane, run every round's turns and evaluations, and stop it; returns the run summary."""
         cfg = self.cfg
         nodes = wait_for_nodes(self.grid, cfg.num_clients, cfg.timeout_s)
         self.plane = start_data_plane(cfg, self.stage)
@@ -260,6 +262,7 @@ class SplitRunner:
 
     # ------------------------------------------------------------------ turns
     def message(self, node: int, category: str, turn, round_number: int, **fields) -> tuple[Message, int]:
+        """The message of a ``category`` turn to ``node`` (data-plane address and token, handoff records); returns it and its size."""
         records, _ = self.handoff.outgoing()
         config = self.run.config_record(**{
             SERVER_ROUND: round_number,
@@ -272,6 +275,7 @@ class SplitRunner:
         return message, message_nbytes(message)  # the whole message (config, hand-off), not the payload alone
 
     def client_turn(self, node: int, round_number: int, index: int) -> dict | None:
+        """Run one client's training turn; returns its metrics row, or None when the turn failed (the round goes on)."""
         turn = self.plane.open_turn(label=f"round {round_number} node {node}", accept=frame_kinds(self.stage, "train"),
                                     max_batches=train_batch_cap(self.cfg, self.run))
         steps_before = self.stage.steps
@@ -331,6 +335,7 @@ class SplitRunner:
 
     def evaluate_on(self, node: int, round_number: int) -> dict | None:
         # at most one frame per test sample: an evaluation turn cannot stream more than the test set
+        """Run an evaluation turn on ``node`` (its own held-out data); returns its scores, or None when it failed."""
         turn = self.plane.open_turn(label=f"evaluate round {round_number} node {node}", accept=frame_kinds(self.stage, "evaluate"),
                                     max_batches=max(1, len(self.run.test_set()[1])))
         message, bytes_down = self.message(node, "evaluate", turn, round_number)
@@ -360,6 +365,7 @@ class SplitRunner:
 
     # ---------------------------------------------------------------- metrics
     def log_round(self, round_number: int, rows: list[dict], evaluation: dict) -> None:
+        """Record the metrics row of ``round_number`` from the turns' rows and the evaluation."""
         rows = sorted(rows, key=lambda r: r["partition-id"])
         failed = [f for f in self.failed_turns if f["round"] == round_number]
         row = metrics_row(
