@@ -34,6 +34,7 @@ def conf_dir() -> Path:
 
 
 def group_options(group: str) -> list[str]:
+    """The option names of config group ``group`` (the YAML files under ``conf/<group>/``)."""
     folder = conf_dir() / group
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
@@ -220,12 +221,15 @@ def _fractions(cfg: DictConfig):
 
 
 def to_yaml(cfg: DictConfig) -> str:
+    """The config as YAML with interpolations resolved."""
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
 def to_container(cfg: DictConfig) -> dict:
+    """The config as plain dicts and lists with interpolations resolved."""
     return OmegaConf.to_container(cfg, resolve=True)
 
 
 def from_container(data: dict) -> DictConfig:
+    """A config from plain dicts and lists (the inverse of :func:`to_container`)."""
     return OmegaConf.create(data)
