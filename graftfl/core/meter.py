@@ -1,6 +1,6 @@
 """Metrics: client FLOPs, per-round records and the run directory writer.
 
-``RunRecorder`` writes the run-directory contract of design.md ("Outputs"):
+``RunRecorder`` writes the run-directory contract of docs/architecture.md ("Outputs"):
 ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and PNG plots. It knows
 nothing of Flower, so centralized baselines write the same format.
 """
@@ -104,7 +104,7 @@ def metrics_row(
     client_epsilon: Sequence[float] | None = None,
     **fields: Any,
 ) -> dict:
-    """One ``metrics.jsonl`` row of a round or turn, in the fields of design.md ("Outputs").
+    """One ``metrics.jsonl`` row of a round or turn, in the fields of docs/architecture.md ("Outputs").
 
     Every protocol builds its rows here, so the common fields are always present
     and always named the same.
