@@ -26,20 +26,20 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 
 from graftfl.core.codec import FLOAT_WIRE_DTYPES
-from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY
+from graftfl.core.handoff import RELAY_KEY
 from graftfl.core.meter import metrics_row
 from graftfl.core.models import model_from_config
 from graftfl.core.split import MiddleStage, TopStage, activation_shape, cut_points, model_parts, split_at_cut
 from graftfl.core.train import optimizer_from_config
 from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, SERVER_ROUND, max_frame_bytes
-from graftfl.strategies.utils import ServerRun, arrays_nbytes, message_nbytes, require_choice, wait_for_nodes
+from graftfl.strategies.split_handoff import HandoffState
+from graftfl.strategies.utils import ServerRun, message_nbytes, require_choice, wait_for_nodes
 from graftfl.transport.server import DataPlaneServer
 
 
@@ -139,54 +139,6 @@ def middle_stage(run: ServerRun) -> tuple[MiddleStage, torch.nn.Module]:
     out_shape = activation_shape(middle, act_shape)
     optimizer = optimizer_from_config(run.cfg.train, middle.parameters())
     return MiddleStage(middle, optimizer, act_shape, out_shape, run.device), middle
-
-
-@dataclass
-class HandoffState:
-    """What the server keeps between turns: ciphertext (relay) or averaged arrays (average)."""
-
-    mode: str
-    ciphertext: bytes | None = None
-    average: ArrayRecord | None = None
-    round_weights: list[tuple[int, ArrayRecord]] = field(default_factory=list)
-
-    def outgoing(self) -> tuple[RecordDict, int]:
-        """Records to add to a turn message and their payload bytes."""
-        records, nbytes = {}, 0
-        if self.mode == "relay" and self.ciphertext is not None:
-            records["handoff"] = ConfigRecord({RELAY_KEY: self.ciphertext})
-            nbytes = len(self.ciphertext)
-        if self.mode == "average" and self.average is not None:
-            records[AVERAGE_KEY] = self.average
-            nbytes = arrays_nbytes(self.average)
-        return records, nbytes
-
-    def accept(self, reply: Message, samples: int) -> int:
-        """Take what a finished turn handed back; returns its payload bytes."""
-        if self.mode == "relay":
-            self.ciphertext = bytes(reply.content["handoff"][RELAY_KEY])
-            return len(self.ciphertext)
-        if self.mode == "average":
-            arrays = reply.content[AVERAGE_KEY]
-            self.round_weights.append((samples, arrays))
-            return arrays_nbytes(arrays)
-        return 0
-
-    def end_round(self) -> None:
-        """SplitFed-style: the clients' parts averaged, weighted by samples trained."""
-        if self.mode != "average" or not self.round_weights:
-            return
-        total = sum(samples for samples, _ in self.round_weights) or 1
-        keys = list(self.round_weights[0][1].keys())
-        averaged = {}
-        for key in keys:
-            arrays = [arrays[key].numpy() for _, arrays in self.round_weights]
-            if np.issubdtype(arrays[0].dtype, np.floating):
-                averaged[key] = sum(a.astype(np.float64) * (samples / total) for (samples, _), a in zip(self.round_weights, arrays, strict=True)).astype(arrays[0].dtype)
-            else:  # counters such as batch norm's num_batches_tracked
-                averaged[key] = arrays[-1]
-        self.average = ArrayRecord({key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in averaged.items()})
-        self.round_weights = []
 
 
 def send_one(grid, message: Message, timeout_s: float) -> tuple[Message | None, str | None]:
