@@ -107,7 +107,7 @@ class BodySizeLimit:
         self.app, self.max_bytes = app, int(max_bytes)
 
     async def __call__(self, scope, receive, send):
-        """Refuse an HTTP request whose declared or streamed body is over ``max_bytes`` (413)."""
+        """Pass a request on, answering 413 instead when its declared or streamed body is over ``max_bytes``."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
