@@ -24,6 +24,7 @@ demo: install data
 	$(VENV)/bin/graftfl sim protocol=fedavg dataset=fashion_mnist num_clients=5 rounds=3
 
 test: install
+	$(VENV)/bin/ruff check graftfl tests benchmarks
 	$(PY) -m pytest -q
 
 bench: install data

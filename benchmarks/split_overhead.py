@@ -302,7 +302,7 @@ def write_report(results: dict) -> None:
         ("(b) inside `deploy-local`: deploy-local shares the machine's cores among its co-located ServerApp and ClientApps "
          f"(OMP_NUM_THREADS = cores // (clients + 1) = {max(1, (os.cpu_count() or 1) // 2)} here), so its threads match (a)'s; " if "data_plane_deploy_local" in s else
          "(b) is measured with the client as its own process on loopback, not inside a `graftfl deploy-local` run (no graftfl/deploy.py in this checkout); ")
-        + "the Flower control-plane cost of a deployed turn is one message (~6 s, see design.md) per turn, not per batch.",
+        + "the Flower control-plane cost of a deployed turn is one message (~6 s, see docs/architecture.md) per turn, not per batch.",
         "",
         "## Bytes and client FLOPs per client per epoch (split vs FedAvg)",
         "",

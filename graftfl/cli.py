@@ -72,6 +72,7 @@ def simulate(cfg) -> Path:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
+    """``graftfl sim``: run each job in Flower's simulation runtime; prints ``run: <dir>`` per job."""
     jobs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
     for number, overrides in enumerate(jobs):
         if args.multirun:
@@ -82,6 +83,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
+    """``graftfl deploy-local``: run the job on a local SuperLink and SuperNodes; prints ``run: <dir>``."""
     from graftfl.deploy import deploy_local
 
     from graftfl.deploy import DeploymentError
@@ -97,6 +99,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``graftfl`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="graftfl", description="Split and privacy-preserving federated learning on Flower.")
     commands = parser.add_subparsers(dest="command", required=True)
     sim = commands.add_parser("sim", help="run in Flower's simulation runtime", description="Hydra overrides, e.g. protocol=split dataset=digits rounds=5")
@@ -115,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``graftfl`` command; returns the exit status (config errors are reported, not raised)."""
     args = build_parser().parse_args(argv)
     show_progress()  # round progress and rejected replies on stderr; stdout ends with `run: runs/<id>`
     try:

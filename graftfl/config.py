@@ -34,6 +34,7 @@ def conf_dir() -> Path:
 
 
 def group_options(group: str) -> list[str]:
+    """The option names of config group ``group`` (the YAML files under ``conf/<group>/``)."""
     folder = conf_dir() / group
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
@@ -136,9 +137,9 @@ def expand_sweep(overrides: Iterable[str]) -> list[list[str]]:
     """
     overrides = list(overrides)
     parsed = _parse(overrides)
-    declared = compose_config([o for o, p in zip(overrides, parsed) if not p.is_sweep_override()], validate_values=False).sweep
+    declared = compose_config([o for o, p in zip(overrides, parsed, strict=True) if not p.is_sweep_override()], validate_values=False).sweep
     axes: list[list[str]] = []
-    for text, override in zip(overrides, parsed):
+    for text, override in zip(overrides, parsed, strict=True):
         if override.is_sweep_override():
             prefix = text.split("=", 1)[0]
             axes.append([f"{prefix}={value}" for value in override.sweep_string_iterator()])
@@ -220,12 +221,15 @@ def _fractions(cfg: DictConfig):
 
 
 def to_yaml(cfg: DictConfig) -> str:
+    """The config as YAML with interpolations resolved."""
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
 def to_container(cfg: DictConfig) -> dict:
+    """The config as plain dicts and lists with interpolations resolved."""
     return OmegaConf.to_container(cfg, resolve=True)
 
 
 def from_container(data: dict) -> DictConfig:
+    """A config from plain dicts and lists (the inverse of :func:`to_container`)."""
     return OmegaConf.create(data)

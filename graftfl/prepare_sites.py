@@ -179,6 +179,7 @@ def prepare_sites(overrides: list[str], out: Path, test_fraction: float = 0.2, i
 
 
 def cmd_prepare_sites(args: argparse.Namespace) -> int:
+    """``graftfl prepare-sites``: write a registry dataset out as site folders; returns the exit status."""
     outs = [o for o in args.overrides if o.startswith("out=")]
     rest = [o for o in args.overrides if not o.startswith("out=")]
     if len(outs) != 1 or not outs[0][4:]:

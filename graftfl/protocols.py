@@ -174,6 +174,7 @@ class ClientPhase:
         _require_callable(owner, "query", self.query, 2)
 
     def handlers(self) -> dict[str, Callable]:
+        """The ClientApp message handlers of this phase, by message type."""
         return {f"query.{self.name}": self.query}
 
 
@@ -225,10 +226,12 @@ def unregister(name: str) -> None:
 
 
 def protocol_names() -> list[str]:
+    """Names of the registered protocols."""
     return sorted(_PROTOCOLS)
 
 
 def phase_names() -> list[str]:
+    """Names of the registered pre-training phases."""
     return sorted(_PHASES)
 
 

@@ -56,6 +56,7 @@ class TokenTable:
 
     @classmethod
     def from_tokens(cls, tokens: dict[str, str]) -> "TokenTable":
+        """A table from plain tokens, keeping only their hashes."""
         return cls({site: token_hash(token) for site, token in tokens.items()})
 
     def site_of(self, token: str | None) -> str | None:
@@ -123,6 +124,7 @@ class BearerAuth:
         self.app, self.tokens = app, tokens
 
     async def __call__(self, scope, receive, send):
+        """Pass an HTTP request on with its site in the scope when its bearer token is known; answer 401 otherwise."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         from fastapi.responses import JSONResponse

@@ -34,13 +34,15 @@ def main() -> None:
             original = store._conn
 
             class DieBeforeCommit:  # forwards everything, but dies when asked to COMMIT
+                connection = original  # bound now: the loop rebinds `original` for later chunks
+
                 def execute(self, sql, *rest):
                     if sql == "COMMIT":
                         os.kill(os.getpid(), signal.SIGKILL)
-                    return original.execute(sql, *rest)
+                    return self.connection.execute(sql, *rest)
 
                 def __getattr__(self, name):
-                    return getattr(original, name)
+                    return getattr(self.connection, name)
 
             store._conn = DieBeforeCommit()
         inserted = store.ingest_chunk(chunk)

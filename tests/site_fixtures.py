@@ -39,7 +39,7 @@ def manifest_folder(root: Path, rows: list[dict], shape=(8, 8), seed: int = 0) -
     """Images for every row's ``path`` plus ``manifest.csv`` with the rows' columns."""
     images = random_images(len(rows), shape, seed=seed)
     written = {}
-    for row, pixels in zip(rows, images):
+    for row, pixels in zip(rows, images, strict=True):
         write_png(root / row["path"], pixels)
         written[row["path"]] = pixels
     with open(root / "manifest.csv", "w", newline="") as handle:

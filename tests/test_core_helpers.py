@@ -161,6 +161,6 @@ def test_top_and_middle_stages_share_the_server_stage_base():
         assert stage.steps == 0
     before = [p.detach().clone() for p in top.parameters()]
     top_stage.handle("train", {"activations": torch.randn(3, *act_shape), "labels": torch.tensor([0, 1, 2])}, {})
-    assert top_stage.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, top.parameters()))  # deferred
+    assert top_stage.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, top.parameters(), strict=True))  # deferred
     top_stage.complete_step()
-    assert top_stage.steps == 1 and not all(torch.equal(a, b) for a, b in zip(before, top.parameters()))
+    assert top_stage.steps == 1 and not all(torch.equal(a, b) for a, b in zip(before, top.parameters(), strict=True))

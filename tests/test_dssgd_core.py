@@ -70,7 +70,7 @@ def test_upload_respects_theta_upload_budget():
 def test_clipping_bounds_uploaded_values_and_keeps_small_ones():
     delta = torch.tensor([0.5, -2.0, 0.01, 3.0, -0.02, 0.0])
     upload = make_upload(delta, theta_upload=1.0, clip=0.1)
-    values = dict(zip(upload.indices.tolist(), upload.values.tolist()))
+    values = dict(zip(upload.indices.tolist(), upload.values.tolist(), strict=True))
     assert values[0] == pytest.approx(0.1) and values[1] == pytest.approx(-0.1) and values[3] == pytest.approx(0.1)
     assert values[2] == pytest.approx(0.01) and values[4] == pytest.approx(-0.02)
     assert bool((upload.values.abs() <= 0.1 + 1e-7).all())

@@ -140,7 +140,7 @@ def test_released_values_are_noised_with_the_value_scale_and_clipped():
     released = []
     for _ in range(4000):
         upload = make_upload(torch.tensor([0.3, 5.0]), theta_upload=0.5, selection="sparse_vector", threshold=0.0, clip=gamma, upload_epsilon=epsilon, generator=generator)
-        released += [(int(i), float(v)) for i, v in zip(upload.indices, upload.values)]
+        released += [(int(i), float(v)) for i, v in zip(upload.indices, upload.values, strict=True)]
     noise = np.array([v - 0.3 for i, v in released if i == 0])
     assert len(noise) > 500
     assert np.mean(np.abs(noise)) == pytest.approx(scale, rel=0.1)  # E|Lap(b)| = b

@@ -39,7 +39,7 @@ def test_training_lowers_the_reconstruction_error_of_every_class(tmp_path):
     after, _ = reconstruction_error_by_class(model, x, y, 10)
     assert result["steps"] == 15 * 10
     assert sum(counts) == 600
-    assert all(a < 0.6 * b for a, b in zip(after, before)), (before, after)
+    assert all(a < 0.6 * b for a, b in zip(after, before, strict=True)), (before, after)
 
     path = save_autoencoder(tmp_path / "site" / "autoencoder.pt", model, x.shape[1:], 16, ([0.5], [0.25]))
     loaded, stored = load_autoencoder(path)

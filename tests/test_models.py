@@ -27,7 +27,7 @@ def test_cut_parts_in_sequence_equal_the_whole_model(name):
 
     assert torch.allclose(whole_loss, cut_loss, atol=1e-6)
     assert len(whole_grads) == len(cut_grads)
-    for a, b in zip(whole_grads, cut_grads):
+    for a, b in zip(whole_grads, cut_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 

@@ -37,7 +37,7 @@ def test_sites_load_back_with_the_registry_pixels_labels_and_held_out_patients(t
     assert summary["input_shape"] == [1, 8, 8] and summary["num_classes"] == 10
     declaration = SiteDeclaration.from_config({"input_shape": summary["input_shape"], "num_classes": summary["num_classes"]})
     train_x, train_y, _, _ = raw_arrays_from_config(DIGITS)
-    expected = Counter((row.tobytes(), int(label)) for row, label in zip(train_x, train_y))
+    expected = Counter((row.tobytes(), int(label)) for row, label in zip(train_x, train_y, strict=True))
     loaded = Counter()
     for site in range(3):
         data = load_site_data(out / f"site-{site}", declaration, f"site-{site}")
@@ -45,9 +45,9 @@ def test_sites_load_back_with_the_registry_pixels_labels_and_held_out_patients(t
         assert data.format == "manifest" and data.x.shape[1:] == (1, 8, 8) and len(data) == len(rows) == summary["sites"][site]["images"]
         assert data.y.tolist() == [int(r["label"]) for r in rows]
         pixels = data.x.mul(255).round().to(torch.uint8).numpy()
-        loaded.update((p.tobytes(), int(label)) for p, label in zip(pixels, data.y.tolist()))
+        loaded.update((p.tobytes(), int(label)) for p, label in zip(pixels, data.y.tolist(), strict=True))
         sides, labels = defaultdict(set), defaultdict(set)
-        for patient, held, label in zip(data.patient_ids, data.test_mask.tolist(), data.y.tolist()):
+        for patient, held, label in zip(data.patient_ids, data.test_mask.tolist(), data.y.tolist(), strict=True):
             sides[patient].add(held)
             labels[patient].add(label)
         assert all(len(s) == 1 for s in sides.values()) and all(len(s) == 1 for s in labels.values())

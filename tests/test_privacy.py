@@ -81,7 +81,7 @@ def test_an_empty_poisson_batch_takes_a_noisy_step_and_is_accounted():
     assert result["steps"] == 1 and result["samples"] == 0 and result["loss"] == 0.0
     assert sum(steps for _, _, steps in private.history) == 1
     after = list(dp_model.parameters())
-    assert any(not torch.equal(b, a) for b, a in zip(before, after))  # the noise moved the model
+    assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))  # the noise moved the model
     assert all(torch.isfinite(a).all() for a in after)
 
 

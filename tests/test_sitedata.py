@@ -196,8 +196,8 @@ def test_held_out_fraction_keeps_each_patient_on_one_side_and_ignores_row_order(
     patients = [f"p{int(i)}" for i in rng.integers(0, 60, size=400)]
     files = [f"f{i}.png" for i in range(400)]
     mask = held_out_mask(400, [None] * 400, patients, files, 0.25, seed=3)
-    held = {p for p, m in zip(patients, mask.tolist()) if m}
-    assert all(m == (p in held) for p, m in zip(patients, mask.tolist()))  # a patient is never on both sides
+    held = {p for p, m in zip(patients, mask.tolist(), strict=True) if m}
+    assert all(m == (p in held) for p, m in zip(patients, mask.tolist(), strict=True))  # a patient is never on both sides
     assert 0.2 <= float(mask.float().mean()) <= 0.35
     order = rng.permutation(400)
     shuffled = held_out_mask(400, [None] * 400, [patients[i] for i in order], [files[i] for i in order], 0.25, seed=3)

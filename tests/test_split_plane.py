@@ -90,7 +90,7 @@ def test_bad_frame_gets_status_while_other_client_is_served(top_server, case):
         # the bad frame changed nothing, and the good client's stream goes on
         server.settle()
         assert server.stage.steps == steps
-        assert all(torch.equal(a, b.detach()) for a, b in zip(weights, server.stage.top.parameters()))
+        assert all(torch.equal(a, b.detach()) for a, b in zip(weights, server.stage.top.parameters(), strict=True))
         reply, _ = good.exchange("train", good_frame(act_shape, "").tensors)
         server.settle()
         assert torch.isfinite(reply["gradient"]).all() and server.stage.steps == steps + 1

@@ -93,7 +93,7 @@ def test_crashed_and_stalled_turns_are_skipped_and_relay_resumes(tmp_path):
     sent_to_102 = [m for m, _ in trains if m.metadata.dst_node_id == 102][0]
     assert bytes(sent_to_102.content["handoff"]["relay-ciphertext"]) == handed_back[100]
     # the stalled client's token is dead: its late frame is refused (the plane is stopped by now: any error will do)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017
         stall.plane.exchange("train", {"activations": torch.zeros(1, 6, 4, 4), "labels": torch.zeros(1, dtype=torch.long)})
     stall.plane.abandon()
     assert rows[-1]["accuracy"] is not None and rows[-1]["loss"] < rows[0]["loss"]

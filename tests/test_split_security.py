@@ -122,7 +122,7 @@ def test_server_cannot_fit_the_relayed_bottom(tmp_path, monkeypatch):
     assert max(scores.values()) < 0.5, scores
     # evaluation still happened, at both sites, on their own held-out rows
     assert rows[-1]["eval_where"] == "site" and sorted(rows[-1]["eval_clients"]) == [0, 1] and all(c > 0 for c in rows[-1]["eval_client_count"])
-    assert rows[-1]["accuracy"] == sum(a * c for a, c in zip(rows[-1]["eval_client_accuracy"], rows[-1]["eval_client_count"])) / sum(rows[-1]["eval_client_count"])
+    assert rows[-1]["accuracy"] == sum(a * c for a, c in zip(rows[-1]["eval_client_accuracy"], rows[-1]["eval_client_count"], strict=True)) / sum(rows[-1]["eval_client_count"])
 
 
 def test_negative_control_old_evaluation_path_reveals_the_bottom(tmp_path, monkeypatch):

@@ -54,6 +54,7 @@ def local_test_metrics(model: torch.nn.Module, cfg, device: torch.device) -> dic
 
 
 def train(message: Message, context: Context) -> Message:
+    """Answer ``train.dssgd``: load the downloaded parameters, train locally, upload a selected (optionally DP) fraction of the update."""
     cfg = config_of(message)
     protocol = cfg.protocol
     server_round = int(message.content["config"]["server-round"])

@@ -84,10 +84,12 @@ def site_dir(context: Context) -> Path:
 
 
 def new_autoencoder(cfg: DictConfig, input_shape) -> StagedModel:
+    """A fresh convolutional autoencoder with the protocol's latent size and channels."""
     return build_model("conv_ae", input_shape, 0, latent_dim=int(cfg.protocol.latent_dim), channels=int(cfg.protocol.conv_channels))
 
 
 def stored_autoencoder(cfg: DictConfig, context: Context, input_shape) -> StagedModel:
+    """The autoencoder this site kept from the autoencoder phase; an error when it has none yet."""
     if AUTOENCODER_STATE not in context.state:
         raise RuntimeError("this site has no autoencoder yet (the autoencoder phase did not reach it)")
     model = new_autoencoder(cfg, input_shape)
@@ -103,6 +105,7 @@ def site_test_indices(cfg: DictConfig, num_test: int, partition_id: int, num_par
 
 
 def local_test_data(cfg: DictConfig, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """This site's share of the server's test set (service-mode queries)."""
     data = dataset_from_config(cfg.dataset)
     partition_id, num_partitions = partition_id_of(context)
     indices = torch.from_numpy(site_test_indices(cfg, len(data.test_y), partition_id, num_partitions))
@@ -113,6 +116,7 @@ def local_test_data(cfg: DictConfig, context: Context) -> tuple[torch.Tensor, to
 
 
 def train(message: Message, context: Context) -> Message:
+    """Answer ``train.features``: the ``autoencoder`` or the ``upload`` phase, as the message's ``phase`` says."""
     phase = str(message.content["config"]["phase"])
     if phase == "autoencoder":
         return train_site_autoencoder(message, context)
@@ -122,6 +126,7 @@ def train(message: Message, context: Context) -> Message:
 
 
 def train_site_autoencoder(message: Message, context: Context) -> Message:
+    """Train the site's autoencoder for one round (from the federated weights when sent) and keep it in the context."""
     cfg = config_of(message)
     settings = cfg.protocol.autoencoder
     partition_id, _ = partition_id_of(context)
@@ -171,6 +176,7 @@ def install_final_autoencoder(message: Message, cfg: DictConfig, context: Contex
 
 
 def upload_chunk(message: Message, context: Context) -> Message:
+    """Encode one chunk of the site's training rows and send the latents with their labels."""
     cfg = config_of(message)
     request = message.content["config"]
     chunk, chunk_size = int(request["chunk"]), int(request["chunk_size"])

@@ -22,6 +22,7 @@ PROTOCOL = "fedavg"
 
 
 def train(message: Message, context: Context) -> Message:
+    """Answer ``train.fedavg``: train the received model on the local data and reply with the weights and metrics."""
     cfg = config_of(message)
     fields = message.content["config"]
     # Flower counts a resumed run's rounds from 1 again; the offset keeps the seeds of an uninterrupted run.

@@ -12,6 +12,7 @@ PROTOCOL = "semisup"
 
 
 def build_role(cfg, model, input_shape, num_classes: int, device) -> SemisupClient:
+    """The site's part of ``semisup``: the ``split`` bottom plus a decoder of its activations."""
     bottom, _top, act_shape = split_at_cut(model, cfg.protocol.cut_stage, input_shape)  # the same bottom as split
     role = SemisupClient(bottom, build_decoder(act_shape, input_shape), alpha=float(cfg.protocol.alpha), device=device)
     role.act_shape = act_shape
@@ -19,10 +20,12 @@ def build_role(cfg, model, input_shape, num_classes: int, device) -> SemisupClie
 
 
 def train(message: Message, context: Context) -> Message:
+    """Answer a ``semisup`` training turn over the data plane."""
     return train_turn(message, context, build_role)
 
 
 def evaluate(message: Message, context: Context) -> Message:
+    """Answer a ``semisup`` evaluation turn over the data plane."""
     return evaluate_turn(message, context, build_role)
 
 

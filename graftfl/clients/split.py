@@ -12,6 +12,7 @@ PROTOCOL = "split"
 
 
 def build_role(cfg, model, input_shape, num_classes: int, device) -> BottomClient:
+    """The site's part of ``split``: the model up to the cut."""
     bottom, _top, act_shape = split_at_cut(model, cfg.protocol.cut_stage, input_shape)
     role = BottomClient(bottom, device=device)
     role.act_shape = act_shape
@@ -19,10 +20,12 @@ def build_role(cfg, model, input_shape, num_classes: int, device) -> BottomClien
 
 
 def train(message: Message, context: Context) -> Message:
+    """Answer a ``split`` training turn over the data plane."""
     return train_turn(message, context, build_role)
 
 
 def evaluate(message: Message, context: Context) -> Message:
+    """Answer a ``split`` evaluation turn over the data plane."""
     return evaluate_turn(message, context, build_role)
 
 

@@ -46,14 +46,17 @@ RoleBuilder = Callable[..., object]
 
 
 def role_optimizer(cfg, role) -> torch.optim.Optimizer:
+    """An optimizer (from ``cfg.train``) over every parameter of the role's modules."""
     return optimizer_from_config(cfg.train, [p for module in role.modules().values() for p in module.parameters()])
 
 
 def role_state(role) -> dict:
+    """The role's module weights and optimizer state, to keep between turns."""
     return {"modules": {name: module.state_dict() for name, module in role.modules().items()}, "optimizer": role.optimizer.state_dict()}
 
 
 def load_role_state(role, state: dict) -> None:
+    """Restore weights and optimizer state saved by :func:`role_state`."""
     for name, module in role.modules().items():
         module.load_state_dict(state["modules"][name])
     role.optimizer.load_state_dict(state["optimizer"])
@@ -65,6 +68,7 @@ def role_arrays(role) -> ArrayRecord:
 
 
 def load_role_arrays(role, arrays: ArrayRecord) -> None:
+    """Load weights saved by :func:`role_arrays` into the role's modules."""
     state = arrays.to_torch_state_dict()
     for name, module in role.modules().items():
         prefix = f"{name}."

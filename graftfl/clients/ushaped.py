@@ -12,6 +12,7 @@ PROTOCOL = "ushaped"
 
 
 def build_role(cfg, model, input_shape, num_classes: int, device) -> UShapedClient:
+    """The site's part of ``ushaped``: the bottom and the head (with the labels and the loss)."""
     bottom, middle, head = model_parts(model, cfg.protocol.cut_stage, int(cfg.protocol.head_stages))
     role = UShapedClient(bottom, head, device=device)
     role.act_shape = activation_shape(bottom, input_shape)
@@ -20,10 +21,12 @@ def build_role(cfg, model, input_shape, num_classes: int, device) -> UShapedClie
 
 
 def train(message: Message, context: Context) -> Message:
+    """Answer a ``ushaped`` training turn over the data plane."""
     return train_turn(message, context, build_role)
 
 
 def evaluate(message: Message, context: Context) -> Message:
+    """Answer a ``ushaped`` evaluation turn over the data plane."""
     return evaluate_turn(message, context, build_role)
 
 

@@ -101,6 +101,7 @@ def local_data(cfg: DictConfig, context: Context) -> tuple[torch.Tensor, torch.T
 
 
 def num_classes_of(cfg: DictConfig) -> int:
+    """Number of classes of the configured dataset."""
     return dataset_from_config(cfg.dataset).num_classes
 
 
@@ -146,8 +147,10 @@ def restored_history_for(message: Message, partition_id: int) -> str | None:
 
 
 def state_from(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The torch state dict of an ArrayRecord."""
     return record.to_torch_state_dict()
 
 
 def as_float_list(values) -> list[float]:
+    """``values`` flattened into a list of Python floats (for a MetricRecord)."""
     return [float(v) for v in np.asarray(values).reshape(-1)]

@@ -39,6 +39,7 @@ class ServiceMessage(BaseModel):
 
 
 class ServiceRequest(BaseModel):
+    """The body of ``POST /predict``: one service-mode message."""
     message: ServiceMessage
 
 
@@ -106,6 +107,7 @@ class BodySizeLimit:
         self.app, self.max_bytes = app, int(max_bytes)
 
     async def __call__(self, scope, receive, send):
+        """Pass a request on, answering 413 instead when its declared or streamed body is over ``max_bytes``."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
@@ -154,9 +156,11 @@ class BackgroundServer:
 
     @property
     def url(self) -> str:
+        """The base URL the service listens on."""
         return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> "BackgroundServer":
+        """Start serving in the background and wait until it accepts requests; returns ``self``."""
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -166,6 +170,7 @@ class BackgroundServer:
         return self
 
     def stop(self) -> None:
+        """Ask the server to exit, wait for its thread and close its socket."""
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.socket.close()

@@ -14,6 +14,7 @@ DEFAULT_PORT = 8765
 
 
 def add_commands(subparsers) -> None:
+    """Add the ``serve`` and ``predict`` subcommands (``protocol=features``) to the ``graftfl`` parser."""
     serve = subparsers.add_parser(
         "serve",
         help="serve a protocol=features run's classifier over HTTP (POST /predict)",
@@ -60,6 +61,7 @@ def run_sites(run_dir: Path, sites: str | None) -> list[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``graftfl serve``: serve a finished features run's classifier over HTTP(S) with per-site bearer tokens."""
     from graftfl.commands.feature_service import run_service
     from graftfl.core.autoencoder import load_classifier
     from graftfl.core.weights_file import UnsafeWeightsFile
@@ -99,6 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def site_name_of(client_id: str) -> str:
+    """The site name of a client id: ``site-<n>`` for a number, the id itself when it already is a site name."""
     return client_id if client_id.startswith("site-") else f"site-{int(client_id)}"
 
 
@@ -121,6 +124,7 @@ def load_images(paths: list[Path], input_shape, normalisation) -> torch.Tensor:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """``graftfl predict``: encode images at the site and ask the service for their classes; returns the exit status."""
     import os
     import ssl
     from urllib.parse import urlsplit
@@ -156,7 +160,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     latents = encode(model, load_images(args.images, stored["input_shape"], stored["normalisation"]))
     failures = 0
     with httpx.Client(timeout=args.timeout, verify=verify, headers={"Authorization": f"Bearer {token}"}) as client:
-        for image, latent in zip(args.images, latents):
+        for image, latent in zip(args.images, latents, strict=True):
             body = {"message": {"clientID": site, "value": latent.tolist(), "mode": "service", "timestamp": utc_now()}}
             try:
                 response = client.post(f"{args.url.rstrip('/')}/predict", json=body)

@@ -81,6 +81,7 @@ register_model("conv_ae", conv_ae)
 
 
 def latent_dim_of(model: StagedModel) -> int:
+    """Width of the latent vector the encoder of ``model`` produces."""
     return int(model.encoder[-1].out_features)
 
 
@@ -119,6 +120,7 @@ def encode(model: StagedModel, x: torch.Tensor, *, batch_size: int = 512, device
 
 @torch.no_grad()
 def reconstruct(model: StagedModel, x: torch.Tensor, *, batch_size: int = 512, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Reconstructions of ``x`` by ``model`` (on CPU), computed in batches of ``batch_size``."""
     model.to(device).eval()
     parts = [model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(parts) if parts else torch.empty_like(x)
@@ -198,6 +200,7 @@ def save_autoencoder(path: Path, model: StagedModel, input_shape: Sequence[int],
 
 
 def load_autoencoder(path: Path) -> tuple[StagedModel, dict]:
+    """Load an autoencoder saved by :func:`save_autoencoder`; returns the model (in eval mode) and the stored dict."""
     stored = load_weights_file(path)  # weights only: the file may come from elsewhere
     model = conv_ae(stored["input_shape"], latent_dim=stored["latent_dim"], channels=stored["channels"])
     model.load_state_dict(stored["state"])
@@ -205,6 +208,7 @@ def load_autoencoder(path: Path) -> tuple[StagedModel, dict]:
 
 
 def save_classifier(path: Path, model: StagedModel, latent_dim: int, num_classes: int, hidden: Sequence[int], version: int = 1) -> Path:
+    """Save a feature classifier with the sizes needed to rebuild it; written atomically, returns ``path``."""
     return _atomic_save(
         {"state": model.state_dict(), "latent_dim": int(latent_dim), "num_classes": int(num_classes), "hidden": [int(h) for h in hidden], "version": int(version)},
         path,
@@ -212,6 +216,7 @@ def save_classifier(path: Path, model: StagedModel, latent_dim: int, num_classes
 
 
 def load_classifier(path: Path) -> tuple[StagedModel, dict]:
+    """Load a feature classifier saved by :func:`save_classifier`; returns the model (in eval mode) and the stored dict."""
     stored = load_weights_file(path)  # weights only: the file may come from elsewhere
     model = feature_classifier(stored["latent_dim"], stored["num_classes"], stored["hidden"])
     model.load_state_dict(stored["state"])
@@ -248,7 +253,7 @@ def class_grid_figure(path: Path, model: StagedModel, x: torch.Tensor, y: torch.
     fig, axes = plt.subplots(len(picks), 3, figsize=(4.5, 1.5 * len(picks)), squeeze=False)
     for row, index in enumerate(picks):
         panels = (_as_image(originals[row].numpy()), _as_square(latents[row]), _as_image(rebuilt[row]))
-        for col, (panel, name) in enumerate(zip(panels, ("original", "latent", "reconstruction"))):
+        for col, (panel, name) in enumerate(zip(panels, ("original", "latent", "reconstruction"), strict=True)):
             ax = axes[row][col]
             ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None)
             ax.set_xticks([])

@@ -21,6 +21,7 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 
 
 def wire_dtype(name: str) -> torch.dtype:
+    """The torch dtype for wire dtype ``name``; a clear error lists the valid names."""
     if name not in WIRE_DTYPES:
         raise ValueError(f"unknown wire dtype '{name}'; valid: {sorted(WIRE_DTYPES)}")
     return WIRE_DTYPES[name]
@@ -55,10 +56,12 @@ def nbytes_of_arrays(arrays: Mapping[str, np.ndarray] | Iterable[np.ndarray]) ->
 
 
 def state_dict_to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Copy a state dict into numpy arrays (detached, on CPU), e.g. for a Flower ArrayRecord."""
     return {name: tensor.detach().cpu().numpy().copy() for name, tensor in state.items()}
 
 
 def numpy_to_state_dict(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Copy numpy arrays back into a state dict of torch tensors (the inverse of :func:`state_dict_to_numpy`)."""
     return {name: torch.from_numpy(np.array(array, copy=True)) for name, array in arrays.items()}
 
 

@@ -38,6 +38,7 @@ class DatasetSplits:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """Shape of one training sample (without the batch dimension)."""
         return tuple(self.train_x.shape[1:])
 
 

@@ -1,6 +1,6 @@
 """Metrics: client FLOPs, per-round records and the run directory writer.
 
-``RunRecorder`` writes the run-directory contract of design.md ("Outputs"):
+``RunRecorder`` writes the run-directory contract of docs/architecture.md ("Outputs"):
 ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and PNG plots. It knows
 nothing of Flower, so centralized baselines write the same format.
 """
@@ -104,7 +104,7 @@ def metrics_row(
     client_epsilon: Sequence[float] | None = None,
     **fields: Any,
 ) -> dict:
-    """One ``metrics.jsonl`` row of a round or turn, in the fields of design.md ("Outputs").
+    """One ``metrics.jsonl`` row of a round or turn, in the fields of docs/architecture.md ("Outputs").
 
     Every protocol builds its rows here, so the common fields are always present
     and always named the same.
@@ -195,6 +195,7 @@ class RunRecorder:
         self._started = time.monotonic()
 
     def write_config(self, config_yaml: str) -> None:
+        """Write the resolved run config to ``config.yaml`` in the run directory."""
         (self.run_dir / "config.yaml").write_text(config_yaml)
 
     def log_round(self, row: dict) -> dict:
@@ -207,9 +208,11 @@ class RunRecorder:
 
     @property
     def last_round(self) -> int:
+        """The number of the last recorded round, 0 before the first."""
         return int(self.rows[-1]["round"]) if self.rows else 0
 
     def totals(self) -> dict[str, float]:
+        """Sums over all recorded rounds of the fields in ``SUMMED_FIELDS`` (bytes, FLOPs, wall time)."""
         return {field: float(sum(row.get(field) or 0 for row in self.rows)) for field in SUMMED_FIELDS}
 
     def write_summary(self, **fields: Any) -> dict:

@@ -20,6 +20,7 @@ class StagedModel(nn.Sequential):
 
     @property
     def stage_names(self) -> list[str]:
+        """Names of the stages in order, the places where a protocol may cut."""
         return list(self._modules.keys())
 
 
@@ -48,7 +49,7 @@ def cut_model(model: StagedModel, cut_after: Sequence[str]) -> list[StagedModel]
         raise ValueError(f"cannot cut after the last stage '{names[-1]}': the top would be empty")
     bounds = [0, *positions, len(names)]
     stages = list(model.named_children())
-    return [StagedModel(OrderedDict(stages[lo:hi])) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return [StagedModel(OrderedDict(stages[lo:hi])) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _conv_block(in_ch: int, out_ch: int, kernel: int = 5) -> nn.Sequential:

@@ -53,6 +53,7 @@ class DpSgdConfig:
             raise ValueError("privacy: max_grad_norm must be > 0 and delta in (0, 1)")
 
     def resolve_noise_multiplier(self, sample_rate: float) -> float:
+        """The DP-SGD noise multiplier: the configured one, or the one that reaches the target epsilon at ``sample_rate``."""
         if self.noise_multiplier is not None:
             return float(self.noise_multiplier)
         from opacus.accountants.utils import get_noise_multiplier
@@ -99,9 +100,11 @@ class PrivateTraining:
 
     @property
     def history(self) -> History:
+        """The accountant's history of (noise multiplier, sample rate, steps), to persist between rounds."""
         return [tuple(step) for step in self.engine.accountant.history]
 
     def epsilon(self) -> float:
+        """Epsilon spent so far at the configured delta."""
         return epsilon_of(self.history, self.config.delta)
 
 
@@ -115,10 +118,12 @@ def epsilon_of(history: History, delta: float) -> float:
 
 
 def history_to_json(history: History) -> str:
+    """Serialize an accountant history to JSON (for a ConfigRecord)."""
     return json.dumps([list(step) for step in history])
 
 
 def history_from_json(text: str | None) -> History:
+    """Parse a history written by :func:`history_to_json`; an empty or missing text is an empty history."""
     return [tuple(step) for step in json.loads(text)] if text else []
 
 

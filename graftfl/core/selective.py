@@ -111,6 +111,7 @@ class SparseVectorScales:
 
     @classmethod
     def of(cls, epsilon: float, gamma: float, count: int) -> SparseVectorScales:
+        """The noise scales for a sparse-vector upload of ``count`` values with budget ``epsilon`` and clip ``gamma``."""
         if epsilon <= 0 or gamma <= 0 or count <= 0:
             raise ValueError(f"sparse vector upload needs epsilon > 0, gamma > 0 and count > 0, got {epsilon}, {gamma}, {count}")
         epsilon_1, epsilon_2 = SELECTION_EPSILON_SHARE * epsilon, VALUE_EPSILON_SHARE * epsilon
@@ -286,13 +287,16 @@ class ParameterStatistics:
         self.last_updated = torch.zeros(num_params, dtype=torch.long)  # 0: never
 
     def record(self, indices: torch.Tensor, server_round: int) -> None:
+        """Count an update to the parameters at ``indices`` in ``server_round``."""
         self.update_count.index_add_(0, indices, torch.ones_like(indices))
         self.last_updated[indices] = int(server_round)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of the counters, to checkpoint."""
         return {"update_count": self.update_count.clone(), "last_updated": self.last_updated.clone()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore counters saved by :meth:`state_dict`."""
         self.update_count = state["update_count"].clone()
         self.last_updated = state["last_updated"].clone()
 

@@ -71,6 +71,7 @@ class ContentIndex:
         return digest.hexdigest()
 
     def save(self) -> None:
+        """Write the cache file if anything changed since it was loaded (atomically)."""
         if self.path and self.changed:
             _atomic_write(self.path, json.dumps(self.entries, separators=(",", ":")).encode())
             self.changed = False

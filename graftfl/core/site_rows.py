@@ -81,7 +81,7 @@ def held_out_mask(num_rows: int, splits: Sequence[str | None], patient_ids: Sequ
         mask = torch.tensor([split == "test" for split in splits], dtype=torch.bool)
         if patient_ids is not None:
             sides: dict[str, set] = {}
-            for patient, held in zip(patient_ids, mask.tolist()):
+            for patient, held in zip(patient_ids, mask.tolist(), strict=True):
                 sides.setdefault(patient, set()).add(held)
             mixed = [p for p, s in sides.items() if len(s) == 2]
             if mixed:

@@ -67,7 +67,7 @@ def validate_moments(moments: ChannelMoments, channels: int | None = None, sourc
     if width == 0 or len(moments.sum_sq) != width or (channels is not None and width != channels):
         raise MomentsError(f"{source}: expected {channels or 'the same number of'} channel values in sum and sum_sq, got {len(moments.sum)} and {len(moments.sum_sq)}")
     slack = 1e-9 * moments.count + 1e-9
-    for total, squares in zip(moments.sum, moments.sum_sq):
+    for total, squares in zip(moments.sum, moments.sum_sq, strict=True):
         if not (math.isfinite(total) and math.isfinite(squares)):
             raise MomentsError(f"{source}: moments must be finite, got sum={total}, sum_sq={squares}")
         if not (-slack <= total <= moments.count + slack and -slack <= squares <= moments.count + slack):

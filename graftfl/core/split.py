@@ -2,7 +2,8 @@
 
 Server stages (:class:`TopStage`, :class:`MiddleStage`; :class:`ServerStage`) turn the tensors of one
 incoming data-plane frame into the tensors of the reply; client roles
-(:class:`BottomClient`, :class:`UShapedClient`, :class:`SemisupClient`) run one
+(:class:`BottomClient`, :class:`UShapedClient`, :class:`SemisupClient`, in
+:mod:`graftfl.core.split_roles` and importable from here) run one
 batch given an ``exchange(kind, tensors) -> (tensors, meta)`` callable. The
 transport (gRPC) lives elsewhere; this module knows neither it nor Flower, so the
 same code runs over the data plane, in one process and in the equivalence tests.
@@ -18,7 +19,7 @@ the same as one optimizer over all parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -26,7 +27,8 @@ from torch.nn import functional as F
 
 from graftfl.core.models import StagedModel, cut_model
 
-Exchange = Callable[[str, dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict]]
+# The client roles live in split_roles.py; importable from here as before.
+from graftfl.core.split_roles import BottomClient, Exchange, SemisupClient, UShapedClient, hidden_label_mask, score_logits  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class TopStage(ServerStage):
         self.act_shape, self.num_classes = tuple(act_shape), int(num_classes)
 
     def input_specs(self, kind: str, state: dict) -> dict[str, TensorSpec] | None:
+        """The tensors a frame of ``kind`` must carry, or None when ``kind`` is not accepted."""
         if kind == "train":
             return {"activations": TensorSpec(self.act_shape), "labels": TensorSpec((), floating=False, num_classes=self.num_classes)}
         if kind == "eval_forward":
@@ -171,6 +174,7 @@ class TopStage(ServerStage):
         return None
 
     def handle(self, kind: str, tensors: dict[str, torch.Tensor], state: dict) -> tuple[str, dict[str, torch.Tensor], dict]:
+        """Answer one frame: a training step (returns the activations' gradient) or an evaluation forward pass (returns logits)."""
         self.complete_step()
         activations = tensors["activations"].to(self.device)
         if kind == "eval_forward":
@@ -203,6 +207,7 @@ class MiddleStage(ServerStage):
         self.act_shape, self.out_shape = tuple(act_shape), tuple(out_shape)
 
     def input_specs(self, kind: str, state: dict) -> dict[str, TensorSpec] | None:
+        """The tensors a frame of ``kind`` must carry, or None when ``kind`` is not accepted in this state."""
         if kind in ("forward", "eval_forward"):
             return {"activations": TensorSpec(self.act_shape)}
         if kind == "backward" and "pending" in state:
@@ -210,6 +215,7 @@ class MiddleStage(ServerStage):
         return None
 
     def handle(self, kind: str, tensors: dict[str, torch.Tensor], state: dict) -> tuple[str, dict[str, torch.Tensor], dict]:
+        """Answer one frame: forward the middle (keeping the graph for the backward frame), backward, or evaluate."""
         self.complete_step()
         if kind == "eval_forward":
             self.middle.eval()
@@ -224,129 +230,6 @@ class MiddleStage(ServerStage):
         activations, outputs = state.pop("pending")
         gradient = self._pending.start(outputs, activations, self.middle, tensors["gradient"].to(self.device))
         return "gradient", {"gradient": gradient.cpu()}, {}
-
-
-# ------------------------------------------------------------- client roles ---
-
-
-def score_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Aggregate evaluation counts of one batch: ``loss_sum``, ``correct``, ``count``."""
-    return {"loss_sum": float(F.cross_entropy(logits.float(), labels, reduction="sum")), "correct": int((logits.argmax(1) == labels).sum()), "count": len(labels)}
-
-
-class BottomClient:
-    """Client side of ``split``: holds the bottom, sends activations and labels.
-
-    Parameters
-    ----------
-    bottom : nn.Module
-        The client's layers up to the cut.
-    optimizer : torch.optim.Optimizer, optional
-        Over the parameters of :meth:`modules` (its state travels with the
-        weights); may be set after construction.
-    """
-
-    def __init__(self, bottom: nn.Module, optimizer: torch.optim.Optimizer | None = None, device: torch.device | str = "cpu"):
-        self.bottom, self.optimizer, self.device = bottom.to(device), optimizer, torch.device(device)
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"bottom": self.bottom}
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> float:
-        self.bottom.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        activations = self.bottom(x.to(self.device))
-        reply, meta = exchange("train", {"activations": activations.detach().cpu(), "labels": y})
-        activations.backward(reply["gradient"].to(self.device, activations.dtype))
-        self.optimizer.step()
-        return float(meta.get("loss", float("nan")))
-
-    @torch.no_grad()
-    def eval_batch(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> dict:
-        """Score one batch: activations go up, logits come back, labels and the counts stay here."""
-        self.bottom.eval()
-        reply, _ = exchange("eval_forward", {"activations": self.bottom(x.to(self.device)).cpu()})
-        return score_logits(reply["logits"].to(self.device), y.to(self.device))
-
-
-class UShapedClient:
-    """Client side of ``ushaped``: bottom and head (+ loss); labels never leave.
-
-    One training batch is two exchanges: ``forward`` (bottom activations ->
-    middle outputs) and ``backward`` (gradient of the middle outputs -> gradient
-    of the bottom activations).
-    """
-
-    def __init__(self, bottom: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer | None = None, device: torch.device | str = "cpu"):
-        self.bottom, self.head, self.optimizer, self.device = bottom.to(device), head.to(device), optimizer, torch.device(device)
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"bottom": self.bottom, "head": self.head}
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> float:
-        self.bottom.train()
-        self.head.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        activations = self.bottom(x.to(self.device))
-        reply, _ = exchange("forward", {"activations": activations.detach().cpu()})
-        middle_out = reply["outputs"].to(self.device).requires_grad_(True)
-        loss = F.cross_entropy(self.head(middle_out), y.to(self.device))
-        loss.backward()
-        reply, _ = exchange("backward", {"gradient": middle_out.grad.detach().cpu()})
-        activations.backward(reply["gradient"].to(self.device, activations.dtype))
-        self.optimizer.step()
-        return float(loss.detach())
-
-    @torch.no_grad()
-    def eval_batch(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> dict:
-        self.bottom.eval()
-        self.head.eval()
-        reply, _ = exchange("eval_forward", {"activations": self.bottom(x.to(self.device)).cpu()})
-        return score_logits(self.head(reply["outputs"].to(self.device)), y.to(self.device))
-
-
-class SemisupClient(BottomClient):
-    """Client side of ``semisup`` (Alg. 3): bottom + decoder.
-
-    The bottom's gradient is the server's gradient (labeled rows only) plus
-    ``alpha`` times the gradient of the reconstruction loss (all rows). Labels
-    of unlabeled rows are never sent; a batch without labeled rows makes no
-    exchange at all.
-    """
-
-    def __init__(self, bottom: nn.Module, decoder: nn.Module, optimizer: torch.optim.Optimizer | None = None, alpha: float = 1.0, device: torch.device | str = "cpu"):
-        super().__init__(bottom, optimizer, device)
-        self.decoder, self.alpha = decoder.to(device), float(alpha)
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"bottom": self.bottom, "decoder": self.decoder}
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange, labeled: torch.Tensor | None = None) -> float:
-        labeled = torch.ones(len(y), dtype=torch.bool) if labeled is None else labeled.bool()
-        self.bottom.train()
-        self.decoder.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        x = x.to(self.device)
-        activations = self.bottom(x)
-        reconstruction_loss = F.mse_loss(self.decoder(activations), x)
-        surrogate = self.alpha * reconstruction_loss
-        loss = float("nan")
-        if labeled.any():
-            reply, meta = exchange("train", {"activations": activations[labeled].detach().cpu(), "labels": y[labeled]})
-            # sum(a * g) has gradient g with respect to a: the server's gradient on labeled rows.
-            surrogate = surrogate + (activations[labeled] * reply["gradient"].to(self.device, activations.dtype)).sum()
-            loss = float(meta.get("loss", loss))
-        surrogate.backward()
-        self.optimizer.step()
-        return loss
-
-
-def hidden_label_mask(num_samples: int, unlabeled_fraction: float, seed: int) -> torch.Tensor:
-    """Boolean mask of the samples whose labels are hidden (semi-supervised setting)."""
-    hidden = torch.zeros(num_samples, dtype=torch.bool)
-    count = int(round(num_samples * float(unlabeled_fraction)))
-    hidden[torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))[:count]] = True
-    return hidden
 
 
 def model_parts(model: StagedModel, cut_stage: str | None, head_stages: int | None = None) -> list[StagedModel]:

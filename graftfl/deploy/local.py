@@ -74,6 +74,7 @@ def free_loopback_ports(count: int) -> list[int]:
 
 
 def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True
@@ -124,6 +125,7 @@ class LocalDeployment:
 
     # -- processes ---------------------------------------------------------------------
     def env(self, flwr_home: Path | None = None, supernode: bool = False) -> dict[str, str]:
+        """The environment of a Flower process of this deployment (a SuperNode also gets the site's secrets)."""
         env = dict(os.environ)
         env.pop(SPLIT_KEY_ENV, None)
         if supernode:
@@ -177,6 +179,7 @@ class LocalDeployment:
         print(f"[deploy-local +{time.monotonic() - self.started_at:.1f}s] {text}", file=sys.stderr, flush=True)
 
     def tls_args(self, client: bool) -> list[str]:
+        """The TLS arguments of a Flower command: the client's root certificate or the server's certificate and key."""
         if not self.tls_files:
             return ["--insecure"]
         if client:
@@ -185,6 +188,7 @@ class LocalDeployment:
                 "--ssl-keyfile", str(self.tls_files.server_key)]
 
     def start_superlink(self) -> ManagedProcess:
+        """Start the SuperLink on a free loopback port (with fresh TLS files when asked); returns its process."""
         if self.tls:
             self.tls_files = generate_tls_files(self.workdir / "tls")
         (self.port,) = free_loopback_ports(1)
@@ -210,6 +214,7 @@ class LocalDeployment:
         return private_keys
 
     def start_supernodes(self, private_keys: list[Path] | None = None) -> list[ManagedProcess]:
+        """Start one SuperNode per site, each with its partition in node-config; returns their processes."""
         ports = free_loopback_ports(self.num_nodes)
         nodes = []
         for index, port in enumerate(ports):

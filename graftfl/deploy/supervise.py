@@ -47,6 +47,7 @@ class ManagedProcess:
 
     @property
     def alive(self) -> bool:
+        """Whether the process is still running."""
         return self.popen.poll() is None
 
     def signal_group(self, signum: int) -> None:

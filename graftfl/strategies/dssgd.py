@@ -89,6 +89,7 @@ class SelectiveServer:
 
     @property
     def num_params(self) -> int:
+        """Length of the flat global parameter vector."""
         return self.params.numel()
 
     def participants(self, nodes: list[int], server_round: int) -> list[int]:
@@ -103,6 +104,7 @@ class SelectiveServer:
         return [nodes[int(i)] for i in sorted(picked)]
 
     def download_message(self, node: int, server_round: int) -> Message:
+        """The ``train.dssgd`` message for ``node``: the global parameters it downloads this round (all, or a chosen fraction)."""
         generator = torch.Generator().manual_seed(int(self.cfg.seed) * 7919 + server_round * 131 + node % 100_003)
         indices = choose_download(self.cfg.protocol.download, float(self.cfg.protocol.theta_download), self.params, self.stats, generator)
         values = self.params if indices is None else self.params[indices]
@@ -130,6 +132,7 @@ class SelectiveServer:
         return reason
 
     def global_model(self) -> torch.nn.Module:
+        """The global model with the current flat parameters loaded into it."""
         assign_flat_parameters(self.model, self.params)
         return self.model
 
@@ -168,6 +171,7 @@ def exchange(grid: Grid, server: SelectiveServer, nodes: list[int], server_round
 
 
 def merge(outcomes: list[dict]) -> dict:
+    """Combine the outcomes of several batches of replies into one (bytes summed, client lists joined)."""
     merged = {"bytes_down": 0, "clients": [], "rejected": [], "failed": []}
     for outcome in outcomes:
         merged["bytes_down"] += outcome["bytes_down"]
@@ -177,6 +181,7 @@ def merge(outcomes: list[dict]) -> dict:
 
 
 def summarise(values: list[float], prefix: str) -> dict:
+    """Mean, min and max of ``values`` under ``<prefix>_mean`` etc.; empty when there are none."""
     if not values:
         return {}
     return {f"{prefix}_mean": float(np.mean(values)), f"{prefix}_min": float(np.min(values)), f"{prefix}_max": float(np.max(values))}
@@ -204,6 +209,7 @@ class ParticipantLedger:
         self.uploads: dict[int, list[float]] = {}
 
     def update(self, clients: list[dict]) -> None:
+        """Take the latest metrics of each replying client and count the privacy budget of its released uploads."""
         for client in clients:
             partition = int(client["partition-id"])
             for field in ("local_accuracy", "local_loss", "epsilon"):
@@ -214,6 +220,7 @@ class ParticipantLedger:
                 self.latest["upload_epsilon_spent"][partition] = compose_laplace_epsilon(self.uploads[partition])
 
     def values(self, field: str) -> list[float]:
+        """The latest value of ``field`` for every client that reported it, in partition order."""
         return [value for _, value in sorted(self.latest[field].items())]
 
 

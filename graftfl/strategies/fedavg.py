@@ -48,6 +48,7 @@ class FedAvgWithMetrics(FedAvg):
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Flower's evaluation messages, sent as ``evaluate.fedavg``."""
         return self._routed(super().configure_evaluate(server_round, arrays, config, grid))
 
     @staticmethod
@@ -59,6 +60,10 @@ class FedAvgWithMetrics(FedAvg):
         ]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """Record failures, per-client metrics, uplink bytes and privacy histories, then let Flower average.
+
+        A round in which no client finished training raises, so that the run stops and says why.
+        """
         replies = list(replies)
         self.client_errors = [f"node {reply.metadata.src_node_id}: {reply.error.reason}" for reply in replies if reply.has_error()]
         missing = self.sent - len(replies)

@@ -16,6 +16,7 @@ PROTOCOL = "semisup"
 
 
 def validate_config(cfg) -> None:
+    """Check the ``semisup`` keys on top of the ``split`` ones; a clear ``ValueError`` names the bad key."""
     validate_split_config(cfg)
     if not 0.0 <= float(cfg.protocol.unlabeled_fraction) < 1.0:
         raise ValueError(f"protocol.unlabeled_fraction must be in [0, 1), got {cfg.protocol.unlabeled_fraction}")
@@ -24,6 +25,7 @@ def validate_config(cfg) -> None:
 
 
 def run(grid: Grid, run: ServerRun) -> dict:
+    """Run the semi-supervised split protocol: the ``split`` server part over the data plane; returns the summary."""
     stage, top = top_stage(run)  # the same server part as split
     summary = SplitRunner(grid, run, PROTOCOL, stage, top).run_rounds()
     return {**summary, "unlabeled_fraction": float(run.cfg.protocol.unlabeled_fraction), "alpha": float(run.cfg.protocol.alpha)}

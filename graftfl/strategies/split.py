@@ -17,10 +17,12 @@ PROTOCOL = "split"
 
 
 def validate_config(cfg) -> None:
+    """Check the protocol config of ``split``; a clear ``ValueError`` names the bad key."""
     validate_split_config(cfg)
 
 
 def run(grid: Grid, run: ServerRun) -> dict:
+    """Run split learning: the top of the model on the server, turns over the data plane; returns the summary."""
     stage, top = top_stage(run)
     return SplitRunner(grid, run, PROTOCOL, stage, top).run_rounds()
 

@@ -26,20 +26,20 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 
 from graftfl.core.codec import FLOAT_WIRE_DTYPES
-from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY
+from graftfl.core.handoff import RELAY_KEY
 from graftfl.core.meter import metrics_row
 from graftfl.core.models import model_from_config
 from graftfl.core.split import MiddleStage, TopStage, activation_shape, cut_points, model_parts, split_at_cut
 from graftfl.core.train import optimizer_from_config
 from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, SERVER_ROUND, max_frame_bytes
-from graftfl.strategies.utils import ServerRun, arrays_nbytes, message_nbytes, require_choice, wait_for_nodes
+from graftfl.strategies.split_handoff import HandoffState
+from graftfl.strategies.utils import ServerRun, message_nbytes, require_choice, wait_for_nodes
 from graftfl.transport.server import DataPlaneServer
 
 
@@ -141,54 +141,6 @@ def middle_stage(run: ServerRun) -> tuple[MiddleStage, torch.nn.Module]:
     return MiddleStage(middle, optimizer, act_shape, out_shape, run.device), middle
 
 
-@dataclass
-class HandoffState:
-    """What the server keeps between turns: ciphertext (relay) or averaged arrays (average)."""
-
-    mode: str
-    ciphertext: bytes | None = None
-    average: ArrayRecord | None = None
-    round_weights: list[tuple[int, ArrayRecord]] = field(default_factory=list)
-
-    def outgoing(self) -> tuple[RecordDict, int]:
-        """Records to add to a turn message and their payload bytes."""
-        records, nbytes = {}, 0
-        if self.mode == "relay" and self.ciphertext is not None:
-            records["handoff"] = ConfigRecord({RELAY_KEY: self.ciphertext})
-            nbytes = len(self.ciphertext)
-        if self.mode == "average" and self.average is not None:
-            records[AVERAGE_KEY] = self.average
-            nbytes = arrays_nbytes(self.average)
-        return records, nbytes
-
-    def accept(self, reply: Message, samples: int) -> int:
-        """Take what a finished turn handed back; returns its payload bytes."""
-        if self.mode == "relay":
-            self.ciphertext = bytes(reply.content["handoff"][RELAY_KEY])
-            return len(self.ciphertext)
-        if self.mode == "average":
-            arrays = reply.content[AVERAGE_KEY]
-            self.round_weights.append((samples, arrays))
-            return arrays_nbytes(arrays)
-        return 0
-
-    def end_round(self) -> None:
-        """SplitFed-style: the clients' parts averaged, weighted by samples trained."""
-        if self.mode != "average" or not self.round_weights:
-            return
-        total = sum(samples for samples, _ in self.round_weights) or 1
-        keys = list(self.round_weights[0][1].keys())
-        averaged = {}
-        for key in keys:
-            arrays = [arrays[key].numpy() for _, arrays in self.round_weights]
-            if np.issubdtype(arrays[0].dtype, np.floating):
-                averaged[key] = sum(a.astype(np.float64) * (samples / total) for (samples, _), a in zip(self.round_weights, arrays)).astype(arrays[0].dtype)
-            else:  # counters such as batch norm's num_batches_tracked
-                averaged[key] = arrays[-1]
-        self.average = ArrayRecord({key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in averaged.items()})
-        self.round_weights = []
-
-
 def send_one(grid, message: Message, timeout_s: float) -> tuple[Message | None, str | None]:
     """Send one message and wait for its reply: ``(reply, None)`` or ``(None, reason)``."""
     replies = list(grid.send_and_receive([message], timeout=timeout_s))
@@ -201,6 +153,7 @@ def send_one(grid, message: Message, timeout_s: float) -> tuple[Message | None, 
 
 
 def turn_order(nodes: list[int], mode: str, seed: int, round_number: int) -> list[int]:
+    """The order in which ``nodes`` take their turns in ``round_number``: as given, or shuffled reproducibly."""
     if mode == "random":
         order = list(nodes)
         random.Random(seed * 7919 + round_number).shuffle(order)
@@ -240,6 +193,7 @@ class SplitRunner:
 
 
     def run_rounds(self) -> dict:
+        """Start the data plane, run every round's turns and evaluations, and stop it; returns the run summary."""
         cfg = self.cfg
         nodes = wait_for_nodes(self.grid, cfg.num_clients, cfg.timeout_s)
         self.plane = start_data_plane(cfg, self.stage)
@@ -260,6 +214,7 @@ class SplitRunner:
 
     # ------------------------------------------------------------------ turns
     def message(self, node: int, category: str, turn, round_number: int, **fields) -> tuple[Message, int]:
+        """The message of a ``category`` turn to ``node`` (data-plane address and token, handoff records); returns it and its size."""
         records, _ = self.handoff.outgoing()
         config = self.run.config_record(**{
             SERVER_ROUND: round_number,
@@ -272,6 +227,7 @@ class SplitRunner:
         return message, message_nbytes(message)  # the whole message (config, hand-off), not the payload alone
 
     def client_turn(self, node: int, round_number: int, index: int) -> dict | None:
+        """Run one client's training turn; returns its metrics row, or None when the turn failed (the round goes on)."""
         turn = self.plane.open_turn(label=f"round {round_number} node {node}", accept=frame_kinds(self.stage, "train"),
                                     max_batches=train_batch_cap(self.cfg, self.run))
         steps_before = self.stage.steps
@@ -331,6 +287,7 @@ class SplitRunner:
 
     def evaluate_on(self, node: int, round_number: int) -> dict | None:
         # at most one frame per test sample: an evaluation turn cannot stream more than the test set
+        """Run an evaluation turn on ``node`` (its own held-out data); returns its scores, or None when it failed."""
         turn = self.plane.open_turn(label=f"evaluate round {round_number} node {node}", accept=frame_kinds(self.stage, "evaluate"),
                                     max_batches=max(1, len(self.run.test_set()[1])))
         message, bytes_down = self.message(node, "evaluate", turn, round_number)
@@ -360,6 +317,7 @@ class SplitRunner:
 
     # ---------------------------------------------------------------- metrics
     def log_round(self, round_number: int, rows: list[dict], evaluation: dict) -> None:
+        """Record the metrics row of ``round_number`` from the turns' rows and the evaluation."""
         rows = sorted(rows, key=lambda r: r["partition-id"])
         failed = [f for f in self.failed_turns if f["round"] == round_number]
         row = metrics_row(

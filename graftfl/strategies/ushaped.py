@@ -17,12 +17,14 @@ PROTOCOL = "ushaped"
 
 
 def validate_config(cfg) -> None:
+    """Check the ``ushaped`` keys on top of the ``split`` ones; a clear ``ValueError`` names the bad key."""
     validate_split_config(cfg)
     if int(cfg.protocol.head_stages) < 1:
         raise ValueError("protocol.head_stages must be >= 1 (the client keeps at least the last stage and the loss)")
 
 
 def run(grid: Grid, run: ServerRun) -> dict:
+    """Run U-shaped split learning: the middle of the model on the server, head and labels at the sites."""
     stage, middle = middle_stage(run)
     return SplitRunner(grid, run, PROTOCOL, stage, middle).run_rounds()
 

@@ -53,6 +53,7 @@ class ServerRun:
 
     @property
     def data(self) -> DatasetSplits:
+        """The dataset of the run, loaded on first use."""
         if self._data is None:
             self._data = dataset_from_config(self.cfg.dataset)
         return self._data
@@ -63,6 +64,7 @@ class ServerRun:
         return int(self.resume_state["round"]) + 1 if self.resume_state else 1
 
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The server's test set, subsampled reproducibly to ``dataset.test_size`` when set."""
         x, y = self.data.test_x, self.data.test_y
         size = self.cfg.dataset.get("test_size")
         if size:
@@ -79,6 +81,7 @@ class ServerRun:
         return model
 
     def evaluate(self, model: torch.nn.Module) -> dict:
+        """Accuracy and loss of ``model`` on the server's test set."""
         x, y = self.test_set()
         return evaluate(model, x, y, device=self.device, batch_size=self.cfg.eval.batch_size, num_classes=self.data.num_classes)
 
@@ -93,6 +96,7 @@ class ServerRun:
         return elapsed
 
     def checkpoint(self, round_number: int, model: torch.nn.Module, extra: dict | None = None) -> None:
+        """Save a checkpoint of ``model`` after ``round_number`` (``extra`` goes with it, e.g. to resume)."""
         save_checkpoint(self.run_dir, round_number, model.state_dict(), extra)
 
 

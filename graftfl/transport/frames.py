@@ -8,7 +8,7 @@ The header is ``{"token", "kind", "meta", "tensors": [{"name", "shape", "dtype"}
 Payloads are the raw bytes of :func:`graftfl.core.codec.tensor_to_bytes`, so the
 wire dtype (``float32|float16|bfloat16`` for activations and gradients,
 ``int64`` for labels) travels with each tensor. No protoc is needed: gRPC moves
-the frame as opaque bytes and :func:`encode_frame` / :func:`parse_frame` are the
+the frame as opaque bytes and :func:`encode_frame` / :func:`decode_frame` are the
 (de)serializers.
 """
 

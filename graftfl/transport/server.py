@@ -153,12 +153,14 @@ class DataPlaneServer:
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> "DataPlaneServer":
+        """Start serving the data plane and its idle-stream guard; returns ``self``."""
         self._server.start()
         self.guard.start()
         log.info("data plane listening on %s (advertised %s, tls=%s)", self.port, self.address, self.tls)
         return self
 
     def stop(self, grace: float | None = 1.0) -> None:
+        """Stop the guard and the gRPC server, letting streams finish for ``grace`` seconds."""
         self.guard.stop()
         self._server.stop(grace).wait()
 

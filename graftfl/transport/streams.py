@@ -54,9 +54,11 @@ class StreamGuard:
         self._watchdog = threading.Thread(target=self._watch_idle, name="graftfl-data-plane-idle", daemon=True)
 
     def start(self) -> None:
+        """Start the watchdog thread that cancels idle streams."""
         self._watchdog.start()
 
     def stop(self) -> None:
+        """Ask the watchdog thread to stop."""
         self._stopping.set()
 
     def admit(self, context) -> GuardedStream:
@@ -74,6 +76,7 @@ class StreamGuard:
         return stream
 
     def release(self, stream: GuardedStream) -> None:
+        """Forget ``stream`` (it has ended)."""
         with self._lock:
             if stream in self._streams:
                 self._streams.remove(stream)

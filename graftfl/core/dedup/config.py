@@ -74,7 +74,9 @@ class DedupConfig:
         return cls(**dict(values))
 
     def key_spec(self) -> KeySpec:
+        """The key columns and text normalisation as a :class:`KeySpec`."""
         return KeySpec(columns=self.key, nfkc=self.nfkc, collapse_whitespace=self.collapse_whitespace)
 
     def band_scheme(self) -> BandScheme:
+        """The perceptual-hash banding as a :class:`BandScheme`."""
         return BandScheme(bands=self.image_bands, max_distance=self.image_max_distance)

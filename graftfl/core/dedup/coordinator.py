@@ -24,7 +24,11 @@ Message = dict[str, Any]
 
 
 class SiteEndpoint(Protocol):
-    def handle(self, message: Mapping[str, Any]) -> Message: ...
+    """What the coordinator talks to: one site's dedup party (in tests, the site object itself)."""
+
+    def handle(self, message: Mapping[str, Any]) -> Message:
+        """Answer one coordinator message with the site's reply."""
+        ...
 
 
 class DedupCoordinator:
@@ -221,6 +225,7 @@ class Transcript:
         self.bytes_down = 0
 
     def relay(self, step: str, direction: str, rank: int, message: Message) -> Message:
+        """Record ``message`` on its way through the server and count its bytes; returns it unchanged."""
         self.entries.append((step, direction, rank, dict(message)))
         if direction == "down":
             self.bytes_down += message_bytes(message)

@@ -132,6 +132,7 @@ class SaltedKeys:
 
     @classmethod
     def from_salt(cls, salt: str | bytes) -> SaltedKeys:
+        """Derive the element and MAC keys from the sites' shared ``salt`` (HMAC-SHA256, domain separated)."""
         root = check_salt(salt)
         derive = lambda label: hmac.new(root, b"graftfl-dedup-v1/" + label, hashlib.sha256).digest()
         return cls(element_key=derive(b"element"), mac_key=derive(b"mac"))

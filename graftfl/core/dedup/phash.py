@@ -83,10 +83,12 @@ class BandScheme:
 
     @property
     def elements_per_image(self) -> int:
+        """How many PSI elements one image contributes (one per choice of ``max_distance`` bands)."""
         return comb(self.bands, self.max_distance)
 
     @property
     def domain(self) -> str:
+        """A label of the scheme mixed into every element, so elements of different schemes never match."""
         return f"phash64;bands={self.bands};d={self.max_distance}"
 
     def band_values(self, phash: int) -> list[int]:

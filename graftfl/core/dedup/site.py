@@ -305,7 +305,7 @@ def _as_row(value: Any, columns: tuple[str, ...], index: int) -> Mapping[str, An
     parts = tuple(value) if isinstance(value, (tuple, list)) else (value,)
     if len(parts) != len(columns):
         raise ValueError(f"record {index}: key {value!r} has {len(parts)} parts; dedup key {list(columns)} needs {len(columns)}")
-    return dict(zip(columns, parts))
+    return dict(zip(columns, parts, strict=True))
 
 
 def _peers(message: Mapping[str, Any], prefix: str) -> list[int]:

@@ -41,14 +41,17 @@ class ServedClassifier:
 
     @property
     def version(self) -> int:
+        """Version of the served model (0 before the first training)."""
         return self._current[1]
 
     @property
     def model(self) -> torch.nn.Module | None:
+        """The served model, or None before the first training."""
         return self._current[0]
 
     @property
     def ready(self) -> bool:
+        """Whether a model is being served."""
         return self._current[0] is not None
 
     def swap(self, model: torch.nn.Module) -> int:
@@ -60,6 +63,7 @@ class ServedClassifier:
 
     @torch.no_grad()
     def predict(self, latents: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Predicted class of every row of ``latents``, all by the same model version."""
         model, _ = self._current  # one read: the whole batch uses one model
         if model is None:
             raise RuntimeError("no classifier has been trained yet")
@@ -97,6 +101,7 @@ class OnlineTrainer(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        """Retrain whenever enough new records arrived, until stopped; an error is kept for :meth:`finish`."""
         try:
             while not self._stop_event.wait(self.poll_s):
                 if self.store.count() - self.trained_on >= self.retrain_every:
@@ -105,6 +110,7 @@ class OnlineTrainer(threading.Thread):
             self.error = err
 
     def retrain(self) -> dict:
+        """Train a classifier on everything in the store and serve it; returns the metrics row of the retrain."""
         started = time.monotonic()
         x, y = self.store.load()
         model, metrics = train_classifier(torch.from_numpy(x), torch.from_numpy(y), self.num_classes, **self.train_kwargs)
@@ -116,6 +122,7 @@ class OnlineTrainer(threading.Thread):
         return row
 
     def drain_rows(self) -> list[dict]:
+        """The metrics rows of the retrains since the last call (each row is returned once)."""
         with self._rows_lock:
             rows, self.rows = self.rows, []
         return rows

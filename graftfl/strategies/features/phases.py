@@ -82,6 +82,7 @@ class FeatureRun:
     # ------------------------------------------------------------ plumbing ---
 
     def message(self, node: int, message_type: str, records: dict | None = None, **config) -> Message:
+        """A message of ``message_type`` to ``node`` carrying the run config, the node's acknowledged uploads and ``config``."""
         config_record = self.run.config_record(run_dir=self.run_dir, client_id=client_id_of(node), acknowledged=json.dumps(self.acknowledged[node]), **config)
         return Message(RecordDict({"config": config_record, **(records or {})}), dst_node_id=node, message_type=message_type)
 
@@ -108,6 +109,7 @@ class FeatureRun:
         return {"rejected_chunks": uploads, "rejected_service_replies": len(self.rejections) - uploads, "rejections": list(self.rejections)}
 
     def log(self, **row) -> dict:
+        """Record one metrics row for the next round number; returns the row written."""
         self.round += 1
         wall_s = self.run.round_seconds()
         base = metrics_row(self.round, accuracy=None, loss=None, bytes_up=0, bytes_down=0, client_flops=0, wall_s=wall_s)
@@ -128,6 +130,7 @@ class FeatureRun:
         return self.public_autoencoder()
 
     def log_autoencoder_round(self, replies: list[Message], bytes_down: int, bytes_up: int = 0) -> None:
+        """Record the metrics row of one autoencoder round from the sites' replies."""
         metrics = sorted((dict(reply.content["metrics"]) for reply in replies), key=lambda m: m["partition-id"])
         losses = [m["ae_loss"] for m in metrics]
         self.log(
@@ -142,6 +145,7 @@ class FeatureRun:
         )
 
     def federated_autoencoder(self) -> ArrayRecord:
+        """Train the autoencoder with FedAvg over the sites; returns the final weights."""
         torch.manual_seed(self.cfg.seed)  # before the model is built: ``seed`` sets the initial weights
         model = conv_ae(self.run.data.input_shape, latent_dim=int(self.protocol.latent_dim), channels=int(self.protocol.conv_channels))
         arrays = ArrayRecord(model.state_dict())
@@ -202,6 +206,7 @@ class FeatureRun:
         return self.store.count()
 
     def upload_message(self, node: int, chunk: int, autoencoder: ArrayRecord | None) -> Message:
+        """The upload request for ``chunk`` of ``node`` (the first chunk also carries the autoencoder weights)."""
         records = {"arrays": autoencoder} if chunk == 0 and autoencoder is not None else None
         return self.message(node, MESSAGE_TYPE, records, phase="upload", chunk=chunk, chunk_size=int(self.protocol.chunk_size), upload_id=upload_id_of(chunk))
 
@@ -253,6 +258,7 @@ class FeatureRun:
     # ---------------------------------------------------------- classifier ---
 
     def classifier_kwargs(self) -> dict:
+        """The classifier training settings from ``protocol.classifier`` as keyword arguments."""
         settings = self.protocol.classifier
         return {
             "epochs": int(settings.epochs),
@@ -264,10 +270,12 @@ class FeatureRun:
         }
 
     def log_retrains(self, trainer: OnlineTrainer | None) -> None:
+        """Record a metrics row for each retrain the online trainer did since the last call."""
         for row in trainer.drain_rows() if trainer else []:
             self.log(phase="classifier", classifier_mode="online", **row)
 
     def train_offline(self) -> None:
+        """Train the classifier once on the whole store (offline mode), serve it and record its metrics row."""
         started = time.monotonic()
         x, y = self.store.load()
         if not len(y):
@@ -277,6 +285,7 @@ class FeatureRun:
         self.log(phase="classifier", classifier_mode="offline", records=len(y), classifier_version=version, retrain_s=time.monotonic() - started, **metrics)
 
     def save_classifier(self) -> Path:
+        """Save the served classifier into the run directory; returns the file."""
         model, version = self.served.model, self.served.version
         settings = self.protocol.classifier
         return save_classifier(self.run.run_dir / CLASSIFIER_FILE, model, int(self.protocol.latent_dim), self.run.data.num_classes, list(settings.hidden), version)

@@ -54,6 +54,7 @@ CREATE INDEX IF NOT EXISTS features_mode ON features (mode, id);
 
 
 def utc_now() -> str:
+    """The current UTC time in ISO 8601 with microseconds (the store's timestamps)."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
 
 
@@ -189,6 +190,7 @@ class FeatureStore:
         self._conn.executescript(SCHEMA)
 
     def close(self) -> None:
+        """Close the database connection."""
         with self._lock:
             self._conn.close()
 
@@ -234,13 +236,14 @@ class FeatureStore:
         dim = int(chunk.vectors.shape[1])
         rows = [
             (chunk.client_id, chunk.upload_id, chunk.first_row + i, int(label), vector.tobytes(), dim, chunk.mode, stamp, chunk.message_id)
-            for i, (label, vector) in enumerate(zip(chunk.labels, chunk.vectors))
+            for i, (label, vector) in enumerate(zip(chunk.labels, chunk.vectors, strict=True))
         ]
         return self._insert(rows)
 
     # ------------------------------------------------------------ reading ---
 
     def count(self, mode: str | None = "learning") -> int:
+        """Number of stored rows of ``mode`` (all modes when None)."""
         with self._lock:
             if mode is None:
                 return int(self._conn.execute("SELECT COUNT(*) FROM features").fetchone()[0])
@@ -273,6 +276,7 @@ class FeatureStore:
         return vectors.copy(), labels
 
     def keys(self) -> list[tuple[str, str, int]]:
+        """The (client id, upload id, row index) of every stored row, in insertion order."""
         with self._lock:
             return [tuple(r) for r in self._conn.execute("SELECT client_id, upload_id, row_index FROM features ORDER BY id")]
 

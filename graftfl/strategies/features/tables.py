@@ -16,7 +16,7 @@ def service_tables(site_metrics: list[dict], num_classes: int) -> dict:
 
     correct, count = pooled("correct_by_class"), pooled("count_by_class")
     error_sum, error_count = pooled("error_sum_by_class"), pooled("error_count_by_class")
-    ratio = lambda a, b: [float(x / y) if y else None for x, y in zip(a, b)]  # noqa: E731
+    ratio = lambda a, b: [float(x / y) if y else None for x, y in zip(a, b, strict=True)]  # noqa: E731
     return {
         "accuracy": float(correct.sum() / count.sum()) if count.sum() else None,
         "per_class_accuracy": ratio(correct, count),
@@ -35,7 +35,7 @@ def write_tables(run_dir: Path, tables: dict, cfg) -> None:
     table1 += [f"| {c} | {fmt(v, '.4f')} |" for c, v in enumerate(tables["per_class_reconstruction_error"])]
     table1.append(f"| **overall** | **{fmt(tables['reconstruction_error'], '.4f')}** |")
     table2 = ["# Table II: classification accuracy per class (service mode)", "", header, "", "| class | test images | accuracy |", "|---|---|---|"]
-    table2 += [f"| {c} | {n} | {fmt(v, '.2%')} |" for c, (n, v) in enumerate(zip(tables["per_class_test_samples"], tables["per_class_accuracy"]))]
+    table2 += [f"| {c} | {n} | {fmt(v, '.2%')} |" for c, (n, v) in enumerate(zip(tables["per_class_test_samples"], tables["per_class_accuracy"], strict=True))]
     table2.append(f"| **total** | **{tables['test_samples']}** | **{fmt(tables['accuracy'], '.2%')}** |")
     (run_dir / "table_reconstruction.md").write_text("\n".join(table1) + "\n")
     (run_dir / "table_accuracy.md").write_text("\n".join(table2) + "\n")
