@@ -24,7 +24,7 @@ protocol upload into both.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

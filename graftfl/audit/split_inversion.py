@@ -24,7 +24,7 @@ inputs; :mod:`graftfl.audit.metrics` scores them. Nothing here imports Flower.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
