@@ -113,6 +113,12 @@ def test_distance_correlation_sees_dependence_and_not_independence(digits, split
     shuffled = metrics.distance_correlation(targets, activations[torch.randperm(len(activations), generator=torch.Generator().manual_seed(0))])
     assert dependent > shuffled + MARGIN, (dependent, shuffled)
     assert metrics.distance_correlation(targets, 3 * targets + 1) == pytest.approx(1.0, abs=1e-6)
+    # Differentiable, so NoPeek can minimise it: a step against its gradient lowers it.
+    features = activations.reshape(len(activations), -1)[:, :64].clone().requires_grad_(True)
+    before = metrics.distance_correlation_tensor(targets, features)
+    before.backward()
+    after = metrics.distance_correlation_tensor(targets, features.detach() - 10.0 * features.grad)
+    assert float(after) < before.item(), (float(after), before.item())
 
 
 def test_ssim_of_a_copy_is_one_and_of_a_random_guess_is_low(digits):

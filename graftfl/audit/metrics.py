@@ -84,23 +84,30 @@ def random_guess_ssim(aux_images, target, seed: int = 0, data_range: float | Non
     return mean_ssim(aux[picks], target, data_range)
 
 
-def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Sample distance correlation between two batches (each row one sample).
+def distance_correlation_tensor(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sample distance correlation as a differentiable tensor (each row one sample).
 
-    dCor(X, Y) = dCov(X, Y) / sqrt(dCov(X, X) dCov(Y, Y)), with dCov from the
-    double-centred pairwise Euclidean distance matrices. 0 means independent
-    (in the population limit), 1 means one is a similarity transform of the other.
+    dCor(X, Y) = sqrt(dCov²(X, Y) / sqrt(dCov²(X, X) dCov²(Y, Y))), with dCov² from the
+    double-centred pairwise Euclidean distance matrices (Székely et al. 2007). 0 means
+    independent (in the population limit), 1 means one is a similarity transform of the
+    other. Differentiable, so NoPeek can use it as a loss term.
     """
-    a = _double_centred(x.detach().reshape(len(x), -1).double())
-    b = _double_centred(y.detach().reshape(len(y), -1).double())
-    if a.shape != b.shape:
-        raise ValueError(f"x has {a.shape[0]} samples, y has {b.shape[0]}")
-    dcov_xy = (a * b).mean()
-    dcov_xx, dcov_yy = (a * a).mean(), (b * b).mean()
-    denominator = torch.sqrt(dcov_xx * dcov_yy)
-    if denominator <= 0:
-        return 0.0
-    return float(torch.sqrt(dcov_xy.clamp_min(0) / denominator))
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} samples, y has {len(y)}")
+    a = _double_centred(x.reshape(len(x), -1).double())
+    b = _double_centred(y.reshape(len(y), -1).double())
+    dcov_xy = (a * b).mean().clamp_min(0)
+    denominator = torch.sqrt((a * a).mean() * (b * b).mean())
+    if float(denominator.detach()) <= 0:
+        return torch.zeros((), dtype=torch.float64)
+    # eps keeps the gradient of sqrt finite when dCov is exactly 0
+    return torch.sqrt(dcov_xy / denominator + 1e-12)
+
+
+def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Sample distance correlation between two batches, as a number (see :func:`distance_correlation_tensor`)."""
+    with torch.no_grad():
+        return float(distance_correlation_tensor(x.detach(), y.detach()))
 
 
 def _double_centred(rows: torch.Tensor) -> torch.Tensor:
