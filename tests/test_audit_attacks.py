@@ -83,7 +83,9 @@ def test_query_decoder_inverts_first_stage_and_activation_noise_lowers_it(digits
     decoder = split_inversion.train_query_decoder(split_case["bottom"], x[aux], epochs=10)
     clean = metrics.mean_ssim(split_inversion.reconstruct(decoder, split_case["activations"]), targets, data_range=span)
     assert clean > guess + MARGIN, (clean, guess)
-    assert metrics.mean_psnr(split_inversion.reconstruct(decoder, split_case["activations"]), targets, data_range=span) > 15
+    report = metrics.reconstruction_report(split_inversion.reconstruct(decoder, split_case["activations"]), targets, x[aux], data_range=span)
+    assert report["ssim"] == pytest.approx(clean) and report["guess_ssim"] == pytest.approx(guess)
+    assert report["psnr"] > 15 and report["count"] == len(targets)
     # The defence, against an adaptive attacker that trains its decoder with the same noise.
     # The first stage is 16x overcomplete (16 maps of 8x8 for 64 pixels), so the decoder
     # averages noise away: 2x the activations' std only took SSIM from 0.84 to 0.75; 8x does more.
@@ -211,6 +213,10 @@ def test_idlg_recovers_the_label_from_the_last_layer(digits, dssgd_model):
         assert gradient_inversion.idlg_label(gradients[-2], gradients[-1], masks[-2], masks[-1]) == int(y[site[i]])
         # Without the bias, from the weight rows alone (the head's input is a ReLU output).
         assert gradient_inversion.idlg_label(gradients[-2]) == int(y[site[i]])
+    # A batch: the bias gradient names the classes present (and no absent one).
+    picks = torch.tensor([int(torch.nonzero(y[site] == c)[0]) for c in (1, 4, 7, 9)])
+    gradients, masks = _upload(dssgd_model, x[site[picks]], y[site[picks]], theta=1.0)
+    assert gradient_inversion.present_labels(gradients[-1], masks[-1]) == [1, 4, 7, 9]
 
 
 def test_masked_gradient_inversion_beats_a_guess_and_coarser_or_noisier_uploads_lower_it(digits, dssgd_model):

@@ -99,6 +99,16 @@ def idlg_label(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None = None,
     return best if row_sums[best] < 0 else None
 
 
+def present_labels(bias_grad: torch.Tensor, bias_mask: torch.Tensor | None = None) -> list[int]:
+    """Classes present in a batch, from the last layer's bias gradient (iDLG's batch extension).
+
+    The mean bias gradient is ``mean(softmax) - share of each class``; a class in the batch
+    is negative unless the model is already confident on it. Only uploaded coordinates count.
+    """
+    uploaded = torch.ones_like(bias_grad, dtype=torch.bool) if bias_mask is None else bias_mask
+    return [int(c) for c in torch.nonzero(uploaded & (bias_grad < 0))[:, 0]]
+
+
 def analytic_fc_input(weight_grad: torch.Tensor, bias_grad: torch.Tensor,
                       weight_mask: torch.Tensor | None = None, bias_mask: torch.Tensor | None = None,
                       min_bias_grad: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:

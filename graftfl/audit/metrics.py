@@ -84,6 +84,21 @@ def random_guess_ssim(aux_images, target, seed: int = 0, data_range: float | Non
     return mean_ssim(aux[picks], target, data_range)
 
 
+def reconstruction_report(reconstruction, target, aux_images, data_range: float | None = None, seed: int = 0) -> dict[str, float]:
+    """The figures of one inversion, beside its baseline: ``{"ssim", "psnr", "guess_ssim", "count"}``.
+
+    ``guess_ssim`` is :func:`random_guess_ssim` against the same targets, so a reader of
+    ``privacy.json`` sees at once whether the attack beat guessing.
+    """
+    span = _data_range(_as_images(target), data_range)
+    return {
+        "ssim": mean_ssim(reconstruction, target, span),
+        "psnr": mean_psnr(reconstruction, target, span),
+        "guess_ssim": random_guess_ssim(aux_images, target, seed=seed, data_range=span),
+        "count": len(_as_images(target)),
+    }
+
+
 def distance_correlation_tensor(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Sample distance correlation as a differentiable tensor (each row one sample).
 
