@@ -169,7 +169,7 @@ def invert_gradients(model: nn.Module, target_gradients: Sequence[torch.Tensor],
     masks = [torch.ones_like(g, dtype=torch.bool) for g in target_gradients] if masks is None else list(masks)
     if not (len(params) == len(target_gradients) == len(masks)):
         raise ValueError(f"model has {len(params)} parameter tensors; got {len(target_gradients)} gradients and {len(masks)} masks")
-    target = torch.cat([g[m] for g, m in zip(target_gradients, masks)])
+    target = torch.cat([g[m] for g, m in zip(target_gradients, masks, strict=True)])
     if target.numel() == 0 or float(target.norm()) == 0:
         raise ValueError("no non-zero uploaded gradient coordinate to invert")
     torch.manual_seed(seed)
@@ -181,7 +181,7 @@ def invert_gradients(model: nn.Module, target_gradients: Sequence[torch.Tensor],
         optimizer.zero_grad()
         loss = nn.functional.cross_entropy(model(dummy), labels.long())
         grads = torch.autograd.grad(loss, params, create_graph=True)
-        current = torch.cat([g[m] for g, m in zip(grads, masks)])
+        current = torch.cat([g[m] for g, m in zip(grads, masks, strict=True)])
         objective = 1 - nn.functional.cosine_similarity(current, target, dim=0) + tv_weight * total_variation(dummy)
         objective.backward()
         optimizer.step()

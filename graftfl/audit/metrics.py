@@ -57,7 +57,7 @@ def ssim_per_image(reconstruction, target, data_range: float | None = None) -> n
     span = _data_range(tgt, data_range)
     win = _window(tgt.shape[2], tgt.shape[3])
     return np.array(
-        [structural_similarity(r, t, data_range=span, channel_axis=0, win_size=win) for r, t in zip(rec, tgt)]
+        [structural_similarity(r, t, data_range=span, channel_axis=0, win_size=win) for r, t in zip(rec, tgt, strict=True)]
     )
 
 
@@ -70,7 +70,7 @@ def mean_psnr(reconstruction, target, data_range: float | None = None) -> float:
     """Mean peak signal-to-noise ratio (dB) over the batch, on the target batch's range."""
     rec, tgt = _as_images(reconstruction), _as_images(target)
     span = _data_range(tgt, data_range)
-    values = [peak_signal_noise_ratio(t, r, data_range=span) for r, t in zip(rec, tgt)]
+    values = [peak_signal_noise_ratio(t, r, data_range=span) for r, t in zip(rec, tgt, strict=True)]
     return float(np.mean(np.minimum(values, 100.0)))  # an exact copy has infinite PSNR; cap it for JSON
 
 
