@@ -234,3 +234,31 @@ def test_bad_service_replies_are_rejected_and_the_others_scored(tmp_path):
     row = features.run.recorder.rows[-1]
     assert row["phase"] == "service" and row["served_samples"] == 3 * TEST_IMAGES and len(row["rejected"]) == 5
     assert features.rejection_counts()["rejected_service_replies"] == 5
+
+
+# ----------------------------------------------------------------- traffic ---
+
+
+def test_bytes_are_every_serialized_message_both_ways_refused_replies_included(tmp_path):
+    """Issue 11: bytes are the serialized Flower messages (config included), not the tensor payloads."""
+    from graftfl.strategies.utils import message_nbytes
+
+    grid = ScriptedGrid([HONEST, *TAMPERED], upload_content)
+    features = feature_run(tmp_path, grid)
+    features.upload_all(None, None)
+    rows = [row for row in features.run.recorder.rows if row["phase"] == "upload"]
+    assert sum(row["bytes_down"] for row in rows) == sum(message_nbytes(m) for m in grid.sent)
+    assert sum(row["bytes_up"] for row in rows) == sum(message_nbytes(r) for r in grid.replies)  # the refused chunks travelled too
+    payload_down = 0  # upload requests carry no tensors: the old count (tensor payloads) said 0 bytes went down
+    assert all(row["bytes_down"] > payload_down for row in rows)
+    first = rows[0]
+    latents_and_labels = sum(a.numpy().nbytes for r in grid.replies[: len(grid.nodes)] for a in r.content["arrays"].values())
+    assert first["bytes_up"] > latents_and_labels  # metadata and the upload record on top of the payload
+
+    service_grid = ScriptedGrid([HONEST, 31, 32, 33, 34, 35], service_content)
+    service = feature_run(tmp_path / "service", service_grid)
+    service.served = ServedClassifier(torch.nn.Linear(LATENT, NUM_CLASSES))
+    service.service_round()
+    row = service.run.recorder.rows[-1]
+    assert row["bytes_down"] == sum(message_nbytes(m) for m in service_grid.sent)  # queries and answers
+    assert row["bytes_up"] == sum(message_nbytes(r) for r in service_grid.replies)  # latents and scores

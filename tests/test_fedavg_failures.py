@@ -32,6 +32,7 @@ def strategy(tmp_path):
     run = ServerRun(compose_config(["dataset=digits"]), tmp_path / "run")
     fedavg = FedAvgWithMetrics(run, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
     fedavg.sent = 3
+    fedavg.reference = {"w": torch.zeros(3).numpy()}  # what configure_train records: replies are checked against it
     return fedavg
 
 

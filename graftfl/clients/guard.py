@@ -21,12 +21,13 @@ from pathlib import Path
 
 from flwr.app import Context, Message
 
+from graftfl.core.dedup.keys import SALT_ENV_VAR
 from graftfl.core.handoff import KEY_ENV, parse_key
 
 log = logging.getLogger(__name__)
 
 REDACTED = "<redacted>"
-SECRET_NAME = re.compile(r"key|token|secret|password", re.IGNORECASE)
+SECRET_NAME = re.compile(r"key|token|secret|password|salt", re.IGNORECASE)  # "salt": dedup-salt, the sites' PSI secret
 MAX_SECRET_FILE_BYTES = 1 << 16
 
 
@@ -58,8 +59,9 @@ def _file_secrets(value: str) -> set[str]:
 def site_secrets(context: Context) -> set[str]:
     """Every string of this site that must never reach the server."""
     found: set[str] = set()
-    if os.environ.get(KEY_ENV):
-        found |= _forms(os.environ[KEY_ENV])
+    for variable in (KEY_ENV, SALT_ENV_VAR):
+        if os.environ.get(variable):
+            found |= _forms(os.environ[variable])
     for name, value in dict(context.node_config).items():
         if SECRET_NAME.search(str(name)) and str(value).strip():
             found |= _forms(str(value)) | _file_secrets(str(value))

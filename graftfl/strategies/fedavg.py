@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -16,7 +18,55 @@ from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun, message_nbytes, wait_for_nodes
 
 PROTOCOL = "fedavg"
+NUM_EXAMPLES = "num-examples"  # Flower's FedAvg weights each reply by this metric
 logger = logging.getLogger(__name__)
+
+
+def reply_problem(content: RecordDict, reference: dict[str, np.ndarray], max_examples: int | None = None,
+                  max_update_norm: float | None = None) -> str | None:
+    """Why a site's FedAvg reply must not enter the average, or ``None`` when it may.
+
+    A malicious site can otherwise move the global model anywhere (1e30 or NaN weights) or
+    dominate the weighted average by claiming a huge ``num-examples``.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The reply's content: one ArrayRecord ``arrays`` and one MetricRecord ``metrics``.
+    reference : dict of str to numpy.ndarray
+        The global model the server sent this round: the reply must have exactly its keys,
+        shapes and dtypes.
+    max_examples : int, optional
+        Largest ``num-examples`` accepted (``protocol.max_examples_per_site``); ``None`` trusts the count.
+    max_update_norm : float, optional
+        Largest L2 distance of the reply from ``reference`` (``protocol.max_update_norm``); ``None`` is unbounded.
+    """
+    if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
+        return (f"expected one ArrayRecord 'arrays' and one MetricRecord 'metrics', got arrays {list(content.array_records)} "
+                f"and metrics {list(content.metric_records)}")
+    arrays = content["arrays"]
+    if set(arrays.keys()) != set(reference):
+        missing, extra = sorted(set(reference) - set(arrays.keys())), sorted(set(arrays.keys()) - set(reference))
+        return f"array keys differ from the model sent (missing {missing}, unexpected {extra})"
+    squared_distance = 0.0
+    for key, expected in reference.items():
+        array = arrays[key]
+        if tuple(array.shape) != expected.shape or array.dtype != str(expected.dtype):
+            return f"array '{key}' is {array.dtype}{list(array.shape)}, the model sent {expected.dtype}{list(expected.shape)}"
+        values = array.numpy()
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            return f"array '{key}' has non-finite values"
+        if max_update_norm is not None:
+            difference = values.astype(np.float64) - expected.astype(np.float64)
+            squared_distance += float(np.sum(difference * difference))
+    if max_update_norm is not None and not math.sqrt(squared_distance) <= max_update_norm:  # also catches overflow to inf
+        return f"update L2 norm {math.sqrt(squared_distance):.4g} exceeds protocol.max_update_norm={max_update_norm}"
+    count = content["metrics"].get(NUM_EXAMPLES)
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or not float(count).is_integer() or count < 1:
+        return f"{NUM_EXAMPLES} must be a positive integer, got {count!r}"
+    if max_examples is not None and count > max_examples:
+        return f"{NUM_EXAMPLES}={int(count)} exceeds protocol.max_examples_per_site={max_examples}"
+    return None
 
 
 class FedAvgWithMetrics(FedAvg):
@@ -38,11 +88,17 @@ class FedAvgWithMetrics(FedAvg):
         self.bytes_down = 0
         self.failed_bytes_up = 0
         self.sent = 0
+        self.rejected: list[str] = []  # replies refused this round (node and reason)
+        self.reference: dict[str, np.ndarray] = {}  # the global model sent this round
+        protocol = run.cfg.protocol
+        self.max_examples = protocol.get("max_examples_per_site")
+        self.max_update_norm = protocol.get("max_update_norm")
         self.privacy_histories: dict[str, str] = dict((run.resume_state or {}).get("extra", {}).get("privacy_histories", {}))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Flower's sampling and payload, sent as ``train.fedavg`` (and the downlink bytes counted)."""
         messages = self._routed(super().configure_train(server_round, arrays, config, grid))
+        self.reference = {key: array.numpy() for key, array in arrays.items()}
         self.bytes_down = sum(message_nbytes(message) for message in messages)  # config and arrays, every message
         self.sent = len(messages)
         return messages
@@ -71,21 +127,39 @@ class FedAvgWithMetrics(FedAvg):
             self.client_errors.append(f"{missing} client(s) did not reply within timeout_s")
         if self.client_errors:
             logger.warning("[fedavg] round %d: %d client failure(s): %s", server_round, len(self.client_errors), "; ".join(self.client_errors))
-        if not any(not reply.has_error() for reply in replies):
-            # Flower would keep the old model and go on: a run in which nobody trains must stop, and say why.
-            raise RuntimeError(f"round {server_round}: no client finished training ({'; '.join(self.client_errors)})")
-        self.client_rows = [{**dict(reply.content["metrics"]), "bytes_up": message_nbytes(reply)} for reply in replies if not reply.has_error()]
-        self.failed_bytes_up = sum(message_nbytes(reply) for reply in replies if reply.has_error())  # error replies travel too
+        accepted, self.rejected, rejected_bytes = [], [], 0
         for reply in replies:
-            if not reply.has_error() and "privacy" in reply.content:
+            if reply.has_error():
+                continue
+            problem = reply_problem(reply.content, self.reference, self.max_examples, self.max_update_norm)
+            if problem is None:
+                accepted.append(reply)
+            else:
+                self.rejected.append(f"node {reply.metadata.src_node_id}: {problem}")
+                rejected_bytes += message_nbytes(reply)  # a refused reply travelled too
+        if self.rejected:
+            logger.warning("[fedavg] round %d: refused %d reply(ies): %s", server_round, len(self.rejected), "; ".join(self.rejected))
+        if not accepted:
+            # Flower would keep the old model and go on: a run in which nobody trains must stop, and say why.
+            raise RuntimeError(f"round {server_round}: no client finished training ({'; '.join(self.client_errors + self.rejected)})")
+        self.client_rows = [{**dict(reply.content["metrics"]), "bytes_up": message_nbytes(reply)} for reply in accepted]
+        self.failed_bytes_up = sum(message_nbytes(reply) for reply in replies if reply.has_error()) + rejected_bytes  # error replies travel too
+        for reply in accepted:
+            if "privacy" in reply.content:
                 partition_id = int(reply.content["metrics"]["partition-id"])
                 self.privacy_histories[str(partition_id)] = reply.content["privacy"]["history"]
-        return super().aggregate_train(server_round, replies)
+        return super().aggregate_train(server_round, [self._for_flower(reply) for reply in accepted])
+
+    @staticmethod
+    def _for_flower(reply: Message) -> Message:
+        """The checked arrays and numeric metrics only: Flower's consistency check raises (ending the run) on extra records."""
+        metrics = {key: value for key, value in reply.content["metrics"].items() if isinstance(value, (int, float))}
+        return Message(RecordDict({"arrays": reply.content["arrays"], "metrics": MetricRecord(metrics)}), metadata=reply.metadata)
 
 
 def round_row(server_round: int, evaluation: dict, client_rows: list[dict], bytes_down: int, wall_s: float, client_errors: list[str] = (),
-              failed_bytes_up: int = 0) -> dict:
-    """One metrics.jsonl row from the server evaluation and the clients' replies (and failures)."""
+              failed_bytes_up: int = 0, rejected: list[str] = ()) -> dict:
+    """One metrics.jsonl row from the server evaluation and the clients' replies (failures and refused replies)."""
     by_client = sorted(client_rows, key=lambda r: r.get("partition-id", 0))
     return metrics_row(
         server_round,
@@ -100,6 +174,8 @@ def round_row(server_round: int, evaluation: dict, client_rows: list[dict], byte
         client_epsilon=[r["epsilon"] for r in by_client if "epsilon" in r],
         failed_clients=len(client_errors),
         client_errors=list(client_errors),
+        rejected=len(rejected),
+        rejected_reasons=list(rejected),
     )
 
 
@@ -124,7 +200,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
         model.load_state_dict(arrays.to_torch_state_dict())
         evaluation = run.evaluate(model)
         row = round_row(offset + server_round, evaluation, strategy.client_rows, strategy.bytes_down, run.round_seconds(), strategy.client_errors,
-                        strategy.failed_bytes_up)
+                        strategy.failed_bytes_up, strategy.rejected)
         run.recorder.log_round(row)
         run.checkpoint(offset + server_round, model, {"privacy_histories": strategy.privacy_histories})
         logger.info("[fedavg] round %d/%d accuracy %.4f", offset + server_round, cfg.rounds, evaluation["accuracy"])
@@ -144,7 +220,13 @@ def run(grid: Grid, run: ServerRun) -> dict:
 
 
 def validate_config(cfg) -> None:
-    """No checks beyond the shared ones in :func:`graftfl.config.validate`."""
+    """The reply bounds, when set, are positive."""
+    max_examples = cfg.protocol.get("max_examples_per_site")
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1):
+        raise ValueError(f"protocol.max_examples_per_site must be a positive integer or null, got {max_examples!r}")
+    max_norm = cfg.protocol.get("max_update_norm")
+    if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0):
+        raise ValueError(f"protocol.max_update_norm must be a number > 0 or null, got {max_norm!r}")
 
 
 SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)

@@ -17,6 +17,11 @@ Every reply is checked (:mod:`.replies`, the store's :class:`ChunkRules`) before
 touches the store or the classifier; a bad reply is refused, logged, listed under
 ``rejected`` in its metrics row and counted in the summary, and the run goes on with
 the other sites.
+
+Traffic (``bytes_up``, ``bytes_down`` of each row) is the serialized size of every
+Flower message exchanged since the previous row, config included, error replies and
+refused replies too (:func:`graftfl.strategies.utils.message_nbytes`); the features
+protocol has no data plane.
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ from graftfl.strategies.features.classifier import CLASSIFIER_FILE, OnlineTraine
 from graftfl.strategies.features.replies import (
     client_id_of,
     figure_of,
-    received_bytes,
     reply_arrays,
     reply_config,
     require_claims,
@@ -47,7 +51,7 @@ from graftfl.strategies.features.replies import (
 )
 from graftfl.strategies.features.store import Chunk, ChunkRules, FeatureStore, InvalidChunk
 from graftfl.strategies.features.tables import service_tables
-from graftfl.strategies.utils import ServerRun, arrays_nbytes, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, message_nbytes, wait_for_nodes
 
 PROTOCOL = "features"
 logger = logging.getLogger(__name__)
@@ -78,6 +82,8 @@ class FeatureRun:
         self.acknowledged: dict[int, list[str]] = {node: [] for node in self.nodes}
         self.rejections: list[dict] = []
         self.run_dir = str(run.run_dir.resolve())
+        self.bytes_down = 0  # serialized messages sent since the last metrics row
+        self.bytes_up = 0  # serialized replies received since the last metrics row
 
     # ------------------------------------------------------------ plumbing ---
 
@@ -89,7 +95,9 @@ class FeatureRun:
     def exchange(self, messages: list[Message]) -> list[Message]:
         """Send, wait, and keep the good replies (a failed site is reported and skipped)."""
         good = []
+        self.bytes_down += sum(message_nbytes(message) for message in messages)
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.timeout_s):
+            self.bytes_up += message_nbytes(reply)  # every reply travelled, also a failure or a refused one
             if reply.has_error():
                 logger.warning(f"[features] site node {reply.metadata.src_node_id} failed: {reply.error.reason}")
             else:
@@ -109,10 +117,11 @@ class FeatureRun:
         return {"rejected_chunks": uploads, "rejected_service_replies": len(self.rejections) - uploads, "rejections": list(self.rejections)}
 
     def log(self, **row) -> dict:
-        """Record one metrics row for the next round number; returns the row written."""
+        """Log one metrics row, with the traffic of every message exchanged since the previous row."""
         self.round += 1
         wall_s = self.run.round_seconds()
-        base = metrics_row(self.round, accuracy=None, loss=None, bytes_up=0, bytes_down=0, client_flops=0, wall_s=wall_s)
+        base = metrics_row(self.round, accuracy=None, loss=None, bytes_up=self.bytes_up, bytes_down=self.bytes_down, client_flops=0, wall_s=wall_s)
+        self.bytes_up = self.bytes_down = 0
         return self.run.recorder.log_round({**base, **row})
 
     # -------------------------------------------------------- autoencoders ---
@@ -123,13 +132,13 @@ class FeatureRun:
         self.run.round_seconds()
         if mode == "local":
             replies = self.exchange([self.message(node, MESSAGE_TYPE, phase="autoencoder") for node in self.nodes])
-            self.log_autoencoder_round(replies, bytes_down=0)
+            self.log_autoencoder_round(replies)
             return None
         if mode == "federated":
             return self.federated_autoencoder()
         return self.public_autoencoder()
 
-    def log_autoencoder_round(self, replies: list[Message], bytes_down: int, bytes_up: int = 0) -> None:
+    def log_autoencoder_round(self, replies: list[Message]) -> None:
         """Record the metrics row of one autoencoder round from the sites' replies."""
         metrics = sorted((dict(reply.content["metrics"]) for reply in replies), key=lambda m: m["partition-id"])
         losses = [m["ae_loss"] for m in metrics]
@@ -137,8 +146,6 @@ class FeatureRun:
             phase="autoencoder",
             ae_training=self.protocol.autoencoder.training,
             ae_loss=float(np.mean(losses)) if losses else None,
-            bytes_up=bytes_up,
-            bytes_down=bytes_down,
             client_flops=sum(m["client_flops"] for m in metrics),
             clients=[int(m["partition-id"]) for m in metrics],
             client_ae_loss=losses,
@@ -156,7 +163,7 @@ class FeatureRun:
             if not replies:
                 raise RuntimeError("no site returned autoencoder weights")
             arrays, _ = aggregator.aggregate_train(server_round, replies)
-            self.log_autoencoder_round(replies, bytes_down=arrays_nbytes(arrays) * len(messages), bytes_up=sum(arrays_nbytes(r.content["arrays"]) for r in replies))
+            self.log_autoencoder_round(replies)
             logger.info("[features] federated autoencoder round %s/%s", server_round, self.protocol.autoencoder.rounds)
         return arrays
 
@@ -182,7 +189,6 @@ class FeatureRun:
         attempts: dict[tuple[int, int], int] = {}
         while next_chunk:
             messages = [self.upload_message(node, chunk, autoencoder) for node, chunk in next_chunk.items()]
-            bytes_down = arrays_nbytes(autoencoder) * sum(1 for c in next_chunk.values() if c == 0) if autoencoder is not None else 0
             replies = self.exchange(messages)
             stored, new_rows, rejected, accepted = 0, 0, [], set()
             for reply in replies:
@@ -200,8 +206,7 @@ class FeatureRun:
                 if next_chunk[node] >= num_chunks:
                     del next_chunk[node]
             self.retry_or_give_up(next_chunk, accepted, attempts)
-            bytes_up = sum(received_bytes(reply) for reply in replies)
-            self.log(phase="upload", records=stored, new_records=new_rows, duplicates=stored - new_rows, store_records=self.store.count(), bytes_up=bytes_up, bytes_down=bytes_down, rejected=rejected)
+            self.log(phase="upload", records=stored, new_records=new_rows, duplicates=stored - new_rows, store_records=self.store.count(), rejected=rejected)
             self.log_retrains(trainer)
         return self.store.count()
 
@@ -322,8 +327,6 @@ class FeatureRun:
             reconstruction_error=tables["reconstruction_error"],
             per_class_reconstruction_error=tables["per_class_reconstruction_error"],
             served_samples=sum(answered.values()),
-            bytes_up=sum(received_bytes(reply) for reply in queries),
-            bytes_down=sum(arrays_nbytes(m.content["arrays"]) for m in answers),
             classifier_version=self.served.version,
             rejected=rejected,
         )

@@ -14,7 +14,6 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from graftfl.strategies.features.store import InvalidChunk
-from graftfl.strategies.utils import arrays_nbytes
 
 SCORE_FIELDS = ("correct_by_class", "count_by_class", "error_sum_by_class", "error_count_by_class")
 
@@ -58,14 +57,6 @@ def reply_arrays(reply: Message, names: tuple[str, ...]) -> dict[str, np.ndarray
         return {name: record[name].numpy() for name in names}
     except (ValueError, TypeError) as err:
         raise InvalidChunk(f"undecodable arrays: {err}") from err
-
-
-def received_bytes(reply: Message) -> int:
-    """Payload bytes of the reply's ``arrays`` (0 when it has none or they do not decode)."""
-    try:
-        return arrays_nbytes(reply.content["arrays"])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return 0
 
 
 def score_problem(reply: Message, num_classes: int, answered: int) -> str | None:
