@@ -161,7 +161,7 @@ def _bad_site(tmp_path: Path, kind: str) -> tuple[dict, str]:
     """Site 1's data-path for each failure, and what its error must name."""
     folder = tmp_path / kind
     if kind == "missing-data-path":
-        return {1: None}, "'data-path' is not set"
+        return {1: None}, "data-path"
     if kind == "empty-folder":
         folder.mkdir()
         return {1: str(folder)}, str(folder)
@@ -181,6 +181,8 @@ def test_a_bad_site_is_that_sites_failure_with_a_clear_error(tmp_path, sites, ki
     grid = site_grid(sites, data_paths=paths)
     _, rows, summary = run_sites(tmp_path, grid, "protocol=fedavg", "rounds=1", "dataset.classes=[0,1,2,3,4,5,6,7,8,9]")
     failures = summary["phases"]["normalize"]["failures"]
+    if kind == "missing-data-path":
+        assert "node-config key" in failures[0] and "is not set" in failures[0]
     assert len(failures) == 1 and f"node {grid.nodes[1]}" in failures[0] and "site-1" in failures[0] and named in failures[0], failures
     # the other sites trained; the bad one is the round's failure, not the server's
     assert rows[-1]["failed_clients"] == 1 and "site-1" in rows[-1]["client_errors"][0]

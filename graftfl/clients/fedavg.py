@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from graftfl.clients.site_data import held_out_metrics, site_rows
+from graftfl.clients.site_data import evaluate_global_model
 from graftfl.clients.utils import (
-    client_device,
     config_of,
     local_data,
     local_train,
@@ -45,13 +44,8 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Score the global model on this site's held-out rows (``eval.where=site``); only counts go back."""
     cfg = config_of(message)
-    _, _, x, y = site_rows(cfg, context)
-    if y is None:
-        raise ValueError("evaluate.fedavg: this run evaluates at the server (eval.where=server); the site holds nothing out")
-    model = model_from_config(cfg, x.shape[1:], num_classes_of(cfg, context))
-    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-    partition_id, _ = partition_id_of(context)
-    metrics = {**held_out_metrics(model, x, y, cfg, client_device(cfg, context)), PARTITION_ID: partition_id}
+    x, _ = local_data(cfg, context)
+    metrics = evaluate_global_model(message, context, model_from_config(cfg, x.shape[1:], num_classes_of(cfg, context)))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
 
 

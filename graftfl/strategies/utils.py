@@ -191,3 +191,25 @@ def site_evaluation_row(replies, failures: list[str] | None = None) -> dict:
         "eval_where": "site",
         "eval_failures": list(failures or []),
     }
+
+
+def evaluate_at_sites(grid, run: ServerRun, nodes: list[int], model: torch.nn.Module, protocol: str, server_round: int) -> dict:
+    """``eval.where=site``: send ``model`` to every site as ``evaluate.<protocol>``; pool their held-out counts.
+
+    Returns :func:`site_evaluation_row`'s fields plus ``bytes_up`` / ``bytes_down`` of the exchange.
+    """
+    arrays = ArrayRecord(model.state_dict())
+    messages = [
+        Message(RecordDict({"config": run.config_record(**{"server-round": server_round}), "arrays": arrays}), dst_node_id=node,
+                message_type=f"evaluate.{protocol}")
+        for node in nodes
+    ]
+    bytes_down = sum(message_nbytes(message) for message in messages)
+    replies = list(grid.send_and_receive(messages, timeout=run.cfg.timeout_s))
+    failures = [f"node {reply.metadata.src_node_id}: {reply.error.reason}" for reply in replies if reply.has_error()]
+    if len(replies) < len(nodes):
+        failures.append(f"{len(nodes) - len(replies)} site(s) did not reply within timeout_s")
+    evaluation = site_evaluation_row([dict(reply.content["metrics"]) for reply in replies if not reply.has_error()], failures)
+    evaluation["eval_bytes_up"] = sum(message_nbytes(reply) for reply in replies)
+    evaluation["eval_bytes_down"] = bytes_down
+    return evaluation
