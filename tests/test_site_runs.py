@@ -187,3 +187,39 @@ def test_a_bad_site_is_that_sites_failure_with_a_clear_error(tmp_path, sites, ki
     # the other sites trained; the bad one is the round's failure, not the server's
     assert rows[-1]["failed_clients"] == 1 and "site-1" in rows[-1]["client_errors"][0]
     assert sorted(rows[-1]["eval_clients"]) == [0, 2]
+
+
+def _context(node_config: dict):
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 3, **node_config}, state=RecordDict(), run_config={})
+
+
+def test_site_loader_applies_dedup_drops_and_the_sim_data_dir(sites, monkeypatch):
+    from flwr.app import ConfigRecord
+
+    from graftfl.clients.site_data import DATA_DIR_ENV, load_raw_site, site_rows
+    from graftfl.protocols import phase_state_key
+
+    cfg = compose_config([*SITE, "dataset.normalization=fixed"])
+    monkeypatch.setenv(DATA_DIR_ENV, str(sites))  # graftfl sim --data-dir: site-<partition-id>
+    context = _context({})
+    whole = load_raw_site(cfg, context)
+    assert whole.files == load_site_data(sites / "site-1", SiteDeclaration((1, 8, 8), 10), "x", site_fraction=0.1, seed=0).files
+    context.state[phase_state_key("dedup")] = ConfigRecord({"dropped-rows": json.dumps([0, 5, 7])})
+    kept = load_raw_site(cfg, context)
+    assert len(kept) == len(whole) - 3 and kept.files == [f for i, f in enumerate(whole.files) if i not in (0, 5, 7)]
+    train_x, train_y, held_x, held_y = site_rows(cfg, context)
+    assert len(train_y) + len(held_y) == len(kept) and len(held_y) == int(kept.test_mask.sum())
+    # a node-config data-path wins over the environment
+    assert load_raw_site(cfg, _context({"data-path": str(sites / "site-2")})).files != whole.files
+
+
+def test_registry_data_root_is_honoured_at_the_site(tmp_path):
+    from graftfl.clients.site_data import registry_data
+    from graftfl.core.data import DatasetUnavailable
+
+    cfg = compose_config(["dataset=mnist", "dataset.download=false"])
+    with pytest.raises((DatasetUnavailable, FileNotFoundError, RuntimeError)) as missing:
+        registry_data(cfg, _context({"data-root": str(tmp_path / "site-own-root")}))
+    assert "site-own-root" in str(missing.value)
