@@ -14,7 +14,13 @@ import math
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from graftfl.clients.site_data import MEAN, NORMALIZE_PHASE, STD, load_raw_site, site_label
+from graftfl.clients.site_data import (
+    MEAN,
+    NORMALIZE_PHASE,
+    STD,
+    load_raw_site,
+    site_label,
+)
 from graftfl.clients.utils import config_of, partition_id_of
 from graftfl.core.site_stats import channel_moments
 from graftfl.protocols import ClientPhase, phase_state_key

@@ -28,8 +28,13 @@ from omegaconf import DictConfig
 
 from graftfl.config import eval_where, from_container, is_site_dataset, normalization_of
 from graftfl.core.data import DatasetSplits, dataset_from_config, partition_indices
-from graftfl.core.sitedata import DATA_PATH_KEY, SiteData, SiteDataError, site_data_from_config
 from graftfl.core.site_stats import standardize
+from graftfl.core.sitedata import (
+    DATA_PATH_KEY,
+    SiteData,
+    SiteDataError,
+    site_data_from_config,
+)
 from graftfl.core.wire import NODE_DATA_ROOT, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
 from graftfl.protocols import phase_state_key
 
@@ -111,7 +116,7 @@ def _partition_of(context: Context) -> tuple[int, int]:
 def hold_out(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, partition_id: int):
     """A registry partition's seeded ``eval.site_fraction`` held out: ``(train_x, train_y, held_x, held_y)``."""
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(cfg.seed) * 7_919 + 17 + partition_id))
-    held = max(1, int(round(len(y) * float(cfg.eval.site_fraction))))
+    held = max(1, round(len(y) * float(cfg.eval.site_fraction)))
     if held >= len(y):
         raise ValueError(f"eval.site_fraction={cfg.eval.site_fraction} leaves no training rows of this site's {len(y)}")
     held_rows, train_rows = order[:held].sort().values, order[held:].sort().values
@@ -153,11 +158,11 @@ def held_out_metrics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, c
     """
     from graftfl.core.train import evaluate
 
-    count = int(len(y))
+    count = len(y)
     if count == 0:
         return {"num-examples": 0, "correct": 0, "loss_sum": 0.0, "accuracy": 0.0, "loss": 0.0}
     result = evaluate(model, x, y, device=device, batch_size=int(cfg.eval.batch_size))
-    correct = int(round(result["accuracy"] * count))
+    correct = round(result["accuracy"] * count)
     return {"num-examples": count, "correct": correct, "loss_sum": float(result["loss"]) * count,
             "accuracy": float(result["accuracy"]), "loss": float(result["loss"])}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 
 from graftfl.config import is_site_dataset, normalization_of
 from graftfl.core.site_stats import ChannelMoments, MomentsError, combine_moments
