@@ -76,11 +76,11 @@ def test_sim_on_prepared_site_folders_trains_and_the_server_process_opens_no_sit
     ("features", ["protocol.autoencoder.epochs=1"]),
 ])
 def test_deploy_local_with_three_site_folders(tmp_path, sites, protocol, extra):
-    from tests.test_deploy_local import needs_proc, run_deploy_local  # noqa: F401  (the shared runner: no survivors)
+    """``--data-dir``: SuperNode i gets node-config data-path=sites/site-<i>; the ServerApp's composed config
+    (written to the run's config.yaml) names no data location."""
+    from tests.test_deploy_local import run_deploy_local  # the shared runner: asserts that no process survives
 
     started = time.monotonic()
     run_dir, _ = run_deploy_local(["--data-dir", str(sites), *SITE, f"protocol={protocol}", "num_clients=3", *extra], tmp_path)
     print(f"deploy-local {protocol} on site folders: {time.monotonic() - started:.1f} s")
-    run_config = next(tmp_path.glob("**/run-config.toml"), None)
-    assert run_config is None or str(sites) not in run_config.read_text()
     _assert_site_run(run_dir, sites, protocol, 0.2)
