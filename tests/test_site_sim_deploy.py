@@ -70,9 +70,9 @@ def test_sim_on_prepared_site_folders_trains_and_the_server_process_opens_no_sit
 
 
 @pytest.mark.parametrize("protocol,extra", [
-    ("fedavg", ["rounds=2"]),
+    ("fedavg", ["rounds=1"]),
     ("split", ["protocol.handoff=relay", "rounds=1", "protocol.turn_batches=8"]),
-    ("dssgd", ["rounds=2", "protocol.theta_upload=1.0", "protocol.theta_download=1.0", "protocol.selection=largest"]),
+    ("dssgd", ["rounds=1", "protocol.theta_upload=1.0", "protocol.theta_download=1.0", "protocol.selection=largest"]),
     ("features", ["protocol.autoencoder.epochs=1"]),
 ])
 def test_deploy_local_with_three_site_folders(tmp_path, sites, protocol, extra):
