@@ -224,3 +224,22 @@ def test_registry_data_root_is_honoured_at_the_site(tmp_path):
     with pytest.raises((DatasetUnavailable, FileNotFoundError, RuntimeError)) as missing:
         registry_data(cfg, _context({"data-root": str(tmp_path / "site-own-root")}))
     assert "site-own-root" in str(missing.value)
+
+
+def test_registry_datasets_keep_server_evaluation_unless_eval_where_site(tmp_path):
+    from graftfl.config import eval_where
+    from graftfl.core.data import dataset_from_config
+
+    for protocol in ("fedavg", "dssgd", "features"):
+        assert eval_where(compose_config(["dataset=digits", f"protocol={protocol}"])) == "server"
+    for protocol in ("split", "ushaped", "semisup"):
+        assert eval_where(compose_config(["dataset=digits", f"protocol={protocol}"])) == "site"
+    cfg = compose_config(["dataset=digits", "protocol=fedavg", "num_clients=2", "rounds=2", "eval.where=site", "progress=false", f"output_dir={tmp_path}"])
+    grid = FakeGrid(2, run_id=5)
+    run_dir = run_protocol(grid, cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.metadata.message_type == "evaluate.fedavg" for m in grid.sent)
+    assert rows[-1]["eval_where"] == "site" and rows[-1]["eval_clients"] == [0, 1] and rows[-1]["accuracy"] > 0.5
+    # held-out rows never train: each site trained on its partition minus what it evaluates on
+    trained = sum(int(m.content["metrics"]["num-examples"]) for _, m in grid.log if m.metadata.message_type == "train.fedavg") // 2
+    assert trained + sum(rows[-1]["eval_client_count"]) == len(dataset_from_config(cfg.dataset).train_y)
