@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from graftfl.config import ConfigError, expand_sweep, resolve_job_config
+from graftfl.config import ConfigError, expand_sweep, is_site_dataset, resolve_job_config
 from graftfl.console import show_progress
 from graftfl.core.data import DatasetUnavailable, dataset_from_config
 from graftfl.core.run_dir import project_root, run_dir_of, with_run_id
@@ -20,17 +20,23 @@ from graftfl.protocols import load_protocol, protocol_commands
 logger = logging.getLogger(__name__)
 
 
-def simulate(cfg) -> Path:
-    """Run one composed config in Flower's simulation runtime (Ray), or directly when not federated."""
+def simulate(cfg, data_dir: str | os.PathLike | None = None) -> Path:
+    """Run one composed config in Flower's simulation runtime (Ray), or directly when not federated.
+
+    ``data_dir`` (``--data-dir sites/``): virtual SuperNode *i* reads ``<data_dir>/site-<i>``
+    (given as ``GRAFTFL_DATA_DIR``: flwr's simulation sets no per-node node config).
+    """
     from graftfl.server_app.app import make_server_app, run_protocol
 
     cfg = with_run_id(cfg)
-    dataset_from_config(cfg.dataset)  # fail fast (and cache for the in-process ServerApp) before Ray starts
+    if not is_site_dataset(cfg):  # dataset=site: the sites' files are theirs; the server process opens none
+        dataset_from_config(cfg.dataset)  # fail fast (and cache for the in-process ServerApp) before Ray starts
     if not load_protocol(cfg.protocol.name).federated:
         return run_protocol(None, cfg)
     from flwr.simulation import run_simulation
 
     from graftfl.clients.app import app as client_app
+    from graftfl.clients.site_data import DATA_DIR_ENV
     from graftfl.clients.split_turns import ALLOW_SERVER_EVAL_ENV
     from graftfl.core.handoff import KEY_ENV as SPLIT_KEY_ENV
 
@@ -51,6 +57,11 @@ def simulate(cfg) -> Path:
     own_sites_dir = "GRAFTFL_SITES_DIR" not in os.environ
     if own_sites_dir:
         os.environ["GRAFTFL_SITES_DIR"] = str((run_dir_of(cfg) / "sites").resolve())
+    own_data_dir = data_dir is not None
+    if own_data_dir:
+        if not Path(data_dir).is_dir():
+            raise ConfigError(f"--data-dir {data_dir} is not a folder (expected site-0/, site-1/, ... as graftfl prepare-sites writes)")
+        os.environ[DATA_DIR_ENV] = str(Path(data_dir).resolve())
     allow_server_eval = bool((cfg.get("eval") or {}).get("server_reveals_bottom")) and ALLOW_SERVER_EVAL_ENV not in os.environ
     if allow_server_eval:
         os.environ[ALLOW_SERVER_EVAL_ENV] = "1"
@@ -64,6 +75,8 @@ def simulate(cfg) -> Path:
             os.environ.pop(ALLOW_SERVER_EVAL_ENV, None)
         if own_sites_dir:
             os.environ.pop("GRAFTFL_SITES_DIR", None)
+        if own_data_dir:
+            os.environ.pop(DATA_DIR_ENV, None)
     run_dir = run_dir_of(cfg)
     summary = run_dir / "summary.json"
     if not summary.exists() or summary.stat().st_mtime < started - 1:  # resume: the old run's summary does not count
@@ -77,7 +90,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     for number, overrides in enumerate(jobs):
         if args.multirun:
             logger.info("[multirun] job %d: %s", number, " ".join(overrides))
-        run_dir = simulate(resolve_job_config(overrides))
+        run_dir = simulate(resolve_job_config(overrides), data_dir=args.data_dir)
         print(f"run: {run_dir}", flush=True)
     return 0
 
@@ -90,7 +103,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
     cfg = resolve_job_config(args.overrides)
     try:
-        run_dir = deploy_local(cfg, args.overrides, tls=args.tls or args.auth, auth=args.auth)
+        run_dir = deploy_local(cfg, args.overrides, tls=args.tls or args.auth, auth=args.auth, data_dir=args.data_dir)
     except DeploymentError as err:
         print(f"graftfl: deployment failed: {err}", file=sys.stderr)
         return 1
@@ -104,11 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     sim = commands.add_parser("sim", help="run in Flower's simulation runtime", description="Hydra overrides, e.g. protocol=split dataset=digits rounds=5")
     sim.add_argument("-m", "--multirun", action="store_true", help="expand sweeps: a=1,2 b=x,y (and an experiment's `sweep:`)")
+    sim.add_argument("--data-dir", help="sites' own data: virtual SuperNode i reads DATA_DIR/site-<i> (graftfl prepare-sites layout)")
     sim.add_argument("overrides", nargs="*")
     sim.set_defaults(handler=cmd_sim)
     deploy = commands.add_parser("deploy-local", help="run on a real flower-superlink + flower-supernodes on loopback")
     deploy.add_argument("--tls", action="store_true", help="throwaway CA and certificates; TLS on every connection")
     deploy.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (implies --tls)")
+    deploy.add_argument("--data-dir", help="sites' own data: SuperNode i gets node-config data-path=DATA_DIR/site-<i>")
     deploy.add_argument("overrides", nargs="*")
     deploy.set_defaults(handler=cmd_deploy_local)
     add_prepare_sites_command(commands)

@@ -188,8 +188,57 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.protocol.name in group_options("protocol"), f"unknown protocol '{cfg.protocol.name}'; valid: {group_options('protocol')}")
     _require(cfg.protocol.name in protocol_names(), f"protocol '{cfg.protocol.name}' has a config file but is not registered; registered: {protocol_names()}")
     protocol = load_protocol(cfg.protocol.name)  # a module that breaks the contract fails here, loudly
+    _require(str((cfg.get("eval") or {}).get("where", "auto")) in EVAL_WHERE_CHOICES,
+             f"eval.where must be one of {list(EVAL_WHERE_CHOICES)}, got '{(cfg.get('eval') or {}).get('where')}'")
+    if is_site_dataset(cfg):
+        _validate_site_dataset(cfg, protocol.federated)
     _checked(protocol.validate_config, cfg)
     _validate_phases(cfg, protocol.federated)
+
+
+# Protocols whose evaluation has always run at the sites (their server holds no whole model).
+SITE_EVAL_PROTOCOLS = ("split", "ushaped", "semisup")
+EVAL_WHERE_CHOICES = ("auto", "site", "server")
+NORMALIZATIONS = ("fixed", "federated")
+
+
+def is_site_dataset(cfg: DictConfig) -> bool:
+    """``dataset=site``: every site reads its own files (node-config ``data-path``); the server none."""
+    return str(cfg.dataset.get("name")) == "site"
+
+
+def eval_where(cfg: DictConfig) -> str:
+    """Where a run evaluates: ``site`` (each site on its held-out rows) or ``server`` (the server's test set).
+
+    ``eval.where=auto`` (the default): ``site`` for ``dataset=site`` (the server holds no data)
+    and for the split protocols; ``server`` for registry datasets on the other protocols.
+    """
+    where = str((cfg.get("eval") or {}).get("where", "auto") or "auto")
+    if where != "auto":
+        return where
+    return "site" if is_site_dataset(cfg) or cfg.protocol.name in SITE_EVAL_PROTOCOLS else "server"
+
+
+def normalization_of(cfg: DictConfig) -> str:
+    """``dataset.normalization``: ``federated`` (the normalize phase) or ``fixed``; registry datasets: ``fixed``."""
+    return str(cfg.dataset.get("normalization") or "fixed")
+
+
+def _validate_site_dataset(cfg: DictConfig, federated: bool) -> None:
+    from graftfl.core.sitedata import SiteDataError, SiteDeclaration
+
+    _require(federated, f"dataset=site needs a federated protocol: protocol '{cfg.protocol.name}' would pool the sites' data at the server")
+    try:
+        SiteDeclaration.from_config(cfg.dataset)
+    except SiteDataError as err:
+        raise ConfigError(str(err)) from err
+    _require(eval_where(cfg) == "site", "dataset=site: the server holds no test set; use eval.where=site (or auto)")
+    _require(normalization_of(cfg) in NORMALIZATIONS, f"dataset.normalization must be one of {list(NORMALIZATIONS)}, got '{normalization_of(cfg)}'")
+    for key in ("mean", "std"):
+        values = cfg.dataset.get(key)
+        _require(values is None or len(values) == int(cfg.dataset.input_shape[0]),
+                 f"dataset.{key} needs one value per channel ({cfg.dataset.input_shape[0]}), got {values}")
+    _require(not any(float(v) <= 0 for v in (cfg.dataset.get("std") or [])), "dataset.std values must be > 0")
 
 
 def _checked(check, cfg: DictConfig) -> None:

@@ -349,8 +349,10 @@ BUILTIN_PROTOCOLS = {
     "dssgd": dict(server="graftfl.strategies.dssgd", client="graftfl.clients.dssgd"),
     "features": dict(server="graftfl.strategies.features", client="graftfl.clients.features", commands="graftfl.commands.features_cli"),
 }
-# The built-in pre-training phases (none yet; e.g. "dedup": dict(server=..., client=...)).
-BUILTIN_PHASES: dict[str, dict] = {}
+# The built-in pre-training phases (which run, and in what order: graftfl.server_app.app.phase_plan).
+BUILTIN_PHASES: dict[str, dict] = {
+    "normalize": dict(server="graftfl.strategies.normalize", client="graftfl.clients.normalize"),
+}
 
 for _name, _parts in BUILTIN_PROTOCOLS.items():
     register_protocol(_name, **_parts)

@@ -232,7 +232,7 @@ def test_site_errors_are_scrubbed_of_secrets(tmp_path, monkeypatch, caplog):
     def leaky(*args, **kwargs):  # e.g. a library that puts what it read into its error
         raise ValueError(f"bad value {secret} near {key_file.read_text()} from {key_file}")
 
-    with mock.patch("graftfl.clients.split_turns.local_data", leaky):
+    with mock.patch("graftfl.clients.split_turns.site_rows", leaky):
         cfg = compose_config([*RUN, "rounds=1", f"output_dir={tmp_path}"])
         grid = ClientAppGrid(2, lambda config: None)
         for context in grid.contexts.values():

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from graftfl.clients.utils import client_device, config_of, local_data, local_train, partition_id_of
+from graftfl.clients.site_data import evaluate_global_model, registry_data, site_rows
+from graftfl.clients.utils import client_device, config_of, local_data, local_train, num_classes_of, partition_id_of
+from graftfl.config import eval_where
 from graftfl.core.codec import assign_flat_parameters, flatten_parameters
 from graftfl.core.data import dataset_from_config
 from graftfl.core.models import model_from_config
@@ -41,9 +43,14 @@ def download_into(model: torch.nn.Module, download: ArrayRecord) -> int:
     return int(values.numel())
 
 
-def local_test_metrics(model: torch.nn.Module, cfg, device: torch.device) -> dict:
-    """Accuracy and loss of the local model on the server's test set (the same subset the server uses)."""
-    data = dataset_from_config(cfg.dataset)
+def local_test_metrics(model: torch.nn.Module, cfg, device: torch.device, context: Context | None = None) -> dict:
+    """Accuracy and loss of the local model: on the site's held-out rows (``eval.where=site``), else on the
+    server's test set (the same subset the server uses, read at node-config ``data-root``)."""
+    if context is not None and eval_where(cfg) == "site":
+        _, _, x, y = site_rows(cfg, context)
+        evaluation = evaluate(model, x, y, device=device, batch_size=cfg.eval.batch_size)
+        return {"local_accuracy": evaluation["accuracy"], "local_loss": evaluation["loss"]}
+    data = registry_data(cfg, context) if context is not None else dataset_from_config(cfg.dataset)
     x, y = data.test_x, data.test_y
     size = cfg.dataset.get("test_size")
     if size:
@@ -61,7 +68,7 @@ def train(message: Message, context: Context) -> Message:
     partition_id, _ = partition_id_of(context)
     seed = round_seed(cfg.seed, server_round, partition_id)
     x, y = local_data(cfg, context)
-    model = local_model(cfg, context, x.shape[1:], dataset_from_config(cfg.dataset).num_classes)
+    model = local_model(cfg, context, x.shape[1:], num_classes_of(cfg, context))
     downloaded = download_into(model, message.content["download"])
     before = flatten_parameters(model).clone()
     metrics = local_train(model, x, y, cfg, context, seed=seed)
@@ -86,7 +93,7 @@ def train(message: Message, context: Context) -> Message:
     metrics.update(
         {
             "partition-id": partition_id,
-            **({} if private else local_test_metrics(model, cfg, client_device(cfg, context))),
+            **({} if private else local_test_metrics(model, cfg, client_device(cfg, context), context)),
             "downloaded": downloaded,
             "uploaded": int(upload.indices.numel()),
             "noise_scale": upload.noise_scale,
@@ -99,4 +106,12 @@ def train(message: Message, context: Context) -> Message:
     return Message(content=content, reply_to=message)
 
 
-CLIENT_PROTOCOL = ClientProtocol(name=PROTOCOL, train=train)
+def evaluate_global(message: Message, context: Context) -> Message:
+    """``eval.where=site``: the server's global model on this site's held-out rows; only counts go back."""
+    cfg = config_of(message)
+    model = model_from_config(cfg, local_data(cfg, context)[0].shape[1:], num_classes_of(cfg, context))
+    metrics = evaluate_global_model(message, context, model)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+CLIENT_PROTOCOL = ClientProtocol(name=PROTOCOL, train=train, evaluate=evaluate_global)

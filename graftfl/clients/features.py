@@ -37,12 +37,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from omegaconf import DictConfig
 
-from graftfl.clients.utils import client_device, config_of, local_data, partition_id_of
+from graftfl.clients.site_data import registry_data, site_rows, standardization_of
+from graftfl.clients.utils import client_device, config_of, local_data, num_classes_of, partition_id_of
+from graftfl.config import eval_where, from_container, is_site_dataset
 from graftfl.core.autoencoder import class_grid_figure, encode, reconstruction_error_by_class, save_autoencoder, train_autoencoder
-from graftfl.core.data import channel_stats, dataset_from_config
+from graftfl.core.data import channel_stats
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import StagedModel, build_model
 from graftfl.core.train import round_seed
+from graftfl.core.wire import NODE_DATA_ROOT
 from graftfl.protocols import ClientProtocol
 
 PROTOCOL = "features"
@@ -105,11 +108,22 @@ def site_test_indices(cfg: DictConfig, num_test: int, partition_id: int, num_par
 
 
 def local_test_data(cfg: DictConfig, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
-    """This site's share of the server's test set (service-mode queries)."""
-    data = dataset_from_config(cfg.dataset)
+    """Service mode's images: the site's held-out rows (``dataset=site`` / ``eval.where=site``), else its share
+    of the server's test selection (read at node-config ``data-root``)."""
+    if eval_where(cfg) == "site":
+        _, _, x, y = site_rows(cfg, context)
+        return x, y
+    data = registry_data(cfg, context)
     partition_id, num_partitions = partition_id_of(context)
     indices = torch.from_numpy(site_test_indices(cfg, len(data.test_y), partition_id, num_partitions))
     return data.test_x[indices], data.test_y[indices]
+
+
+def _at_root(cfg: DictConfig, context: Context):
+    """The ``dataset`` group as this site reads it (node-config ``data-root`` wins)."""
+    if NODE_DATA_ROOT in context.node_config:
+        return from_container({**dict(cfg.dataset), "root": str(context.node_config[NODE_DATA_ROOT])})
+    return cfg.dataset
 
 
 # ------------------------------------------------------------------ phases ---
@@ -185,7 +199,8 @@ def upload_chunk(message: Message, context: Context) -> Message:
     x, y = local_data(cfg, context)
     model = install_final_autoencoder(message, cfg, context, x.shape[1:])
     if chunk == 0:
-        save_autoencoder(site_dir(context) / AUTOENCODER_FILE, model, x.shape[1:], int(cfg.protocol.conv_channels), channel_stats(cfg.dataset))
+        stats = standardization_of(cfg, context) if is_site_dataset(cfg) else channel_stats(_at_root(cfg, context))
+        save_autoencoder(site_dir(context) / AUTOENCODER_FILE, model, x.shape[1:], int(cfg.protocol.conv_channels), stats)
     first = chunk * chunk_size
     rows = slice(first, min(first + chunk_size, len(y)))
     latents = encode(model, x[rows], device=client_device(cfg, context))
@@ -224,7 +239,7 @@ def evaluate(message: Message, context: Context) -> Message:
     cfg = config_of(message)
     partition_id, _ = partition_id_of(context)
     x, y = local_test_data(cfg, context)
-    num_classes = dataset_from_config(cfg.dataset).num_classes
+    num_classes = num_classes_of(cfg, context)
     predicted = message.content["arrays"].to_torch_state_dict()["predictions"].long()
     if len(predicted) != len(y):
         raise ValueError(f"got {len(predicted)} predictions for {len(y)} test images")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from graftfl.clients.site_data import evaluate_global_model
 from graftfl.clients.utils import (
     config_of,
     local_data,
@@ -28,7 +29,7 @@ def train(message: Message, context: Context) -> Message:
     # Flower counts a resumed run's rounds from 1 again; the offset keeps the seeds of an uninterrupted run.
     server_round = int(fields[SERVER_ROUND]) + int(fields.get(ROUND_OFFSET, 0))
     x, y = local_data(cfg, context)
-    model = model_from_config(cfg, x.shape[1:], num_classes_of(cfg))
+    model = model_from_config(cfg, x.shape[1:], num_classes_of(cfg, context))
     model.load_state_dict(message.content["arrays"].to_torch_state_dict())
     partition_id, _ = partition_id_of(context)
     seed = round_seed(cfg.seed, server_round, partition_id)
@@ -41,4 +42,12 @@ def train(message: Message, context: Context) -> Message:
     return Message(content=content, reply_to=message)
 
 
-CLIENT_PROTOCOL = ClientProtocol(name=PROTOCOL, train=train)
+def evaluate(message: Message, context: Context) -> Message:
+    """Score the global model on this site's held-out rows (``eval.where=site``); only counts go back."""
+    cfg = config_of(message)
+    x, _ = local_data(cfg, context)
+    metrics = evaluate_global_model(message, context, model_from_config(cfg, x.shape[1:], num_classes_of(cfg, context)))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+CLIENT_PROTOCOL = ClientProtocol(name=PROTOCOL, train=train, evaluate=evaluate)

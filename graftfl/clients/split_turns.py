@@ -30,8 +30,9 @@ from typing import Callable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from graftfl.clients.utils import client_device, config_of, local_data, num_classes_of, partition_id_of
-from graftfl.core.data import dataset_from_config
+from graftfl.clients.site_data import hold_out, registry_data, site_rows
+from graftfl.clients.utils import client_device, config_of, num_classes_of, partition_id_of
+from graftfl.config import eval_where
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY, client_key, decrypt_state, encrypt_state
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import model_from_config
@@ -148,19 +149,13 @@ def prepare_role(cfg, message: Message, context: Context, build_role: RoleBuilde
 
 
 def site_split(cfg, x: torch.Tensor, y: torch.Tensor, partition_id: int):
-    """``(train_x, train_y, held_x, held_y)``: with ``eval.where=site`` a seeded share of the partition is held out.
+    """``(train_x, train_y, held_x, held_y)`` of a registry partition (:func:`graftfl.clients.site_data.hold_out`).
 
-    The held-out rows never train; evaluation runs on them at the site. With
-    ``eval.where=server`` nothing is held out (``held_x``/``held_y`` are None).
+    With ``eval.where=server`` nothing is held out (``held_x``/``held_y`` are None).
     """
-    if str(cfg.eval.get("where", "site")) != "site":
+    if eval_where(cfg) != "site":
         return x, y, None, None
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(cfg.seed) * 7_919 + 17 + partition_id))
-    held = max(1, int(round(len(y) * float(cfg.eval.site_fraction))))
-    if held >= len(y):
-        raise ValueError(f"eval.site_fraction={cfg.eval.site_fraction} leaves no training rows of this site's {len(y)}")
-    held_rows, train_rows = order[:held].sort().values, order[held:].sort().values
-    return x[train_rows], y[train_rows], x[held_rows], y[held_rows]
+    return hold_out(cfg, x, y, partition_id)
 
 
 def site_allows_server_eval(context: Context) -> bool:
@@ -212,8 +207,8 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
     partition_id, _ = partition_id_of(context)
     # relay: no key of its own -> refuse the turn before any data-plane traffic (MissingSplitKey)
     key = relay_key(context) if cfg.protocol.handoff == "relay" else None
-    x, y, _, _ = site_split(cfg, *local_data(cfg, context), partition_id)
-    role = prepare_role(cfg, message, context, build_role, tuple(x.shape[1:]), num_classes_of(cfg), key)
+    x, y, _, _ = site_rows(cfg, context)
+    role = prepare_role(cfg, message, context, build_role, tuple(x.shape[1:]), num_classes_of(cfg, context), key)
     batches, progress = turn_batches(cfg, context, len(y), partition_id)
     hidden = hidden_label_mask(len(y), cfg.protocol.unlabeled_fraction, cfg.seed * 31 + partition_id) if isinstance(role, SemisupClient) else None
     fields = message.content["config"]
@@ -263,17 +258,17 @@ def evaluate_turn(message: Message, context: Context, build_role: RoleBuilder) -
     partition_id, _ = partition_id_of(context)
     handoff = cfg.protocol.handoff
     key = relay_key(context) if handoff == "relay" else None
-    where = str(cfg.eval.get("where", "site"))
+    where = eval_where(cfg)
     if where == "site":
-        _, _, x, y = site_split(cfg, *local_data(cfg, context), partition_id)
-        input_shape, num_classes = tuple(x.shape[1:]), num_classes_of(cfg)
+        _, _, x, y = site_rows(cfg, context)
+        input_shape, num_classes = tuple(x.shape[1:]), num_classes_of(cfg, context)
     elif where == "server":
         if handoff == "relay" and not site_allows_server_eval(context):
             raise PermissionError(
                 "eval.where=server streams inputs the server chose through the relayed bottom, which reveals the bottom to the "
                 f"server; this site refuses (allow it with node config {ALLOW_SERVER_EVAL_NODE_CONFIG}=true or {ALLOW_SERVER_EVAL_ENV}=1)"
             )
-        data = dataset_from_config(cfg.dataset)
+        data = registry_data(cfg, context)
         x, y = test_subset(data.test_x, data.test_y, cfg.dataset.get("test_size"), cfg.seed)
         input_shape, num_classes = data.input_shape, data.num_classes
     else:

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from omegaconf import DictConfig
 
 from graftfl.config import from_container
-from graftfl.core.data import dataset_from_config, partition_indices
+from graftfl.core.data import dataset_from_config
 from graftfl.core.local_round import train_round
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.privacy import history_from_json, history_to_json
@@ -23,7 +23,6 @@ from graftfl.core.train import resolve_device
 from graftfl.core.wire import (
     CONFIG_KEY,
     CONFIG_RECORD,
-    NODE_DATA_ROOT,
     NODE_DEVICE,
     NODE_NUM_PARTITIONS,
     NODE_PARTITION_ID,
@@ -90,19 +89,20 @@ def client_device(cfg: DictConfig, context: Context) -> torch.device:
 
 
 def local_data(cfg: DictConfig, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
-    """This site's training partition (only its own indices are kept)."""
-    data_cfg = cfg.dataset
-    if NODE_DATA_ROOT in context.node_config:
-        data_cfg = from_container({**dict(data_cfg), "root": str(context.node_config[NODE_DATA_ROOT])})
-    data = dataset_from_config(data_cfg)
-    partition_id, num_partitions = partition_id_of(context)
-    indices = torch.from_numpy(partition_indices(data.train_y, cfg.partition, num_partitions, partition_id, cfg.seed))
-    return data.train_x[indices], data.train_y[indices]
+    """This site's training rows (:func:`graftfl.clients.site_data.site_rows`; held-out rows excluded)."""
+    from graftfl.clients.site_data import site_rows
+
+    x, y, _, _ = site_rows(cfg, context)
+    return x, y
 
 
-def num_classes_of(cfg: DictConfig) -> int:
-    """Number of classes of the configured dataset."""
-    return dataset_from_config(cfg.dataset).num_classes
+def num_classes_of(cfg: DictConfig, context: Context | None = None) -> int:
+    """The number of classes (the declaration's for ``dataset=site``; a registry dataset read at ``data-root``)."""
+    from graftfl.clients.site_data import site_num_classes
+
+    if context is None:
+        return int(cfg.dataset.num_classes) if str(cfg.dataset.get("name")) == "site" else dataset_from_config(cfg.dataset).num_classes
+    return site_num_classes(cfg, context)
 
 
 def local_train(

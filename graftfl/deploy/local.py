@@ -40,7 +40,8 @@ from omegaconf import DictConfig
 
 from graftfl.core.handoff import KEY_ENV as SPLIT_KEY_ENV
 from graftfl.core.run_dir import project_root, run_dir_of, with_run_id
-from graftfl.deploy.flower_files import CONNECTION, run_config_overrides, tls_overrides, write_flower_config, write_run_config
+from graftfl.core.sitedata import DATA_PATH_KEY
+from graftfl.deploy.flower_files import CONNECTION, run_config_overrides, tls_overrides, toml_string, write_flower_config, write_run_config
 from graftfl.deploy.supervise import MARKER_ENV, DeploymentError, ManagedProcess, ProcessGroup, tail
 from graftfl.tls import TlsFiles, generate_node_auth_keys, generate_tls_files
 
@@ -113,6 +114,7 @@ class LocalDeployment:
     # or the caller's GRAFTFL_SPLIT_KEY, given to the SuperNodes only (never the SuperLink).
     split_key: str = field(default_factory=lambda: os.environ.get(SPLIT_KEY_ENV) or os.urandom(32).hex())
     sites_dir: Path | None = None  # where features sites write (their own choice, given in their environment)
+    data_dir: Path | None = None  # --data-dir: SuperNode i reads its own data at <data_dir>/site-<i> (node-config data-path)
 
     def __post_init__(self) -> None:
         if self.auth and not self.tls:
@@ -219,7 +221,7 @@ class LocalDeployment:
         nodes = []
         for index, port in enumerate(ports):
             args = [flower_binary("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
-                    "--node-config", f"partition-id={index} num-partitions={self.num_nodes}", *self.tls_args(client=True)]
+                    "--node-config", self.node_config(index), *self.tls_args(client=True)]
             if private_keys:
                 args += ["--auth-supernode-private-key", str(private_keys[index])]
             # Each SuperNode has its own FLWR_HOME, as on separate machines (no shared app cache).
@@ -229,6 +231,13 @@ class LocalDeployment:
                         [*self.processes], READY_TIMEOUT_S)
         self.note(f"{self.num_nodes} SuperNodes online")
         return nodes
+
+    def node_config(self, index: int) -> str:
+        """SuperNode ``index``'s ``--node-config``: its partition and, with ``data_dir``, its own data folder."""
+        config = f"partition-id={index} num-partitions={self.num_nodes}"
+        if self.data_dir is not None:  # a site's own fact, as on a hospital's machine: the run config names no data location
+            config += f" {DATA_PATH_KEY}={toml_string(str(Path(self.data_dir).resolve() / f'site-{index}'))}"
+        return config
 
     def all_nodes_online(self) -> bool:
         """Every SuperNode has activated at the SuperLink (it logs its node id only after that)."""
@@ -271,7 +280,7 @@ def _raise_system_exit(signum, frame):  # SIGTERM -> unwind through `finally` an
 
 
 def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth: bool = False,
-                 timeout: float | None = None, keep_workdir: bool = False) -> Path:
+                 timeout: float | None = None, keep_workdir: bool = False, data_dir: str | os.PathLike | None = None) -> Path:
     """Run ``cfg`` on a fresh local Flower deployment; return the run directory.
 
     Parameters
@@ -287,6 +296,9 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
     keep_workdir : bool
         Keep the temporary directory (logs, certificates) after a successful or interrupted
         run; after a failure it is always kept and its path printed.
+    data_dir : path, optional
+        ``--data-dir sites/``: SuperNode *i* gets node-config ``data-path=<data_dir>/site-<i>``
+        (``graftfl prepare-sites`` writes that layout); the run config names no data location.
     """
     if not (project_root() / "pyproject.toml").is_file():
         raise DeploymentError(f"deploy-local submits the app from a graftfl checkout, but {project_root()} has no "
@@ -295,8 +307,10 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
     cfg = with_run_id(cfg)
     run_dir = run_dir_of(cfg)
     workdir = Path(tempfile.mkdtemp(prefix="graftfl-deploy-"))
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DeploymentError(f"--data-dir {data_dir} is not a folder (expected site-0/, site-1/, ... as graftfl prepare-sites writes)")
     deployment = LocalDeployment(workdir, num_nodes=int(cfg.num_clients), tls=tls, auth=auth, echo=sys.stdout,
-                                 sites_dir=(run_dir / "sites").resolve())
+                                 sites_dir=(run_dir / "sites").resolve(), data_dir=Path(data_dir).resolve() if data_dir else None)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handlers = {}
     if in_main_thread:

@@ -10,7 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from graftfl.config import resolve_job_config, to_yaml
+from graftfl.config import is_site_dataset, normalization_of, resolve_job_config, to_yaml
 from graftfl.console import show_progress
 from graftfl.core.run_dir import run_dir_of, with_run_id
 from graftfl.protocols import load_phase, load_protocol
@@ -19,13 +19,28 @@ from graftfl.strategies.utils import ServerRun, wait_for_nodes
 logger = logging.getLogger(__name__)
 
 
+def phase_plan(cfg: DictConfig) -> list[str]:
+    """The pre-training phases a run runs, in order: the one place that decides it.
+
+    ``dedup`` (``dedup=psi``) first, so that later phases see only the kept rows; then
+    ``normalize`` when the dataset's normalization is federated (``dataset=site`` by
+    default); then the config's own ``phases`` list.
+    """
+    plan = []
+    if cfg.get("dedup") and cfg.dedup.get("name") == "psi":
+        plan.append("dedup")
+    if is_site_dataset(cfg) and normalization_of(cfg) == "federated":
+        plan.append("normalize")
+    return plan + [name for name in (cfg.get("phases") or []) if name not in plan]
+
+
 def run_phases(grid: Grid | None, run: ServerRun) -> dict:
-    """Run the config's pre-training ``phases`` once, in order; ``{phase: its summary fields}``.
+    """Run the pre-training phases of :func:`phase_plan` once, in order; ``{phase: its summary fields}``.
 
     Every phase sees the same connected sites, before the protocol's own rounds
     (a resumed run runs them again: a fresh site process has no phase state).
     """
-    names = list(run.cfg.get("phases") or [])
+    names = phase_plan(run.cfg)
     if not names:
         return {}
     if grid is None:

@@ -33,7 +33,8 @@ from graftfl.core.selective import (
 )
 from graftfl.core.wire import SERVER_ROUND
 from graftfl.protocols import ServerProtocol
-from graftfl.strategies.utils import ServerRun, message_nbytes, require_choice, wait_for_nodes
+from graftfl.config import eval_where
+from graftfl.strategies.utils import ServerRun, evaluate_at_sites, message_nbytes, require_choice, wait_for_nodes
 
 PROTOCOL = "dssgd"
 logger = logging.getLogger(__name__)
@@ -250,6 +251,7 @@ def round_row(server_round: int, outcome: dict, ledger: ParticipantLedger, evalu
         local_accuracy_all=local_accuracy,
         rejected=outcome["rejected"],
         failed=outcome["failed"],
+        **{key: value for key, value in evaluation.items() if key.startswith("eval_")},  # eval.where=site: per-site figures
     )
     row["bytes_up"] += sum(f["bytes_up"] for f in outcome["failed"])  # refused replies crossed the wire too
     spent = ledger.values("upload_epsilon_spent")
@@ -273,14 +275,17 @@ def run(grid: Grid, run: ServerRun) -> dict:
         else:
             outcome = exchange(grid, server, chosen, server_round, cfg.timeout_s)
         ledger.update(outcome["clients"])
-        evaluation = run.evaluate(server.global_model())
+        if eval_where(cfg) == "site":  # the global model at every site, on its held-out rows
+            evaluation = evaluate_at_sites(grid, run, nodes, server.global_model(), PROTOCOL, server_round)
+        else:
+            evaluation = run.evaluate(server.global_model())
         row = run.recorder.log_round(round_row(server_round, outcome, ledger, evaluation, run.round_seconds()))
         rejected_total += len(outcome["rejected"])
         failed_total += len(outcome["failed"])
         run.checkpoint(server_round, server.global_model(), {"stats": server.stats.state_dict(), "cursor": server.cursor})
         logger.info(
             f"[dssgd] round {server_round}/{cfg.rounds} local accuracy {row['accuracy'] or float('nan'):.4f} "
-            f"global {evaluation['accuracy']:.4f} up {row['bytes_up']} B"
+            f"global {evaluation['accuracy'] or float('nan'):.4f} up {row['bytes_up']} B"
         )
     final = run.recorder.rows[-1] if run.recorder.rows else {}
     return {

@@ -12,10 +12,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from graftfl.config import eval_where
 from graftfl.core.meter import metrics_row
 from graftfl.core.wire import PRIVACY_HISTORIES, ROUND_OFFSET
 from graftfl.protocols import ServerProtocol
-from graftfl.strategies.utils import ServerRun, message_nbytes, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, message_nbytes, site_evaluation_row, wait_for_nodes
 
 PROTOCOL = "fedavg"
 NUM_EXAMPLES = "num-examples"  # Flower's FedAvg weights each reply by this metric
@@ -93,6 +94,7 @@ class FedAvgWithMetrics(FedAvg):
         protocol = run.cfg.protocol
         self.max_examples = protocol.get("max_examples_per_site")
         self.max_update_norm = protocol.get("max_update_norm")
+        self.site_evaluation: dict | None = None
         self.privacy_histories: dict[str, str] = dict((run.resume_state or {}).get("extra", {}).get("privacy_histories", {}))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -106,6 +108,17 @@ class FedAvgWithMetrics(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Flower's evaluation messages, sent as ``evaluate.fedavg``."""
         return self._routed(super().configure_evaluate(server_round, arrays, config, grid))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """``eval.where=site``: pool the sites' held-out counts (weighted by count) and keep per-site figures."""
+        replies = list(replies)
+        failures = [f"node {reply.metadata.src_node_id}: {reply.error.reason}" for reply in replies if reply.has_error()]
+        if failures:
+            logger.warning("[fedavg] round %d: %d site evaluation failure(s): %s", server_round, len(failures), "; ".join(failures))
+        self.site_evaluation = site_evaluation_row([dict(reply.content["metrics"]) for reply in replies if not reply.has_error()], failures)
+        if self.site_evaluation["accuracy"] is None:
+            return None
+        return MetricRecord({"accuracy": self.site_evaluation["accuracy"], "loss": self.site_evaluation["loss"]})
 
     @staticmethod
     def _routed(messages: Iterable[Message]) -> list[Message]:
@@ -158,7 +171,7 @@ class FedAvgWithMetrics(FedAvg):
 
 
 def round_row(server_round: int, evaluation: dict, client_rows: list[dict], bytes_down: int, wall_s: float, client_errors: list[str] = (),
-              failed_bytes_up: int = 0, rejected: list[str] = ()) -> dict:
+              failed_bytes_up: int = 0, rejected: list[str] = (), site_columns: dict | None = None) -> dict:
     """One metrics.jsonl row from the server evaluation and the clients' replies (failures and refused replies)."""
     by_client = sorted(client_rows, key=lambda r: r.get("partition-id", 0))
     return metrics_row(
@@ -176,6 +189,7 @@ def round_row(server_round: int, evaluation: dict, client_rows: list[dict], byte
         client_errors=list(client_errors),
         rejected=len(rejected),
         rejected_reasons=list(rejected),
+        **(site_columns or {}),
     )
 
 
@@ -185,11 +199,14 @@ def run(grid: Grid, run: ServerRun) -> dict:
     model = run.new_model()
     offset = run.first_round - 1
     wait_for_nodes(grid, cfg.num_clients, cfg.timeout_s)
+    at_sites = eval_where(cfg) == "site"
     strategy = FedAvgWithMetrics(
         run,
         fraction_train=cfg.protocol.fraction_train,
-        fraction_evaluate=0.0,  # the server evaluates the global model on its test set
+        # eval.where=server: the server evaluates the global model on its test set; site: every site on its held-out rows
+        fraction_evaluate=1.0 if at_sites else 0.0,
         min_train_nodes=1,
+        min_evaluate_nodes=1,
         min_available_nodes=cfg.num_clients,
     )
 
@@ -198,12 +215,20 @@ def run(grid: Grid, run: ServerRun) -> dict:
             run.round_seconds()
             return None
         model.load_state_dict(arrays.to_torch_state_dict())
-        evaluation = run.evaluate(model)
+        site_columns = None
+        if at_sites:  # Flower ran configure/aggregate_evaluate just before this call
+            site_columns = dict(strategy.site_evaluation or site_evaluation_row([], ["no site evaluated"]))
+            evaluation = {"accuracy": site_columns.pop("accuracy"), "loss": site_columns.pop("loss")}
+        else:
+            evaluation = run.evaluate(model)
         row = round_row(offset + server_round, evaluation, strategy.client_rows, strategy.bytes_down, run.round_seconds(), strategy.client_errors,
-                        strategy.failed_bytes_up, strategy.rejected)
+                        strategy.failed_bytes_up, strategy.rejected, site_columns)
         run.recorder.log_round(row)
         run.checkpoint(offset + server_round, model, {"privacy_histories": strategy.privacy_histories})
-        logger.info("[fedavg] round %d/%d accuracy %.4f", offset + server_round, cfg.rounds, evaluation["accuracy"])
+        accuracy = "n/a" if evaluation["accuracy"] is None else f"{evaluation['accuracy']:.4f}"
+        logger.info("[fedavg] round %d/%d accuracy %s", offset + server_round, cfg.rounds, accuracy)
+        if evaluation["accuracy"] is None:
+            return None
         return MetricRecord({"accuracy": evaluation["accuracy"], "loss": evaluation["loss"]})
 
     remaining = cfg.rounds - offset
@@ -214,6 +239,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
             num_rounds=remaining,
             timeout=cfg.timeout_s,
             train_config=run.config_record(**{PRIVACY_HISTORIES: json.dumps(strategy.privacy_histories), ROUND_OFFSET: offset}),
+            evaluate_config=run.config_record(),
             evaluate_fn=evaluate_global,
         )
     return {}

@@ -36,6 +36,7 @@ from graftfl.core.handoff import RELAY_KEY
 from graftfl.core.meter import metrics_row
 from graftfl.core.models import model_from_config
 from graftfl.core.split import MiddleStage, TopStage, activation_shape, cut_points, model_parts, split_at_cut
+from graftfl.config import eval_where
 from graftfl.core.train import optimizer_from_config
 from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, SERVER_ROUND, max_frame_bytes
 from graftfl.strategies.split_handoff import HandoffState
@@ -79,10 +80,10 @@ def validate_split_config(cfg) -> None:
         raise ValueError(f"protocol={protocol.name} does not support privacy={cfg.privacy.name} (use privacy=none)")
     if cfg.resume:
         raise ValueError(f"protocol={protocol.name} cannot resume a run yet (resume=null)")
-    require_choice("eval.where", cfg.eval.get("where", "site"), EVAL_WHERE)
-    if cfg.eval.get("where", "site") == "site" and not 0 < float(cfg.eval.site_fraction) < 1:
+    require_choice("eval.where", eval_where(cfg), EVAL_WHERE)
+    if eval_where(cfg) == "site" and not 0 < float(cfg.eval.site_fraction) < 1:
         raise ValueError(f"eval.site_fraction must be in (0, 1) (the share of each site's partition held out for evaluation), got {cfg.eval.site_fraction}")
-    if cfg.eval.get("where", "site") == "server" and protocol.handoff == "relay" and not cfg.eval.get("server_reveals_bottom", False):
+    if eval_where(cfg) == "server" and protocol.handoff == "relay" and not cfg.eval.get("server_reveals_bottom", False):
         raise ValueError(
             "eval.where=server with protocol.handoff=relay streams the server's own test set through the clients' bottom, "
             "which lets the server fit the bottom the relay encrypts; use eval.where=site, or acknowledge with "
@@ -121,21 +122,21 @@ def train_batch_cap(cfg, run: ServerRun) -> int:
     """Most batches a training turn may send: ``turn_batches``, else whole epochs of the largest possible partition."""
     if cfg.protocol.turn_batches is not None:
         return int(cfg.protocol.turn_batches)
-    samples = cfg.partition.get("samples_per_client") or len(run.data.train_y)
+    samples = cfg.partition.get("samples_per_client") or run.max_site_rows()
     return int(cfg.train.local_epochs) * math.ceil(int(samples) / int(cfg.train.batch_size))
 
 
 def top_stage(run: ServerRun) -> tuple[TopStage, torch.nn.Module]:
     """The server's part for ``split`` and ``semisup``: the top of the shared-seed model (not the bottom's weights)."""
-    _bottom, top, act_shape = split_at_cut(run.new_model(), run.cfg.protocol.cut_stage, run.data.input_shape)
+    _bottom, top, act_shape = split_at_cut(run.new_model(), run.cfg.protocol.cut_stage, run.input_shape)
     optimizer = optimizer_from_config(run.cfg.train, top.parameters())
-    return TopStage(top, optimizer, act_shape, run.data.num_classes, run.device), top
+    return TopStage(top, optimizer, act_shape, run.num_classes, run.device), top
 
 
 def middle_stage(run: ServerRun) -> tuple[MiddleStage, torch.nn.Module]:
     """The server's part for ``ushaped``: the middle of the shared-seed model."""
     bottom, middle, _head = model_parts(run.new_model(), run.cfg.protocol.cut_stage, int(run.cfg.protocol.head_stages))
-    act_shape = activation_shape(bottom, run.data.input_shape)
+    act_shape = activation_shape(bottom, run.input_shape)
     out_shape = activation_shape(middle, act_shape)
     optimizer = optimizer_from_config(run.cfg.train, middle.parameters())
     return MiddleStage(middle, optimizer, act_shape, out_shape, run.device), middle
@@ -268,7 +269,7 @@ class SplitRunner:
         ``eval.where=site``: every site on its own held-out rows. ``eval.where=server``:
         the server's test set through one client (every site with ``handoff=local``).
         """
-        if self.cfg.eval.get("where", "site") == "site" or self.cfg.protocol.handoff == "local":
+        if eval_where(self.cfg) == "site" or self.cfg.protocol.handoff == "local":
             targets = nodes
         else:  # the latest relayed / averaged weights: any client can load them
             targets = [nodes[0]]
@@ -289,7 +290,7 @@ class SplitRunner:
         # at most one frame per test sample: an evaluation turn cannot stream more than the test set
         """Run an evaluation turn on ``node`` (its own held-out data); returns its scores, or None when it failed."""
         turn = self.plane.open_turn(label=f"evaluate round {round_number} node {node}", accept=frame_kinds(self.stage, "evaluate"),
-                                    max_batches=max(1, len(self.run.test_set()[1])))
+                                    max_batches=max(1, self.run.max_eval_rows()))
         message, bytes_down = self.message(node, "evaluate", turn, round_number)
         reply, failure = send_one(self.grid, message, float(self.cfg.protocol.turn_timeout_s))
         self.plane.close_turn(turn)
@@ -343,7 +344,7 @@ class SplitRunner:
             eval_client_accuracy=[r["accuracy"] for r in evaluation["per_client"]],
             eval_client_loss=[r["loss"] for r in evaluation["per_client"]],
             eval_client_count=[r["count"] for r in evaluation["per_client"]],
-            eval_where=str(self.cfg.eval.get("where", "site")),
+            eval_where=eval_where(self.cfg),
             failed_turns=len(failed),
         )
         self.run.recorder.log_round(row)

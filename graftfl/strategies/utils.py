@@ -11,9 +11,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from omegaconf import DictConfig
 
-from graftfl.config import to_container
+from graftfl.config import is_site_dataset, to_container
 from graftfl.core.data import DatasetSplits, dataset_from_config
 from graftfl.core.meter import RunRecorder
+from graftfl.core.sitedata import SiteDeclaration
 from graftfl.core.models import StagedModel, model_from_config
 from graftfl.core.train import evaluate, resolve_device, seed_everything
 from graftfl.core.wire import CONFIG_KEY
@@ -52,11 +53,45 @@ class ServerRun:
         self._round_started = time.monotonic()
 
     @property
+    def site_data(self) -> bool:
+        """``dataset=site``: the data lives at the sites only; the server opens none of it."""
+        return is_site_dataset(self.cfg)
+
+    @property
     def data(self) -> DatasetSplits:
-        """The dataset of the run, loaded on first use."""
+        """The registry dataset (the server's test set, shapes). Never loaded for ``dataset=site``."""
+        if self.site_data:
+            raise RuntimeError("dataset=site: the server never opens site data (a code path asked the server for a dataset; "
+                               "use ServerRun.input_shape / num_classes and evaluate at the sites)")
         if self._data is None:
             self._data = dataset_from_config(self.cfg.dataset)
         return self._data
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The model's input shape: the declaration's for ``dataset=site``, else the registry dataset's."""
+        if self.site_data:
+            return SiteDeclaration.from_config(self.cfg.dataset).input_shape
+        return self.data.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes: the declaration's for ``dataset=site``, else the registry dataset's."""
+        if self.site_data:
+            return SiteDeclaration.from_config(self.cfg.dataset).num_classes
+        return self.data.num_classes
+
+    def max_site_rows(self) -> int:
+        """The most training rows one site can have (a bound on what a split turn may stream)."""
+        if self.site_data:
+            return int(self.cfg.dataset.get("max_site_rows") or 100_000)
+        return len(self.data.train_y)
+
+    def max_eval_rows(self) -> int:
+        """The most rows one evaluation may score (a bound on an evaluation turn's frames)."""
+        if self.site_data:
+            return self.max_site_rows()
+        return len(self.test_set()[1])
 
     @property
     def first_round(self) -> int:
@@ -75,7 +110,7 @@ class ServerRun:
     def new_model(self) -> StagedModel:
         """The global model, initialised from ``cfg.seed`` (or from the checkpoint when resuming)."""
         seed_everything(self.cfg.seed, self.cfg.deterministic)
-        model = model_from_config(self.cfg, self.data.input_shape, self.data.num_classes)
+        model = model_from_config(self.cfg, self.input_shape, self.num_classes)
         if self.resume_state:
             model.load_state_dict(self.resume_state["model"])
         return model
@@ -128,3 +163,57 @@ def message_nbytes(message_or_recorddict: Message | RecordDict) -> int:
 def arrays_nbytes(record: ArrayRecord) -> int:
     """Payload bytes of an ArrayRecord (what a dense model upload or download costs)."""
     return int(sum(array.numpy().nbytes for array in record.values()))
+
+
+def site_evaluation_row(replies, failures: list[str] | None = None) -> dict:
+    """Pool the sites' held-out counts (weighted by count) and keep the per-site figures.
+
+    ``replies``: the metrics of each site's ``evaluate`` reply (``num-examples``,
+    ``correct``, ``loss_sum``, ``partition-id``). Values are bounded before they are
+    pooled: a site cannot claim more correct answers than rows, or a negative loss.
+    Returns ``accuracy`` and ``loss`` (None when no site scored a row) and the
+    ``metrics.jsonl`` columns ``eval_clients``, ``eval_client_accuracy``,
+    ``eval_client_loss``, ``eval_client_count``, ``eval_where``, ``eval_failures``.
+    """
+    sites = []
+    for metrics in replies:
+        count = max(int(metrics.get("num-examples", 0)), 0)
+        correct = min(max(int(metrics.get("correct", 0)), 0), count)
+        loss_sum = float(metrics.get("loss_sum", 0.0))
+        if not (loss_sum == loss_sum and 0 <= loss_sum < float("inf")):
+            continue
+        sites.append({"partition-id": int(metrics.get("partition-id", -1)), "count": count, "correct": correct, "loss_sum": loss_sum})
+    sites.sort(key=lambda s: s["partition-id"])
+    total = sum(s["count"] for s in sites)
+    return {
+        "accuracy": sum(s["correct"] for s in sites) / total if total else None,
+        "loss": sum(s["loss_sum"] for s in sites) / total if total else None,
+        "eval_clients": [s["partition-id"] for s in sites],
+        "eval_client_accuracy": [s["correct"] / s["count"] if s["count"] else None for s in sites],
+        "eval_client_loss": [s["loss_sum"] / s["count"] if s["count"] else None for s in sites],
+        "eval_client_count": [s["count"] for s in sites],
+        "eval_where": "site",
+        "eval_failures": list(failures or []),
+    }
+
+
+def evaluate_at_sites(grid, run: ServerRun, nodes: list[int], model: torch.nn.Module, protocol: str, server_round: int) -> dict:
+    """``eval.where=site``: send ``model`` to every site as ``evaluate.<protocol>``; pool their held-out counts.
+
+    Returns :func:`site_evaluation_row`'s fields plus ``bytes_up`` / ``bytes_down`` of the exchange.
+    """
+    arrays = ArrayRecord(model.state_dict())
+    messages = [
+        Message(RecordDict({"config": run.config_record(**{"server-round": server_round}), "arrays": arrays}), dst_node_id=node,
+                message_type=f"evaluate.{protocol}")
+        for node in nodes
+    ]
+    bytes_down = sum(message_nbytes(message) for message in messages)
+    replies = list(grid.send_and_receive(messages, timeout=run.cfg.timeout_s))
+    failures = [f"node {reply.metadata.src_node_id}: {reply.error.reason}" for reply in replies if reply.has_error()]
+    if len(replies) < len(nodes):
+        failures.append(f"{len(nodes) - len(replies)} site(s) did not reply within timeout_s")
+    evaluation = site_evaluation_row([dict(reply.content["metrics"]) for reply in replies if not reply.has_error()], failures)
+    evaluation["eval_bytes_up"] = sum(message_nbytes(reply) for reply in replies)
+    evaluation["eval_bytes_down"] = bytes_down
+    return evaluation

@@ -70,6 +70,9 @@ def validate_config(cfg) -> None:
     for key in ("epochs", "batch_size", "retrain_every"):
         if int(protocol.classifier[key]) < 1:
             raise ValueError(f"protocol.classifier.{key} must be >= 1, got {protocol.classifier[key]}")
+    if autoencoder.training == "public" and str(cfg.dataset.get("name")) == "site":
+        raise ValueError("protocol.autoencoder.training=public trains at the server on images no site holds; with dataset=site the server "
+                         "holds none: use local or federated")
     if autoencoder.training == "public" and not cfg.partition.get("samples_per_client"):
         raise ValueError(
             "protocol.autoencoder.training=public trains on training images outside every site's partition: "
@@ -90,7 +93,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
     autoencoder = features.prepare_autoencoders()
     trainer = None
     if protocol.classifier.mode == "online":
-        trainer = OnlineTrainer(features.store, features.served, int(protocol.classifier.retrain_every), run.data.num_classes, features.classifier_kwargs())
+        trainer = OnlineTrainer(features.store, features.served, int(protocol.classifier.retrain_every), run.num_classes, features.classifier_kwargs())
         trainer.start()
     records = features.upload_all(autoencoder, trainer)
     logger.info("[features] %d records in the store", records)

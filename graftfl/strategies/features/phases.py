@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from graftfl.config import eval_where
 from graftfl.core.autoencoder import conv_ae, save_classifier, train_autoencoder, train_classifier
 from graftfl.core.meter import metrics_row
 from graftfl.strategies.features.classifier import CLASSIFIER_FILE, OnlineTrainer, ServedClassifier
@@ -75,7 +76,7 @@ class FeatureRun:
         self.grid, self.run, self.cfg = grid, run, run.cfg
         self.protocol = run.cfg.protocol
         self.nodes = wait_for_nodes(grid, run.cfg.num_clients, run.cfg.timeout_s)
-        self.rules = ChunkRules(latent_dim=int(self.protocol.latent_dim), num_classes=run.data.num_classes, max_rows=int(self.protocol.chunk_size))
+        self.rules = ChunkRules(latent_dim=int(self.protocol.latent_dim), num_classes=run.num_classes, max_rows=int(self.protocol.chunk_size))
         self.store = FeatureStore(run.run_dir / STORE_FILE, str(self.protocol.store_synchronous), rules=self.rules)
         self.served = ServedClassifier()
         self.round = 0
@@ -154,7 +155,7 @@ class FeatureRun:
     def federated_autoencoder(self) -> ArrayRecord:
         """Train the autoencoder with FedAvg over the sites; returns the final weights."""
         torch.manual_seed(self.cfg.seed)  # before the model is built: ``seed`` sets the initial weights
-        model = conv_ae(self.run.data.input_shape, latent_dim=int(self.protocol.latent_dim), channels=int(self.protocol.conv_channels))
+        model = conv_ae(self.run.input_shape, latent_dim=int(self.protocol.latent_dim), channels=int(self.protocol.conv_channels))
         arrays = ArrayRecord(model.state_dict())
         aggregator = FedAvg()  # Flower's weighted average ("num-examples") of the replies' ArrayRecords
         for server_round in range(1, int(self.protocol.autoencoder.rounds) + 1):
@@ -285,7 +286,7 @@ class FeatureRun:
         x, y = self.store.load()
         if not len(y):
             raise RuntimeError(f"the feature store is empty: no site's upload was accepted ({len(self.rejections)} rejected, see the upload rows' 'rejected')")
-        model, metrics = train_classifier(torch.from_numpy(x), torch.from_numpy(y), self.run.data.num_classes, **self.classifier_kwargs())
+        model, metrics = train_classifier(torch.from_numpy(x), torch.from_numpy(y), self.run.num_classes, **self.classifier_kwargs())
         version = self.served.swap(model)
         self.log(phase="classifier", classifier_mode="offline", records=len(y), classifier_version=version, retrain_s=time.monotonic() - started, **metrics)
 
@@ -293,7 +294,7 @@ class FeatureRun:
         """Save the served classifier into the run directory; returns the file."""
         model, version = self.served.model, self.served.version
         settings = self.protocol.classifier
-        return save_classifier(self.run.run_dir / CLASSIFIER_FILE, model, int(self.protocol.latent_dim), self.run.data.num_classes, list(settings.hidden), version)
+        return save_classifier(self.run.run_dir / CLASSIFIER_FILE, model, int(self.protocol.latent_dim), self.run.num_classes, list(settings.hidden), version)
 
     # -------------------------------------------------------- service mode ---
 
@@ -314,12 +315,12 @@ class FeatureRun:
             answers.append(self.message(node, f"evaluate.{PROTOCOL}", {"arrays": ArrayRecord({"predictions": predictions})}, mode="service"))
         scored = []
         for reply in self.exchange(answers):
-            problem = score_problem(reply, self.run.data.num_classes, answered[reply.metadata.src_node_id])
+            problem = score_problem(reply, self.run.num_classes, answered[reply.metadata.src_node_id])
             if problem:
                 rejected.append(self.reject(reply.metadata.src_node_id, "service", problem))
             else:
                 scored.append(reply)
-        tables = service_tables([dict(reply.content["metrics"]) for reply in scored], self.run.data.num_classes)
+        tables = service_tables([dict(reply.content["metrics"]) for reply in scored], self.run.num_classes)
         self.log(
             phase="service",
             accuracy=tables["accuracy"],
@@ -350,6 +351,8 @@ class FeatureRun:
 
     def test_share(self) -> int:
         """The most test images one site holds (``site_test_indices`` splits the test selection evenly)."""
+        if self.run.site_data or eval_where(self.cfg) == "site":  # each site's own held-out rows: the server cannot count them
+            return self.run.max_eval_rows() if self.run.site_data else len(self.run.data.train_y)
         size, available = self.cfg.dataset.get("test_size"), len(self.run.data.test_y)
         count = min(int(size), available) if size else available
         return -(-count // int(self.cfg.num_clients))
