@@ -121,7 +121,7 @@ def test_the_split_runner_declares_kinds_and_caps():
     middle = MiddleStage(torch.nn.Linear(2, 2), None, (2,), (2,))
     assert frame_kinds(top, "evaluate") == ("eval_forward",) and frame_kinds(top, "train") == ("train",)
     assert frame_kinds(middle, "evaluate") == ("eval_forward",) and set(frame_kinds(middle, "train")) == {"forward", "backward"}
-    run = SimpleNamespace(data=SimpleNamespace(train_y=torch.zeros(1000)))
+    run = SimpleNamespace(max_site_rows=lambda: 1000)  # the largest partition a site may hold
     cfg = compose_config(["protocol=split", "dataset=digits", "train.batch_size=32", "train.local_epochs=2"])
     assert train_batch_cap(cfg, run) == 2 * 32  # ceil(1000 / 32) = 32 batches per epoch
     cfg = compose_config(["protocol=split", "dataset=digits", "protocol.turn_batches=5"])

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from graftfl.clients.site_data import evaluate_global_model, registry_data, site_rows
-from graftfl.clients.utils import client_device, config_of, local_data, local_train, num_classes_of, partition_id_of
+from graftfl.clients.site_data import registry_data, site_rows
+from graftfl.clients.utils import evaluate_global_model, client_device, config_of, local_data, local_train, num_classes_of, partition_id_of
 from graftfl.config import eval_where
 from graftfl.core.codec import assign_flat_parameters, flatten_parameters
 from graftfl.core.data import dataset_from_config

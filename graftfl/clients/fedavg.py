@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from graftfl.clients.site_data import evaluate_global_model
 from graftfl.clients.utils import (
+    evaluate_global_model,
     config_of,
     local_data,
     local_train,

@@ -165,18 +165,3 @@ def held_out_metrics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, c
     correct = round(result["accuracy"] * count)
     return {"num-examples": count, "correct": correct, "loss_sum": float(result["loss"]) * count,
             "accuracy": float(result["accuracy"]), "loss": float(result["loss"])}
-
-
-def evaluate_global_model(message, context: Context, model: torch.nn.Module) -> dict:
-    """Metrics of the global model the server sent (``arrays``) on this site's held-out rows.
-
-    ``model``: a freshly built model of the run's architecture (its weights are replaced).
-    """
-    from graftfl.clients.utils import client_device, config_of
-
-    cfg = config_of(message)
-    _, _, x, y = site_rows(cfg, context)
-    if y is None:
-        raise ValueError(f"{message.metadata.message_type}: this run evaluates at the server (eval.where=server); the site holds nothing out")
-    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-    return {**held_out_metrics(model, x, y, cfg, client_device(cfg, context)), NODE_PARTITION_ID: int(context.node_config[NODE_PARTITION_ID])}

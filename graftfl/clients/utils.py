@@ -154,3 +154,18 @@ def state_from(record: ArrayRecord) -> dict[str, torch.Tensor]:
 def as_float_list(values) -> list[float]:
     """``values`` flattened into a list of Python floats (for a MetricRecord)."""
     return [float(v) for v in np.asarray(values).reshape(-1)]
+
+
+def evaluate_global_model(message, context: Context, model: torch.nn.Module) -> dict:
+    """Metrics of the global model the server sent (``arrays``) on this site's held-out rows.
+
+    ``model``: a freshly built model of the run's architecture (its weights are replaced).
+    """
+    from graftfl.clients.site_data import held_out_metrics, site_rows
+
+    cfg = config_of(message)
+    _, _, x, y = site_rows(cfg, context)
+    if y is None:
+        raise ValueError(f"{message.metadata.message_type}: this run evaluates at the server (eval.where=server); the site holds nothing out")
+    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    return {**held_out_metrics(model, x, y, cfg, client_device(cfg, context)), NODE_PARTITION_ID: int(context.node_config[NODE_PARTITION_ID])}
