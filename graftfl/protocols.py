@@ -346,8 +346,10 @@ BUILTIN_PROTOCOLS = {
     "dssgd": dict(server="graftfl.strategies.dssgd", client="graftfl.clients.dssgd"),
     "features": dict(server="graftfl.strategies.features", client="graftfl.clients.features", commands="graftfl.commands.features_cli"),
 }
-# The built-in pre-training phases (none yet; e.g. "dedup": dict(server=..., client=...)).
-BUILTIN_PHASES: dict[str, dict] = {}
+# The built-in pre-training phases (run in the order graftfl.server_app.app.phase_plan decides).
+BUILTIN_PHASES: dict[str, dict] = {
+    "dedup": dict(server="graftfl.strategies.dedup", client="graftfl.clients.dedup"),  # dedup=psi
+}
 
 for _name, _parts in BUILTIN_PROTOCOLS.items():
     register_protocol(_name, **_parts)

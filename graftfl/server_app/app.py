@@ -19,13 +19,26 @@ from graftfl.strategies.utils import ServerRun, wait_for_nodes
 logger = logging.getLogger(__name__)
 
 
+def phase_plan(cfg: DictConfig) -> list[str]:
+    """The run's pre-training phases, in the order they run: the one place that decides it.
+
+    ``dedup`` first when ``dedup=psi`` (duplicates go before anything is computed over the
+    rows), then federated normalization when the dataset asks for it, then the config's own
+    ``phases`` list. Config validation checks the same list (:func:`graftfl.config.validate`).
+    """
+    plan = []
+    if cfg.get("dedup") and cfg.dedup.get("name") == "psi":
+        plan.append("dedup")
+    return plan + list(cfg.get("phases") or [])
+
+
 def run_phases(grid: Grid | None, run: ServerRun) -> dict:
-    """Run the config's pre-training ``phases`` once, in order; ``{phase: its summary fields}``.
+    """Run the run's pre-training phases (:func:`phase_plan`) once, in order; ``{phase: its summary fields}``.
 
     Every phase sees the same connected sites, before the protocol's own rounds
     (a resumed run runs them again: a fresh site process has no phase state).
     """
-    names = list(run.cfg.get("phases") or [])
+    names = phase_plan(run.cfg)
     if not names:
         return {}
     if grid is None:
