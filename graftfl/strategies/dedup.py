@@ -72,12 +72,12 @@ class _FlowerRelay:
         out: dict[int, dict[str, Any] | str] = {}
         for node in batch:
             reply = replies.get(node)
+            if reply is not None:
+                self.bytes_up += message_nbytes(reply)
+            record = None if reply is None or reply.has_error() or DEDUP_RECORD not in reply.content else reply.content[DEDUP_RECORD]
             if reply is None:
                 out[node] = f"no reply within timeout_s={self.timeout_s:g}"
-                continue
-            self.bytes_up += message_nbytes(reply)
-            record = None if reply.has_error() or DEDUP_RECORD not in reply.content else reply.content[DEDUP_RECORD]
-            if reply.has_error():
+            elif reply.has_error():
                 out[node] = f"site error: {str(reply.error.reason)[:500]}"
             elif not isinstance(record, ConfigRecord):
                 out[node] = f"bad reply: no '{DEDUP_RECORD}' ConfigRecord"
