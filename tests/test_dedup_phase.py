@@ -39,7 +39,7 @@ SITE_DECLARATION = {"name": "site", "input_shape": [1, 8, 8], "num_classes": 10}
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dedup-sites") / "sites"
-    prepare_sites(["dataset=digits", f"num_clients={NUM_SITES}"], out, duplicate_fraction=0.2)
+    prepare_sites(["dataset=digits", f"num_clients={NUM_SITES}", "partition.samples_per_client=200"], out, duplicate_fraction=0.2)
     return out
 
 
