@@ -297,3 +297,57 @@ def test_deploy_local_gives_the_salt_to_the_supernodes_only(tmp_path, monkeypatc
     salts = {LocalDeployment(tmp_path / name, num_nodes=1).env(supernode=True)[SALT_ENV_VAR] for name in "bcd"}
     assert len(salts) == 3 and all(len(bytes.fromhex(salt)) == 32 for salt in salts)  # fresh per run
     assert SALT_ENV_VAR not in os.environ
+
+
+# -- the same phase under `graftfl sim` and `graftfl deploy-local` (needs dataset=site and --data-dir) ---------
+
+
+def _data_dir_missing() -> str | None:
+    """Why the end-to-end runs cannot run on this checkout (None when they can)."""
+    from tests.conftest import ROOT, run_graftfl
+
+    if "site" not in group_options("dataset"):
+        return "no dataset=site config group yet (issue 12 integration, branch site-int)"
+    for command in ("sim", "deploy-local"):
+        if "--data-dir" not in run_graftfl(command, "--help", cwd=ROOT, check=False, timeout=120).stdout:
+            return f"`graftfl {command}` has no --data-dir yet (issue 12 integration, branch site-int)"
+    return None
+
+
+def _pair_counts(run_dir: Path) -> dict:
+    report = json.loads((run_dir / "dedup.json").read_text())
+    return {"pairs": [(tuple(p["pair"]), p["status"], p.get("overlap_patients"), p.get("dropped_records")) for p in report["pairs"]],
+            "sites": [(site["rank"], site["status"], site.get("dropped_records"), site.get("patients")) for site in report["sites"]],
+            "totals": {k: report["totals"][k] for k in ("overlap_patients", "dropped_records", "pairs_checked", "pairs_not_checked")}}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="deploy-local's process checks need Linux /proc")
+def test_sim_and_deploy_local_give_the_same_dedup_and_then_train(tmp_path):
+    """``dedup=psi`` under ``graftfl sim --data-dir`` and ``graftfl deploy-local --data-dir``: same counts, right counts, training after."""
+    missing = _data_dir_missing()
+    if missing:
+        pytest.skip(f"needs dataset=site and --data-dir for sim and deploy-local: {missing}")
+    from tests.conftest import run_dir_from, run_graftfl
+    from tests.test_deploy_local import run_deploy_local
+
+    run_graftfl("prepare-sites", "dataset=digits", f"num_clients={NUM_SITES}", "partition.samples_per_client=200", "out=sites",
+                "--duplicate-fraction", "0.2", cwd=tmp_path)
+    args = ["--data-dir", "sites", "protocol=fedavg", "dataset=site", "dataset.input_shape=[1,8,8]", "dataset.num_classes=10",
+            f"num_clients={NUM_SITES}", "rounds=1", "dedup=psi"]
+    simulated = run_dir_from(run_graftfl("sim", *args, cwd=tmp_path, timeout=600), tmp_path)
+    deployed, _ = run_deploy_local(args, tmp_path, timeout=600)
+    assert _pair_counts(simulated) == _pair_counts(deployed)  # consistency: the same phase, two runtimes
+    holders = holders_of(tmp_path / "sites")
+    truth_pairs = json.loads((tmp_path / "sites" / TRUTH_NAME).read_text())["pairs"]
+    patients = site_patients(tmp_path / "sites")
+    expected = expected_drops(patients, holders, live={0, 1, 2})
+    for run_dir in (simulated, deployed):
+        counts = _pair_counts(run_dir)
+        assert [overlap for _, _, overlap, _ in counts["pairs"]] == [truth_pairs.get(f"site-{i},site-{j}", 0) for i, j in ((0, 1), (0, 2), (1, 2))]
+        assert [dropped for _, _, dropped, _ in counts["sites"]] == [len(e) for e in expected]
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        assert [row["round"] for row in rows] == [0, 1] and rows[0]["phase"] == "dedup"  # the phase, then training
+        assert rows[1]["bytes_up"] > 0
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["phases"]["dedup"]["dropped_records"] == sum(len(e) for e in expected) and summary["rounds"] == 1
