@@ -202,7 +202,8 @@ def _checked(check, cfg: DictConfig) -> None:
 def _validate_phases(cfg: DictConfig, federated: bool) -> None:
     """The run's phases (``phases`` and those its groups add, e.g. ``dedup=psi``): registered names,
     each once, only for a protocol that runs through Flower."""
-    from graftfl.server_app.app import phase_plan  # the one function that orders phases (imported late: it imports this module)
+    # The one function that orders phases; imported here because graftfl.server_app.app imports this module.
+    from graftfl.server_app.app import phase_plan
 
     phases = list(cfg.get("phases") or [])
     for name in phases:

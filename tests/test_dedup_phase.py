@@ -223,7 +223,7 @@ def test_a_silent_site_times_out_and_the_pair_of_the_others_applies(sites, tmp_p
 def test_sites_with_another_salt_find_nothing_and_say_why(sites, tmp_path):
     """A site outside the federation (another salt) cannot match anyone: its pairs are refused, nothing dropped."""
     grid = site_grid(sites, salts={2: "another-federation-salt-0123456789"})
-    summary, report, _ = run_dedup(site_config(tmp_path), grid)
+    _, report, _ = run_dedup(site_config(tmp_path), grid)
     patients, holders = site_patients(sites), holders_of(sites)
     assert dropped_rows(grid, 2) == []
     assert dropped_rows(grid, 1) == expected_drops(patients, holders, live={0, 1})[1]
@@ -253,7 +253,7 @@ def test_composite_key_from_manifest_columns(tmp_path):
     grid = FakeGrid(nodes=[10, 11])
     for s, node in enumerate([10, 11]):
         grid.contexts[node].node_config.update({"data-path": str(tmp_path / "sites" / f"site-{s}"), "dedup-salt": SALT})
-    summary, report, _ = run_dedup(cfg, grid)
+    _, report, _ = run_dedup(cfg, grid)
     assert report["pairs"][0]["overlap_patients"] == 1  # Bob Jones, whose patient ids differ per site
     assert json.loads(grid.contexts[11].state[phase_state_key("dedup")][DROPPED_ROWS]) == [0, 1]
 
