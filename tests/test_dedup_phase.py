@@ -239,6 +239,21 @@ def test_a_site_without_a_salt_refuses_and_the_server_cannot_supply_one(sites, t
     assert all(dropped_rows(grid, s) is None for s in range(NUM_SITES))
 
 
+def test_near_duplicate_images_are_matched_too(sites, tmp_path):
+    """``dedup.images=phash``: the copied images (identical pixels) match on hash bands; patient drops still apply."""
+    grid = site_grid(sites)
+    summary, report, _ = run_dedup(site_config(tmp_path, "dedup.images=phash", "dedup.image_bands=4"), grid)
+    patients, holders = site_patients(sites), holders_of(sites)
+    expected = expected_drops(patients, holders, live={0, 1, 2})
+    for s in range(NUM_SITES):
+        assert set(expected[s]) <= set(dropped_rows(grid, s))  # image matches can only add drops
+    for pair in report["pairs"]:
+        i, j = pair["pair"]
+        copies = sum(1 for p in patients[j] if i in holders.get(p, []))
+        assert pair["status"] == "ok" and pair["matched_images"] >= copies > 0
+    assert summary["matched_images"] == sum(p["matched_images"] for p in report["pairs"])
+
+
 def test_composite_key_from_manifest_columns(tmp_path):
     """``dedup.key=name|birth_date`` reads the manifest's own columns; differently written values still match."""
     from tests.site_fixtures import manifest_folder
