@@ -202,17 +202,17 @@ def _checked(check, cfg: DictConfig) -> None:
 def _validate_phases(cfg: DictConfig, federated: bool) -> None:
     """The run's phases (``phases`` and those its groups add, e.g. ``dedup=psi``): registered names,
     each once, only for a protocol that runs through Flower."""
-    # The one function that orders phases; imported here because graftfl.server_app.app imports this module.
-    from graftfl.server_app.app import phase_plan
-
     phases = list(cfg.get("phases") or [])
     for name in phases:
         _require(isinstance(name, str) and name in phase_names(), f"unknown phase '{name}' in phases; valid phases: {phase_names()}")
     _require(len(set(phases)) == len(phases), f"phases lists a phase twice: {phases}")
-    planned = phase_plan(cfg)
-    _require(len(set(planned)) == len(planned), f"phases={phases} repeats a phase the config already runs (phases run: {planned}); "
+    # The phases config groups add (graftfl.server_app.app.phase_plan orders them; config sits below server_app).
+    added = ["dedup"] if (cfg.get("dedup") or {}).get("name") == "psi" else []
+    _require(not set(added) & set(phases), f"phases={phases} repeats a phase the config already adds ({added}); "
              "dedup runs with dedup=psi, not by listing it in phases")
-    _require(not planned or federated, f"pre-training phases {planned} (from phases and dedup=psi) need a federated protocol; protocol '{cfg.protocol.name}' runs without sites")
+    planned = added + phases
+    _require(not planned or federated, f"pre-training phases {planned} (from phases and dedup=psi) need a federated protocol; "
+             f"protocol '{cfg.protocol.name}' runs without sites")
     for name in planned:
         phase = load_phase(name)
         if phase.validate_config is not None:

@@ -5,9 +5,8 @@ reason (``str(exception)``), which the server reads and records. Every handler i
 therefore wrapped by :func:`guarded`: an exception leaves the site as a
 :class:`SiteError` whose text has the site's secrets replaced by ``<redacted>``
 (and is logged at the site in the same scrubbed form). Secrets are the relay key
-(node config ``split-key``, ``GRAFTFL_SPLIT_KEY``; in hex, base64 and bytes form), the
-dedup salt (``dedup-salt``, ``GRAFTFL_DEDUP_SALT``)
-and every node-config value whose name says key, token, secret, password or salt (for
+(node config ``split-key``, ``GRAFTFL_SPLIT_KEY``; in hex, base64 and bytes form)
+and every node-config value whose name says key, token, secret or password (for
 files, e.g. a TLS private key, also the file's contents).
 """
 
@@ -28,8 +27,7 @@ from graftfl.core.handoff import KEY_ENV, parse_key
 log = logging.getLogger(__name__)
 
 REDACTED = "<redacted>"
-SECRET_NAME = re.compile(r"key|token|secret|password|salt", re.IGNORECASE)
-SECRET_ENV = (KEY_ENV, SALT_ENV_VAR)  # the split relay key, the dedup salt
+SECRET_NAME = re.compile(r"key|token|secret|password|salt", re.IGNORECASE)  # "salt": dedup-salt, the sites' PSI secret
 MAX_SECRET_FILE_BYTES = 1 << 16
 
 
@@ -61,9 +59,9 @@ def _file_secrets(value: str) -> set[str]:
 def site_secrets(context: Context) -> set[str]:
     """Every string of this site that must never reach the server."""
     found: set[str] = set()
-    for name in SECRET_ENV:
-        if os.environ.get(name):
-            found |= _forms(os.environ[name])
+    for variable in (KEY_ENV, SALT_ENV_VAR):
+        if os.environ.get(variable):
+            found |= _forms(os.environ[variable])
     for name, value in dict(context.node_config).items():
         if SECRET_NAME.search(str(name)) and str(value).strip():
             found |= _forms(str(value)) | _file_secrets(str(value))
