@@ -346,7 +346,7 @@ BUILTIN_PROTOCOLS = {
     "dssgd": dict(server="graftfl.strategies.dssgd", client="graftfl.clients.dssgd"),
     "features": dict(server="graftfl.strategies.features", client="graftfl.clients.features", commands="graftfl.commands.features_cli"),
 }
-# The built-in pre-training phases (run in the order graftfl.server_app.app.phase_plan decides).
+# The built-in pre-training phases (which run, and in what order: graftfl.server_app.app.phase_plan).
 BUILTIN_PHASES: dict[str, dict] = {
     "dedup": dict(server="graftfl.strategies.dedup", client="graftfl.clients.dedup"),  # dedup=psi
 }

@@ -134,7 +134,7 @@ def test_every_builtin_protocol_honours_the_contract():
 
 def test_config_rejects_unknown_repeated_and_siteless_phases(registry):
     register_phase("probe", server=ServerPhase(name="probe", run=lambda grid, run, node_ids: {}))
-    with pytest.raises(ConfigError, match=r"unknown phase 'dedupe' in phases; valid phases: \['dedup', 'probe'\]"):
+    with pytest.raises(ConfigError, match=r"unknown phase 'dedupe' in phases; valid phases: \[.*'probe'.*\]"):
         compose_config(["protocol=fedavg", "dataset=digits", "phases=[dedupe]"])
     with pytest.raises(ConfigError, match="lists a phase twice"):
         compose_config(["protocol=fedavg", "dataset=digits", "phases=[probe,probe]"])

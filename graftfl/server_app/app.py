@@ -20,11 +20,11 @@ logger = logging.getLogger(__name__)
 
 
 def phase_plan(cfg: DictConfig) -> list[str]:
-    """The run's pre-training phases, in the order they run: the one place that decides it.
+    """The pre-training phases a run runs, in order: the one place that decides it.
 
-    ``dedup`` first when ``dedup=psi`` (duplicates go before anything is computed over the
-    rows), then federated normalization when the dataset asks for it, then the config's own
-    ``phases`` list. Config validation checks the same list (:func:`graftfl.config.validate`).
+    ``dedup`` (``dedup=psi``) first, so that later phases see only the kept rows; then
+    ``normalize`` when the dataset's normalization is federated (``dataset=site`` by
+    default); then the config's own ``phases`` list.
     """
     plan = []
     if cfg.get("dedup") and cfg.dedup.get("name") == "psi":
@@ -33,7 +33,7 @@ def phase_plan(cfg: DictConfig) -> list[str]:
 
 
 def run_phases(grid: Grid | None, run: ServerRun) -> dict:
-    """Run the run's pre-training phases (:func:`phase_plan`) once, in order; ``{phase: its summary fields}``.
+    """Run the pre-training phases of :func:`phase_plan` once, in order; ``{phase: its summary fields}``.
 
     Every phase sees the same connected sites, before the protocol's own rounds
     (a resumed run runs them again: a fresh site process has no phase state).
