@@ -50,10 +50,12 @@ def no_salt_in_environment(monkeypatch):
 
 def site_config(output_dir: Path, *extra: str):
     """``protocol=fedavg dataset=site dedup=psi`` (the site declaration set by hand until dataset=site exists)."""
-    overrides = ["protocol=fedavg", f"num_clients={NUM_SITES}", "dedup=psi", f"output_dir={output_dir}", "run_id=dedup-test", *extra]
+    overrides = ["protocol=fedavg", f"num_clients={NUM_SITES}", "dedup=psi", f"output_dir={output_dir}", "run_id=dedup-test"]
     if "site" in group_options("dataset"):
-        return compose_config([*overrides, "dataset=site", "dataset.input_shape=[1,8,8]", "dataset.num_classes=10"])
-    cfg = compose_config([*overrides, "dataset=digits"], validate_values=False)
+        # normalization fixed: these tests run the dedup phase alone (the federated default adds the normalize phase)
+        return compose_config([*overrides, "dataset=site", "dataset.input_shape=[1,8,8]", "dataset.num_classes=10",
+                               "dataset.normalization=fixed", *extra])
+    cfg = compose_config([*overrides, "dataset=digits", *extra], validate_values=False)
     cfg.dataset = OmegaConf.create(SITE_DECLARATION)
     return cfg
 
