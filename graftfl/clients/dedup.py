@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,13 @@ from graftfl.clients.utils import config_of, partition_id_of
 from graftfl.core.dedup import DedupConfig, DedupSite, image_phash, resolve_salt
 from graftfl.core.site_formats import MANIFEST_NAME
 from graftfl.core.sitedata import DATA_PATH_KEY, SiteData, site_data_from_config
-from graftfl.core.wire import DEDUP_RECORD, DROPPED_ROWS
+from graftfl.core.wire import DEDUP_RECORD, DROPPED_ROWS, NODE_PARTITION_ID
 from graftfl.protocols import ClientPhase, phase_state_key
 
 PHASE = "dedup"
 STATE_FIELD = "dedup.state"  # DedupSite.secret_state()'s key
 RANK_FIELD = "rank"
+DATA_DIR_ENV = "GRAFTFL_DATA_DIR"  # graftfl sim --data-dir: simulation cannot give each virtual site its own node config
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,25 @@ def manifest_rows(data: SiteData, data_path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def data_path_of(context: Context) -> str | None:
+    """Node-config ``data-path``; else ``$GRAFTFL_DATA_DIR/site-<partition-id>`` (``graftfl sim --data-dir``).
+
+    The same rule as the protocols' site loader (``graftfl.clients.site_data.data_path_of`` once
+    issue 12's integration is merged: use that one), so that row *i* is the same row for both.
+    """
+    path = context.node_config.get(DATA_PATH_KEY)
+    if path not in (None, ""):
+        return str(path)
+    root = os.environ.get(DATA_DIR_ENV)
+    if root and NODE_PARTITION_ID in context.node_config:
+        return str(Path(root) / f"site-{int(context.node_config[NODE_PARTITION_ID])}")
+    return None
+
+
 def record_keys_and_hashes(context: Context, cfg, settings: DedupConfig) -> tuple[list[Any], list[int] | None]:
     """This site's identifier key per row (load order) and, with ``images=phash``, one pHash per row."""
-    data = site_data_from_config(context.node_config, cfg.dataset, f"node {context.node_id}",
+    data_path = data_path_of(context)
+    data = site_data_from_config({**dict(context.node_config), DATA_PATH_KEY: data_path}, cfg.dataset, f"node {context.node_id}",
                                  site_fraction=float(cfg.eval.site_fraction), seed=int(cfg.seed))
     columns = settings.key_spec().columns
     if columns == ("patient_id",):
@@ -62,7 +80,7 @@ def record_keys_and_hashes(context: Context, cfg, settings: DedupConfig) -> tupl
                              f"(a {MANIFEST_NAME} with path,label,patient_id[,split])")
         keys: list[Any] = list(data.patient_ids)
     else:
-        keys = manifest_rows(data, Path(str(context.node_config[DATA_PATH_KEY])).expanduser())
+        keys = manifest_rows(data, Path(str(data_path)).expanduser())
     hashes = [image_phash(image.numpy()) for image in data.x] if settings.images == "phash" else None
     return keys, hashes
 

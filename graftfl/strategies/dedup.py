@@ -78,7 +78,7 @@ class _FlowerRelay:
             if reply is None:
                 out[node] = f"no reply within timeout_s={self.timeout_s:g}"
             elif reply.has_error():
-                out[node] = f"site error: {str(reply.error.reason)[:500]}"
+                out[node] = f"site error: {_shortened(str(reply.error.reason))}"
             elif not isinstance(record, ConfigRecord):
                 out[node] = f"bad reply: no '{DEDUP_RECORD}' ConfigRecord"
             else:
@@ -86,6 +86,11 @@ class _FlowerRelay:
             if isinstance(out[node], str):
                 self.node_errors.setdefault(node, f"{step}: {out[node]}")
         return out
+
+
+def _shortened(text: str, limit: int = 600) -> str:
+    """A site's error for the report: its start and its end (where a traceback names the cause)."""
+    return text if len(text) <= limit else f"{text[:150]} ... {text[-(limit - 155):]}"
 
 
 def _map_ranks(coordinator: DedupCoordinator, relay: _FlowerRelay, replies: dict[int, Any]) -> dict[int, int]:
