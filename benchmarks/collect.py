@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-ORDER = ["fedavg_scale", "split_overhead", "split_accuracy", "ko_table4", "features", "gpu_check"]
+ORDER = ["fedavg_scale", "split_overhead", "split_accuracy", "ko_table4", "features", "dedup", "gpu_check"]
 COMBINED = {"split"}  # split.md is split_overhead.md + split_accuracy.md again (benchmarks/split_accuracy.py)
 
 INTRO = """# Benchmarks

@@ -38,6 +38,7 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None) -> Path:
     from graftfl.clients.app import app as client_app
     from graftfl.clients.site_data import DATA_DIR_ENV
     from graftfl.clients.split_turns import ALLOW_SERVER_EVAL_ENV
+    from graftfl.core.dedup.keys import SALT_ENV_VAR as DEDUP_SALT_ENV
     from graftfl.core.handoff import KEY_ENV as SPLIT_KEY_ENV
 
     # Ray workers must import this checkout's graftfl, whatever their working directory.
@@ -52,6 +53,10 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None) -> Path:
     own_key = not os.environ.get(SPLIT_KEY_ENV)
     if own_key:
         os.environ[SPLIT_KEY_ENV] = os.urandom(32).hex()
+    # dedup=psi: the salt the sites share, by the same rule (the ServerApp shares this process but never reads it).
+    own_salt = not os.environ.get(DEDUP_SALT_ENV)
+    if own_salt:
+        os.environ[DEDUP_SALT_ENV] = os.urandom(32).hex()
     # Every simulated site is the caller's: its acknowledgement in the config is the sites' consent too.
     # Features sites write under a folder of their own choosing; on this one machine: beside the run.
     own_sites_dir = "GRAFTFL_SITES_DIR" not in os.environ
@@ -71,6 +76,8 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None) -> Path:
     finally:
         if own_key:
             os.environ.pop(SPLIT_KEY_ENV, None)
+        if own_salt:
+            os.environ.pop(DEDUP_SALT_ENV, None)
         if allow_server_eval:
             os.environ.pop(ALLOW_SERVER_EVAL_ENV, None)
         if own_sites_dir:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from graftfl.protocols import load_phase, load_protocol, phase_names, protocol_names
 
-GROUPS = ("protocol", "dataset", "model", "privacy", "partition", "experiment")
+GROUPS = ("protocol", "dataset", "model", "privacy", "partition", "dedup", "experiment")
 
 
 class ConfigError(ValueError):
@@ -250,13 +250,20 @@ def _checked(check, cfg: DictConfig) -> None:
 
 
 def _validate_phases(cfg: DictConfig, federated: bool) -> None:
-    """``phases``: registered names, each once, only for a protocol that runs through Flower."""
+    """The run's phases (``phases`` and those its groups add, e.g. ``dedup=psi``): registered names,
+    each once, only for a protocol that runs through Flower."""
     phases = list(cfg.get("phases") or [])
     for name in phases:
         _require(isinstance(name, str) and name in phase_names(), f"unknown phase '{name}' in phases; valid phases: {phase_names()}")
     _require(len(set(phases)) == len(phases), f"phases lists a phase twice: {phases}")
-    _require(not phases or federated, f"phases={phases} need a federated protocol; protocol '{cfg.protocol.name}' runs without sites")
-    for name in phases:
+    # The phases config groups add (graftfl.server_app.app.phase_plan orders them; config sits below server_app).
+    added = ["dedup"] if (cfg.get("dedup") or {}).get("name") == "psi" else []
+    _require(not set(added) & set(phases), f"phases={phases} repeats a phase the config already adds ({added}); "
+             "dedup runs with dedup=psi, not by listing it in phases")
+    planned = added + phases
+    _require(not planned or federated, f"pre-training phases {planned} (from phases and dedup=psi) need a federated protocol; "
+             f"protocol '{cfg.protocol.name}' runs without sites")
+    for name in planned:
         phase = load_phase(name)
         if phase.validate_config is not None:
             _checked(phase.validate_config, cfg)

@@ -351,6 +351,7 @@ BUILTIN_PROTOCOLS = {
 }
 # The built-in pre-training phases (which run, and in what order: graftfl.server_app.app.phase_plan).
 BUILTIN_PHASES: dict[str, dict] = {
+    "dedup": dict(server="graftfl.strategies.dedup", client="graftfl.clients.dedup"),  # dedup=psi
     "normalize": dict(server="graftfl.strategies.normalize", client="graftfl.clients.normalize"),
 }
 

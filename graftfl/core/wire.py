@@ -19,6 +19,10 @@ ARRAYS_RECORD = "arrays"  # ArrayRecord: model weights (Flower's strategies use 
 METRICS_RECORD = "metrics"  # MetricRecord: what a site reports
 PRIVACY_RECORD = "privacy"  # ConfigRecord: a site's accountant history, for server checkpoints
 HANDOFF_RECORD = "handoff"  # split: the bottom weights passed from turn to turn
+DEDUP_RECORD = "dedup"  # ConfigRecord: one step of the dedup phase (graftfl.core.dedup message fields), both ways
+
+# -- what a phase leaves in a site's context.state[phase_state_key(name)] (never sent)
+DROPPED_ROWS = "dropped-rows"  # dedup: JSON list of the site's row indices (load order) to leave out
 
 # -- fields of the config record (server -> site)
 CONFIG_KEY = "graftfl-config"  # the resolved run config as JSON (the server is the source of truth)

@@ -38,6 +38,7 @@ from typing import TextIO
 
 from omegaconf import DictConfig
 
+from graftfl.core.dedup.keys import SALT_ENV_VAR as DEDUP_SALT_ENV
 from graftfl.core.handoff import KEY_ENV as SPLIT_KEY_ENV
 from graftfl.core.run_dir import project_root, run_dir_of, with_run_id
 from graftfl.core.sitedata import DATA_PATH_KEY
@@ -113,6 +114,8 @@ class LocalDeployment:
     # The split-learning relay key (AES-256) is the clients' secret: a fresh one per run,
     # or the caller's GRAFTFL_SPLIT_KEY, given to the SuperNodes only (never the SuperLink).
     split_key: str = field(default_factory=lambda: os.environ.get(SPLIT_KEY_ENV) or os.urandom(32).hex())
+    # The dedup salt (dedup=psi) is the sites' shared secret too: the same rule, its own value.
+    dedup_salt: str = field(default_factory=lambda: os.environ.get(DEDUP_SALT_ENV) or os.urandom(32).hex())
     sites_dir: Path | None = None  # where features sites write (their own choice, given in their environment)
     data_dir: Path | None = None  # --data-dir: SuperNode i reads its own data at <data_dir>/site-<i> (node-config data-path)
 
@@ -130,9 +133,11 @@ class LocalDeployment:
         """The environment of a Flower process of this deployment (a SuperNode also gets the site's secrets)."""
         env = dict(os.environ)
         env.pop(SPLIT_KEY_ENV, None)
+        env.pop(DEDUP_SALT_ENV, None)
         if supernode:
             # Environment, not --node-config: argv is readable by every user through ps.
             env[SPLIT_KEY_ENV] = self.split_key
+            env[DEDUP_SALT_ENV] = self.dedup_salt
             if self.sites_dir is not None:
                 env["GRAFTFL_SITES_DIR"] = str(self.sites_dir)
         # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name: same venv first.

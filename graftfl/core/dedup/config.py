@@ -73,6 +73,11 @@ class DedupConfig:
             raise ValueError(f"unknown dedup setting(s) {unknown}; valid: {sorted(names)}")
         return cls(**dict(values))
 
+    @classmethod
+    def from_group(cls, group: Mapping[str, Any]) -> DedupConfig:
+        """From the run config's ``dedup`` group (``conf/dedup/psi.yaml``), whose selector ``name`` is not a setting."""
+        return cls.from_mapping({key: value for key, value in dict(group).items() if key != "name"})
+
     def key_spec(self) -> KeySpec:
         """The key columns and text normalisation as a :class:`KeySpec`."""
         return KeySpec(columns=self.key, nfkc=self.nfkc, collapse_whitespace=self.collapse_whitespace)
