@@ -75,11 +75,14 @@ class Serve:
             if line.startswith("serving "):
                 break
         self.url = self.lines[-1].split(" at ")[1].split("/predict")[0]
-        for _ in range(100):  # uvicorn binds right after the announcement
+        bound_by = time.monotonic() + 60  # uvicorn binds right after the announcement (slowly on a loaded machine)
+        while True:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 break
             except OSError:
+                if time.monotonic() > bound_by or self.proc.poll() is not None:
+                    raise AssertionError(f"graftfl serve never accepted connections on {self.port}: {''.join(self.lines)}") from None
                 time.sleep(0.1)
 
     def tokens(self) -> dict[str, str]:
