@@ -138,6 +138,7 @@ def classifier_accuracy(store: FeatureStore) -> float:
     return evaluate(model, test.test_x.flatten(1), test.test_y, device=torch.device("cpu"))["accuracy"]
 
 
+@pytest.mark.slow  # kills an ingest subprocess mid-upload
 def test_sigkill_while_uploading_loses_no_acknowledged_chunk(tmp_path):
     chunks = digits_chunks()
     size_of = {key_of(c): len(c.labels) for c in chunks}

@@ -108,6 +108,7 @@ def files_text(folder: Path) -> bytes:
     return b"".join(path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file())
 
 
+@pytest.mark.slow  # starts the real `graftfl serve` in a subprocess
 def test_serve_answers_only_requests_with_their_sites_token(run_dir, tmp_path):
     with Serve("--run", str(run_dir), cwd=tmp_path) as service:
         tokens = service.tokens()
@@ -134,6 +135,7 @@ def test_serve_answers_only_requests_with_their_sites_token(run_dir, tmp_path):
     assert not any(token.encode() in everything for token in tokens.values())
 
 
+@pytest.mark.slow  # starts the real `graftfl serve` in a subprocess
 def test_tokens_file_stays_out_of_the_run_dir_and_predict_sends_the_token(run_dir, tmp_path, images, capsys, monkeypatch):
     tokens_file = tmp_path / "operator" / "tokens.json"
     tokens_file.parent.mkdir()
@@ -159,6 +161,7 @@ def test_tokens_file_stays_out_of_the_run_dir_and_predict_sends_the_token(run_di
     assert TokenTable(json.loads((run_dir / HASH_FILE).read_text())["sites"]).site_of(tokens["site-1"]) == "site-1"
 
 
+@pytest.mark.slow  # starts the real `graftfl serve` in a subprocess
 def test_issued_tokens_go_to_a_new_private_file(run_dir, tmp_path):
     target = tmp_path / "issued.json"
     with Serve("--run", str(run_dir), "--write-tokens", str(target), "--sites", "north,south", cwd=tmp_path) as service:
@@ -170,6 +173,7 @@ def test_issued_tokens_go_to_a_new_private_file(run_dir, tmp_path):
     assert main(["serve", "--run", str(run_dir), "--write-tokens", str(target)]) == 2  # never overwrites
 
 
+@pytest.mark.slow  # starts the real `graftfl serve` in a subprocess
 def test_https_with_a_throwaway_ca(run_dir, tmp_path, images, capsys):
     tls = generate_tls_files(tmp_path / "tls")
     other_ca = generate_tls_files(tmp_path / "other").ca_cert
