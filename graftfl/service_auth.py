@@ -1,6 +1,7 @@
 """Per-site bearer tokens for ``graftfl serve`` (the prediction service).
 
-Each site gets its own random token (``secrets.token_urlsafe(32)``). The service
+Each site gets its own random token (``secrets.token_hex(32)``: hex never starts with ``-``,
+which a command line would read as an option). The service
 keeps only SHA-256 hashes of the tokens (and writes only those into the run
 directory, ``service_tokens.json``); a request's token is hashed and compared
 with every stored hash in constant time (:func:`hmac.compare_digest`, no early
@@ -79,7 +80,7 @@ class TokenTable:
 
 def issue_tokens(sites: Iterable[str]) -> dict[str, str]:
     """A fresh random token for each site."""
-    tokens = {str(site): secrets.token_urlsafe(32) for site in sites}
+    tokens = {str(site): secrets.token_hex(32) for site in sites}  # 256 bits; never starts with '-'
     if not tokens:
         raise TokenFileError("no sites to issue tokens for")
     return tokens
