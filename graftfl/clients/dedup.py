@@ -21,23 +21,22 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from graftfl.clients.site_data import data_path_of
 from graftfl.clients.utils import config_of, partition_id_of
 from graftfl.core.dedup import DedupConfig, DedupSite, image_phash, resolve_salt
 from graftfl.core.site_formats import MANIFEST_NAME
 from graftfl.core.sitedata import DATA_PATH_KEY, SiteData, site_data_from_config
-from graftfl.core.wire import DEDUP_RECORD, DROPPED_ROWS, NODE_PARTITION_ID
+from graftfl.core.wire import DEDUP_RECORD, DROPPED_ROWS
 from graftfl.protocols import ClientPhase, phase_state_key
 
 PHASE = "dedup"
 STATE_FIELD = "dedup.state"  # DedupSite.secret_state()'s key
 RANK_FIELD = "rank"
-DATA_DIR_ENV = "GRAFTFL_DATA_DIR"  # graftfl sim --data-dir: simulation cannot give each virtual site its own node config
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +50,6 @@ def manifest_rows(data: SiteData, data_path: Path) -> list[dict[str, str]]:
     if len(rows) != len(data):
         raise ValueError(f"{MANIFEST_NAME} has {len(rows)} rows but the site loaded {len(data)}; it changed during the phase")
     return rows
-
-
-def data_path_of(context: Context) -> str | None:
-    """Node-config ``data-path``; else ``$GRAFTFL_DATA_DIR/site-<partition-id>`` (``graftfl sim --data-dir``).
-
-    The same rule as the protocols' site loader (``graftfl.clients.site_data.data_path_of`` once
-    issue 12's integration is merged: use that one), so that row *i* is the same row for both.
-    """
-    path = context.node_config.get(DATA_PATH_KEY)
-    if path not in (None, ""):
-        return str(path)
-    root = os.environ.get(DATA_DIR_ENV)
-    if root and NODE_PARTITION_ID in context.node_config:
-        return str(Path(root) / f"site-{int(context.node_config[NODE_PARTITION_ID])}")
-    return None
 
 
 def record_keys_and_hashes(context: Context, cfg, settings: DedupConfig) -> tuple[list[Any], list[int] | None]:
