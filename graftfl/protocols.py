@@ -51,7 +51,6 @@ and may keep results for the protocol's later messages in
 from __future__ import annotations
 
 import importlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -59,123 +58,16 @@ SERVER_ATTRIBUTE = "SERVER_PROTOCOL"
 CLIENT_ATTRIBUTE = "CLIENT_PROTOCOL"
 SERVER_PHASE_ATTRIBUTE = "SERVER_PHASE"
 CLIENT_PHASE_ATTRIBUTE = "CLIENT_PHASE"
-HANDLER_CATEGORIES = ("train", "evaluate", "query")
-
-
-class ProtocolError(RuntimeError):
-    """A protocol or phase is unknown or its module breaks the contract; the message says what is missing."""
-
-
-def _require_callable(owner: str, part: str, value: Any, arity: int) -> None:
-    """Raise :class:`ProtocolError` unless ``value`` is callable with ``arity`` positional arguments."""
-    if not callable(value):
-        raise ProtocolError(f"{owner}: '{part}' must be a callable taking {arity} argument(s), got {value!r}")
-    try:
-        inspect.signature(value).bind(*range(arity))
-    except TypeError as err:
-        raise ProtocolError(f"{owner}: '{part}' must accept {arity} positional argument(s): {err}") from err
-    except ValueError:  # builtins without a signature: trust them
-        pass
-
-
-def _require_name(owner: str, name: str) -> None:
-    # Flower routes "<category>.<action>" and requires the action to be an identifier.
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ProtocolError(f"{owner}: name must be a Python identifier (Flower message types are '<category>.<name>'), got {name!r}")
-
-
-@dataclass(frozen=True)
-class ServerProtocol:
-    """The server side of a protocol: what ``graftfl/strategies/<name>.py`` declares as ``SERVER_PROTOCOL``.
-
-    Parameters
-    ----------
-    name : str
-        The protocol name (``protocol.name`` in the config).
-    run : callable
-        ``run(grid, run: ServerRun) -> dict | None``: the remaining rounds; extra summary fields.
-    validate_config : callable
-        ``validate_config(cfg)``: raise ``ValueError`` naming what is valid.
-    federated : bool
-        ``False`` for baselines that run without Flower (``grid`` is ``None``).
-    """
-
-    name: str
-    run: Callable[[Any, Any], dict | None]
-    validate_config: Callable[[Any], None]
-    federated: bool = True
-
-    def __post_init__(self) -> None:
-        owner = f"ServerProtocol '{self.name}'"
-        _require_name(owner, self.name)
-        _require_callable(owner, "run", self.run, 2)
-        _require_callable(owner, "validate_config", self.validate_config, 1)
-        if not isinstance(self.federated, bool):
-            raise ProtocolError(f"{owner}: 'federated' must be True or False, got {self.federated!r}")
-
-
-@dataclass(frozen=True)
-class ClientProtocol:
-    """The site side of a protocol: what ``graftfl/clients/<name>.py`` declares as ``CLIENT_PROTOCOL``.
-
-    Each handler ``(message, context) -> Message`` answers ``<category>.<name>``;
-    at least one is required.
-    """
-
-    name: str
-    train: Callable[[Any, Any], Any] | None = None
-    evaluate: Callable[[Any, Any], Any] | None = None
-    query: Callable[[Any, Any], Any] | None = None
-
-    def __post_init__(self) -> None:
-        owner = f"ClientProtocol '{self.name}'"
-        _require_name(owner, self.name)
-        if not self.handlers():
-            raise ProtocolError(f"{owner}: needs at least one handler among {list(HANDLER_CATEGORIES)}")
-        for category, handler in self.handlers().items():
-            _require_callable(owner, category, handler, 2)
-
-    def handlers(self) -> dict[str, Callable]:
-        """``{message type: handler}``, e.g. ``{"train.split": train}``."""
-        return {f"{category}.{self.name}": getattr(self, category) for category in HANDLER_CATEGORIES if getattr(self, category) is not None}
-
-
-@dataclass(frozen=True)
-class ServerPhase:
-    """The server side of a pre-training phase.
-
-    ``run(grid, run: ServerRun, node_ids: list[int]) -> dict`` sends the sites
-    ``query.<name>`` messages and returns summary fields. ``validate_config``
-    (optional) checks the config when a run lists the phase.
-    """
-
-    name: str
-    run: Callable[[Any, Any, list[int]], dict | None]
-    validate_config: Callable[[Any], None] | None = None
-
-    def __post_init__(self) -> None:
-        owner = f"ServerPhase '{self.name}'"
-        _require_name(owner, self.name)
-        _require_callable(owner, "run", self.run, 3)
-        if self.validate_config is not None:
-            _require_callable(owner, "validate_config", self.validate_config, 1)
-
-
-@dataclass(frozen=True)
-class ClientPhase:
-    """The site side of a pre-training phase: ``query(message, context) -> Message`` answers ``query.<name>``."""
-
-    name: str
-    query: Callable[[Any, Any], Any]
-
-    def __post_init__(self) -> None:
-        owner = f"ClientPhase '{self.name}'"
-        _require_name(owner, self.name)
-        _require_callable(owner, "query", self.query, 2)
-
-    def handlers(self) -> dict[str, Callable]:
-        """The ClientApp message handlers of this phase, by message type."""
-        return {f"query.{self.name}": self.query}
+from graftfl.protocol_contract import (  # noqa: F401  (the contract is part of this module's API)
+    HANDLER_CATEGORIES,
+    ClientPhase,
+    ClientProtocol,
+    ProtocolError,
+    ServerPhase,
+    ServerProtocol,
+    require_callable as _require_callable,
+    require_name as _require_name,
+)
 
 
 @dataclass
@@ -270,43 +162,39 @@ def _entry(table: dict[str, _Entry], kind: str, name: str) -> _Entry:
     return table[name]
 
 
+def _loaded_part(kind: str, name: str, part: str, attribute: str, expected: type):
+    """The checked ``part`` ("server" or "client") of a registered protocol or phase, imported once;
+    ``None`` for a site side that is not registered."""
+    entry = _entry(_PROTOCOLS if kind == "protocol" else _PHASES, kind, name)
+    module_path = getattr(entry, part)
+    if module_path is None:
+        return None
+    if part not in entry.loaded:
+        entry.loaded[part] = _declaration(kind, name, module_path, attribute, expected)
+    return entry.loaded[part]
+
+
 def load_protocol(name: str) -> ServerProtocol:
     """The checked server side of protocol ``name`` (imports its strategy module)."""
-    entry = _entry(_PROTOCOLS, "protocol", name)
-    if "server" not in entry.loaded:
-        server = _declaration("protocol", name, entry.server, SERVER_ATTRIBUTE, ServerProtocol)
-        if server.federated and entry.client is None:
-            raise ProtocolError(f"protocol '{name}' is federated but registers no client module")
-        entry.loaded["server"] = server
-    return entry.loaded["server"]
+    server = _loaded_part("protocol", name, "server", SERVER_ATTRIBUTE, ServerProtocol)
+    if server.federated and _PROTOCOLS[name].client is None:
+        raise ProtocolError(f"protocol '{name}' is federated but registers no client module")
+    return server
 
 
 def load_client_protocol(name: str) -> ClientProtocol | None:
     """The checked site side of protocol ``name``; ``None`` for a protocol without one."""
-    entry = _entry(_PROTOCOLS, "protocol", name)
-    if entry.client is None:
-        return None
-    if "client" not in entry.loaded:
-        entry.loaded["client"] = _declaration("protocol", name, entry.client, CLIENT_ATTRIBUTE, ClientProtocol)
-    return entry.loaded["client"]
+    return _loaded_part("protocol", name, "client", CLIENT_ATTRIBUTE, ClientProtocol)
 
 
 def load_phase(name: str) -> ServerPhase:
     """The checked server side of phase ``name``."""
-    entry = _entry(_PHASES, "phase", name)
-    if "server" not in entry.loaded:
-        entry.loaded["server"] = _declaration("phase", name, entry.server, SERVER_PHASE_ATTRIBUTE, ServerPhase)
-    return entry.loaded["server"]
+    return _loaded_part("phase", name, "server", SERVER_PHASE_ATTRIBUTE, ServerPhase)
 
 
 def load_client_phase(name: str) -> ClientPhase | None:
     """The checked site side of phase ``name``; ``None`` when it has none."""
-    entry = _entry(_PHASES, "phase", name)
-    if entry.client is None:
-        return None
-    if "client" not in entry.loaded:
-        entry.loaded["client"] = _declaration("phase", name, entry.client, CLIENT_PHASE_ATTRIBUTE, ClientPhase)
-    return entry.loaded["client"]
+    return _loaded_part("phase", name, "client", CLIENT_PHASE_ATTRIBUTE, ClientPhase)
 
 
 def client_handlers() -> dict[str, Callable]:

@@ -21,7 +21,7 @@ ROOT = Path(graftfl.__file__).parent
 # graftfl.core.y) and any group of a strictly lower layer; nothing else.
 LAYERS: list[set[str]] = [
     {"core"},
-    {"transport", "tls", "service_auth", "console", "audit"},
+    {"transport", "tls", "service_auth", "console", "audit", "protocol_contract"},
     {"protocols"},
     {"config"},
     {"clients", "strategies"},
