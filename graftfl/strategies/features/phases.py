@@ -1,6 +1,6 @@
 """The four phases of a ``protocol=features`` run, driven by :class:`FeatureRun`.
 
-1. Autoencoders (``protocol.autoencoder.training``): ``local`` — each site trains its
+1. Autoencoders (:mod:`.autoencoders`, ``protocol.autoencoder.training``): ``local`` — each site trains its
    own (the paper); ``federated`` — ``autoencoder.rounds`` FedAvg rounds (Flower's
    FedAvg aggregation) so all latents share one space; ``public`` — the server trains
    one on images outside every site's partition and hands it to the sites.
@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from graftfl.config import eval_where
-from graftfl.core.autoencoder import conv_ae, save_classifier, train_autoencoder, train_classifier
+from graftfl.core.autoencoder import save_classifier, train_classifier
 from graftfl.core.meter import metrics_row
+from graftfl.strategies.features.autoencoders import MESSAGE_TYPE, PROTOCOL, AutoencoderPhase
 from graftfl.strategies.features.classifier import CLASSIFIER_FILE, OnlineTrainer, ServedClassifier
 from graftfl.strategies.features.replies import (
     client_id_of,
@@ -54,14 +54,12 @@ from graftfl.strategies.features.store import Chunk, ChunkRules, FeatureStore, I
 from graftfl.strategies.features.tables import service_tables
 from graftfl.strategies.utils import ServerRun, message_nbytes, wait_for_nodes
 
-PROTOCOL = "features"
 logger = logging.getLogger(__name__)
 STORE_FILE = "features.db"
-MESSAGE_TYPE = f"train.{PROTOCOL}"
 UPLOAD_ATTEMPTS = 3  # failed or rejected tries of one chunk before a site is left out
 
 
-class FeatureRun:
+class FeatureRun(AutoencoderPhase):
     """One ``protocol=features`` run: the phases above, in order.
 
     Parameters
@@ -124,63 +122,6 @@ class FeatureRun:
         base = metrics_row(self.round, accuracy=None, loss=None, bytes_up=self.bytes_up, bytes_down=self.bytes_down, client_flops=0, wall_s=wall_s)
         self.bytes_up = self.bytes_down = 0
         return self.run.recorder.log_round({**base, **row})
-
-    # -------------------------------------------------------- autoencoders ---
-
-    def prepare_autoencoders(self) -> ArrayRecord | None:
-        """Train the autoencoder(s); returns the weights to hand to the sites (None: local)."""
-        mode = self.protocol.autoencoder.training
-        self.run.round_seconds()
-        if mode == "local":
-            replies = self.exchange([self.message(node, MESSAGE_TYPE, phase="autoencoder") for node in self.nodes])
-            self.log_autoencoder_round(replies)
-            return None
-        if mode == "federated":
-            return self.federated_autoencoder()
-        return self.public_autoencoder()
-
-    def log_autoencoder_round(self, replies: list[Message]) -> None:
-        """Record the metrics row of one autoencoder round from the sites' replies."""
-        metrics = sorted((dict(reply.content["metrics"]) for reply in replies), key=lambda m: m["partition-id"])
-        losses = [m["ae_loss"] for m in metrics]
-        self.log(
-            phase="autoencoder",
-            ae_training=self.protocol.autoencoder.training,
-            ae_loss=float(np.mean(losses)) if losses else None,
-            client_flops=sum(m["client_flops"] for m in metrics),
-            clients=[int(m["partition-id"]) for m in metrics],
-            client_ae_loss=losses,
-        )
-
-    def federated_autoencoder(self) -> ArrayRecord:
-        """Train the autoencoder with FedAvg over the sites; returns the final weights."""
-        torch.manual_seed(self.cfg.seed)  # before the model is built: ``seed`` sets the initial weights
-        model = conv_ae(self.run.input_shape, latent_dim=int(self.protocol.latent_dim), channels=int(self.protocol.conv_channels))
-        arrays = ArrayRecord(model.state_dict())
-        aggregator = FedAvg()  # Flower's weighted average ("num-examples") of the replies' ArrayRecords
-        for server_round in range(1, int(self.protocol.autoencoder.rounds) + 1):
-            messages = [self.message(node, MESSAGE_TYPE, {"arrays": arrays}, phase="autoencoder", **{"server-round": server_round}) for node in self.nodes]
-            replies = self.exchange(messages)
-            if not replies:
-                raise RuntimeError("no site returned autoencoder weights")
-            arrays, _ = aggregator.aggregate_train(server_round, replies)
-            self.log_autoencoder_round(replies)
-            logger.info("[features] federated autoencoder round %s/%s", server_round, self.protocol.autoencoder.rounds)
-        return arrays
-
-    def public_autoencoder(self) -> ArrayRecord:
-        """Train on training images no site holds (the draw ``partition_indices`` leaves over)."""
-        data, protocol = self.run.data, self.protocol
-        assigned = int(self.cfg.partition.samples_per_client) * int(self.cfg.num_clients)
-        order = np.random.default_rng(self.cfg.seed).permutation(len(data.train_y))
-        public = torch.from_numpy(order[assigned : assigned + int(protocol.public_samples)])
-        if len(public) == 0:
-            raise ValueError(f"no training images are left outside the {assigned} the sites hold; lower partition.samples_per_client")
-        torch.manual_seed(self.cfg.seed)
-        model = conv_ae(data.input_shape, latent_dim=int(protocol.latent_dim), channels=int(protocol.conv_channels))
-        result = train_autoencoder(model, data.train_x[public], epochs=int(protocol.autoencoder.epochs), batch_size=int(protocol.autoencoder.batch_size), lr=float(protocol.autoencoder.lr), device=self.run.device, seed=self.cfg.seed)
-        self.log(phase="autoencoder", ae_training="public", ae_loss=result["ae_loss"], public_samples=len(public))
-        return ArrayRecord(model.cpu().state_dict())
 
     # ------------------------------------------------------- learning mode ---
 
