@@ -64,14 +64,10 @@ class PrivateRole:
         for module in self._originals.values():
             module.train()  # Opacus refuses a module in eval mode
         wrapped, role.optimizer = self.training.attach_parts(self._originals, role.optimizer, self.sample_rate, int(batch_size), noise_generator)
+        self.noise_multiplier = float(role.optimizer.noise_multiplier)  # σ: noise std relative to the clipping bound
         for name, module in wrapped.items():
             setattr(role, name, module)
         self.sampling = sampling_generator if sampling_generator is not None else secret_generator()
-
-    @property
-    def noise_multiplier(self) -> float:
-        """σ, the noise standard deviation relative to the clipping bound."""
-        return float(self.role.optimizer.noise_multiplier)
 
     def poisson_batch(self) -> torch.Tensor:
         """Indices of one Poisson batch: each record independently with probability q (may be empty)."""
