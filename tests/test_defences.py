@@ -307,6 +307,19 @@ def test_private_role_epsilon_is_the_accountants_over_all_turns(digits):
     assert type(role.bottom).__name__ == "StagedModel" and set(role.modules()) == {"bottom", "decoder"}  # unwrapped after each turn
 
 
+def test_target_epsilon_is_spread_over_every_turn_of_the_run():
+    from opacus.accountants import RDPAccountant
+
+    from graftfl.clients.split_defences import split_dpsgd_config
+
+    cfg = compose_config(["protocol=split", "dataset=digits", "privacy=dpsgd", "privacy.target_epsilon=3", "rounds=4"])
+    sample_rate, steps = 32 / 640, 25
+    sigma = split_dpsgd_config(cfg, steps, sample_rate).resolve_noise_multiplier(sample_rate)
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, sample_rate, 4 * steps)]
+    assert accountant.get_epsilon(float(cfg.privacy.delta)) == pytest.approx(3.0, abs=0.05)
+
+
 # ---------------------------------------------- through the ServerApp and the ClientApp ---
 
 
