@@ -368,7 +368,8 @@ def test_dpsgd_split_run_trains_and_reports_each_sites_cumulative_epsilon(tmp_pa
 def test_defended_protocol_variants_run(tmp_path, overrides):
     with _identity():
         _, _, rows, summary = _run_in_process(tmp_path, [*overrides, "protocol.turn_batches=10"])
-    assert summary["failed_turns"] == [] and len(rows) == 2 and rows[-1]["accuracy"] > 0.15, rows[-1]
+    print(overrides, [r["accuracy"] for r in rows])
+    assert summary["failed_turns"] == [] and len(rows) == 2 and rows[-1]["accuracy"] > 0.3, rows[-1]  # chance is 0.1
     assert ("client_epsilon" in rows[-1]) == ("privacy=dpsgd" in overrides)
 
 
