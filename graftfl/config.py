@@ -193,6 +193,7 @@ def validate(cfg: DictConfig) -> None:
     if is_site_dataset(cfg):
         _validate_site_dataset(cfg, protocol.federated)
     _checked(protocol.validate_config, cfg)
+    _validate_defences(cfg)
     _validate_phases(cfg, protocol.federated)
 
 
@@ -239,6 +240,36 @@ def _validate_site_dataset(cfg: DictConfig, federated: bool) -> None:
         _require(values is None or len(values) == int(cfg.dataset.input_shape[0]),
                  f"dataset.{key} needs one value per channel ({cfg.dataset.input_shape[0]}), got {values}")
     _require(not any(float(v) <= 0 for v in (cfg.dataset.get("std") or [])), "dataset.std values must be > 0")
+
+
+def _validate_defences(cfg: DictConfig) -> None:
+    """The ``defence`` block: valid values, each key only for the protocols it applies to (named in the error)."""
+    from graftfl.core.defences import DEFENCE_PROTOCOLS, SPLIT_PROTOCOLS, DefenceConfig
+
+    try:
+        defences = DefenceConfig.from_config(cfg)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    name = cfg.protocol.name
+    for key in defences.enabled():
+        valid = DEFENCE_PROTOCOLS[key]
+        why = " (with ushaped the labels never leave the site)" if key == "label_rr_epsilon" and name == "ushaped" else ""
+        _require(name in valid, f"defence.{key} applies to protocols {list(valid)}, not protocol '{name}'{why}; leave it at its default")
+    if cfg.privacy.name == "dpsgd" and name in SPLIT_PROTOCOLS:
+        # dCor couples the rows of a batch: a per-sample clip no longer bounds one record's influence.
+        _require(defences.nopeek == 0, "defence.nopeek cannot be combined with privacy=dpsgd: the distance-correlation term couples "
+                 "the rows of a batch, so DP-SGD's per-sample clipping would not bound one record's influence")
+        _require_poisson_batches_fit(cfg)
+
+
+def _require_poisson_batches_fit(cfg: DictConfig) -> None:
+    """DP-SGD draws Poisson batches; the split data plane takes at most max(train, eval) batch size rows per frame."""
+    from scipy.stats import poisson
+
+    expected, cap = int(cfg.train.batch_size), max(int(cfg.train.batch_size), int(cfg.eval.batch_size))
+    _require(float(poisson.sf(cap, expected)) < 1e-9,
+             f"privacy=dpsgd draws Poisson batches of train.batch_size={expected} rows on average, and the data plane refuses a "
+             f"frame of more than max(train.batch_size, eval.batch_size)={cap} rows; raise eval.batch_size (e.g. to {4 * expected + 64})")
 
 
 def _checked(check, cfg: DictConfig) -> None:

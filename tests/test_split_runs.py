@@ -217,7 +217,7 @@ def test_sim_split_digits_produces_run_dir(tmp_path):
         (["protocol=ushaped", "protocol.head_stages=5"], "leaves no middle"),
         (["protocol=split", "protocol.wire_dtype=int8"], "protocol.wire_dtype must be one of"),
         (["protocol=semisup", "protocol.unlabeled_fraction=1.0"], "unlabeled_fraction must be in [0, 1)"),
-        (["protocol=split", "privacy=dpsgd"], "does not support privacy=dpsgd"),
+        (["protocol=split", "privacy=dpsgd", "defence.nopeek=0.5"], "defence.nopeek cannot be combined with privacy=dpsgd"),
     ],
 )
 def test_config_errors_name_the_valid_values(overrides, message):

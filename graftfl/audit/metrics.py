@@ -3,7 +3,7 @@
 SSIM and PSNR come from scikit-image (a well-kept implementation; its window adapts to
 the 8x8 ``digits`` images, which torchmetrics' 11-pixel Gaussian window does not fit).
 AUC comes from scikit-learn. Distance correlation (Székely, Rizzo & Bakirov 2007) is
-written here from its definition, since NoPeek uses the same quantity as a loss.
+written from its definition in :mod:`graftfl.core.defences`, since NoPeek uses the same quantity as a loss.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn.metrics import roc_auc_score, roc_curve
+
+# NoPeek (graftfl.core.defences) uses the same quantity as a loss: one definition, in core.
+from graftfl.core.defences import distance_correlation_tensor  # noqa: F401  (re-exported: callers import it from here)
 
 
 def _as_images(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -99,35 +102,10 @@ def reconstruction_report(reconstruction, target, aux_images, data_range: float 
     }
 
 
-def distance_correlation_tensor(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Sample distance correlation as a differentiable tensor (each row one sample).
-
-    dCor(X, Y) = sqrt(dCov²(X, Y) / sqrt(dCov²(X, X) dCov²(Y, Y))), with dCov² from the
-    double-centred pairwise Euclidean distance matrices (Székely et al. 2007). 0 means
-    independent (in the population limit), 1 means one is a similarity transform of the
-    other. Differentiable, so NoPeek can use it as a loss term.
-    """
-    if len(x) != len(y):
-        raise ValueError(f"x has {len(x)} samples, y has {len(y)}")
-    a = _double_centred(x.reshape(len(x), -1).double())
-    b = _double_centred(y.reshape(len(y), -1).double())
-    dcov_xy = (a * b).mean().clamp_min(0)
-    denominator = torch.sqrt((a * a).mean() * (b * b).mean())
-    if float(denominator.detach()) <= 0:
-        return torch.zeros((), dtype=torch.float64)
-    # eps keeps the gradient of sqrt finite when dCov is exactly 0
-    return torch.sqrt(dcov_xy / denominator + 1e-12)
-
-
 def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
     """Sample distance correlation between two batches, as a number (see :func:`distance_correlation_tensor`)."""
     with torch.no_grad():
         return float(distance_correlation_tensor(x.detach(), y.detach()))
-
-
-def _double_centred(rows: torch.Tensor) -> torch.Tensor:
-    distances = torch.cdist(rows, rows)
-    return distances - distances.mean(0, keepdim=True) - distances.mean(1, keepdim=True) + distances.mean()
 
 
 def roc_auc(is_positive, scores) -> float:

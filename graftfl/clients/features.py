@@ -42,6 +42,7 @@ from graftfl.clients.utils import client_device, config_of, local_data, num_clas
 from graftfl.config import eval_where, from_container, is_site_dataset
 from graftfl.core.autoencoder import class_grid_figure, encode, reconstruction_error_by_class, save_autoencoder, train_autoencoder
 from graftfl.core.data import channel_stats
+from graftfl.core.defences import DefenceConfig, SiteDefences
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import StagedModel, build_model
 from graftfl.core.train import round_seed
@@ -189,6 +190,11 @@ def install_final_autoencoder(message: Message, cfg: DictConfig, context: Contex
     return stored_autoencoder(cfg, context, input_shape)
 
 
+def released_latents(cfg: DictConfig, latents: torch.Tensor) -> torch.Tensor:
+    """Latents as they leave the site: plus Gaussian noise of std ``defence.noise_std`` when set (OS-CSPRNG draws)."""
+    return SiteDefences(DefenceConfig.from_config(cfg)).activations_out(latents)
+
+
 def upload_chunk(message: Message, context: Context) -> Message:
     """Encode one chunk of the site's training rows and send the latents with their labels."""
     cfg = config_of(message)
@@ -203,7 +209,7 @@ def upload_chunk(message: Message, context: Context) -> Message:
         save_autoencoder(site_dir(context) / AUTOENCODER_FILE, model, x.shape[1:], int(cfg.protocol.conv_channels), stats)
     first = chunk * chunk_size
     rows = slice(first, min(first + chunk_size, len(y)))
-    latents = encode(model, x[rows], device=client_device(cfg, context))
+    latents = released_latents(cfg, encode(model, x[rows], device=client_device(cfg, context)))
     num_chunks = max(1, -(-len(y) // chunk_size))
     content = RecordDict(
         {
@@ -223,7 +229,7 @@ def query(message: Message, context: Context) -> Message:
     remember_acknowledged(message, context)
     partition_id, _ = partition_id_of(context)
     x, _ = local_test_data(cfg, context)
-    latents = encode(stored_autoencoder(cfg, context, x.shape[1:]), x, device=client_device(cfg, context))
+    latents = released_latents(cfg, encode(stored_autoencoder(cfg, context, x.shape[1:]), x, device=client_device(cfg, context)))
     content = RecordDict(
         {
             "arrays": ArrayRecord({"latents": latents}),

@@ -31,6 +31,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from graftfl.clients.site_data import hold_out, registry_data, site_rows
+from graftfl.clients.split_defences import PrivateTurn, site_defences
 from graftfl.clients.utils import client_device, config_of, num_classes_of, partition_id_of
 from graftfl.config import eval_where
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY, client_key, decrypt_state, encrypt_state
@@ -138,6 +139,7 @@ def prepare_role(cfg, message: Message, context: Context, build_role: RoleBuilde
     model = model_from_config(cfg, input_shape, num_classes)
     role = build_role(cfg, model, input_shape, num_classes, device)
     role.optimizer = role_optimizer(cfg, role)
+    role.defences = site_defences(cfg, num_classes)  # what the site applies before tensors leave it (defence block)
     content = message.content
     if handoff == "relay" and "handoff" in content and RELAY_KEY in content["handoff"]:
         load_role_state(role, decrypt_state(key, bytes(content["handoff"][RELAY_KEY])))
@@ -210,12 +212,16 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
     x, y, _, _ = site_rows(cfg, context)
     role = prepare_role(cfg, message, context, build_role, tuple(x.shape[1:]), num_classes_of(cfg, context), key)
     batches, progress = turn_batches(cfg, context, len(y), partition_id)
+    private = PrivateTurn(cfg, context, role, len(y), len(batches))  # privacy=dpsgd: Poisson batches, DP-SGD on the site's parts
+    batches = private.batches(batches)
     hidden = hidden_label_mask(len(y), cfg.protocol.unlabeled_fraction, cfg.seed * 31 + partition_id) if isinstance(role, SemisupClient) else None
     fields = message.content["config"]
     losses, samples = [], 0
     with DataPlaneClient(str(fields[DATA_PLANE_ADDRESS]), str(fields[DATA_PLANE_TOKEN]), wire_dtype=cfg.protocol.wire_dtype,
                          ca_cert=ca_cert_of(cfg, context), max_frame_bytes=max_frame_bytes(cfg)) as plane:
         for indices in batches:
+            if private.skip(indices):  # an empty Poisson batch: a noisy step, no exchange
+                continue
             if hidden is None:
                 loss = role.train_step(x[indices], y[indices], plane.exchange)
             else:
@@ -223,6 +229,7 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
             if loss == loss:  # a semi-supervised batch without labels has no server loss
                 losses.append(loss * len(indices))
             samples += len(indices)
+    privacy_metrics = private.finish()
     context.state[PROGRESS_KEY] = ConfigRecord(progress)
     metrics = {
         "partition-id": partition_id,
@@ -232,6 +239,7 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
         "client_flops": flops_per_sample(role, x, y) * samples,
         "plane_bytes_up": plane.bytes_up,
         "plane_bytes_down": plane.bytes_down,
+        **privacy_metrics,
     }
     records = {"metrics": MetricRecord(metrics)}
     handoff = cfg.protocol.handoff

@@ -98,6 +98,29 @@ class PrivateTraining:
         private_optimizer.expected_batch_size = max(1, round(len(loader.dataset) * sample_rate))
         return private_model, private_optimizer, private_loader
 
+    def attach_parts(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, sample_rate: float,
+                     expected_batch_size: int, generator: torch.Generator | None = None):
+        """DP-SGD on model parts trained by a gradient from elsewhere (a split site's bottom).
+
+        No data loader: the caller draws Poisson batches at ``sample_rate`` itself. Returns
+        ``({name: GradSampleModule}, DPOptimizer)``; each optimizer step is recorded in this
+        object's accountant, as :meth:`attach`'s are. ``generator`` draws the Gaussian noise.
+        """
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        wrapped = {name: GradSampleModule(module, loss_reduction="mean") for name, module in modules.items()}
+        private_optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=self.config.resolve_noise_multiplier(sample_rate),
+            max_grad_norm=self.config.max_grad_norm,
+            expected_batch_size=int(expected_batch_size),
+            loss_reduction="mean",
+            generator=generator,
+        )
+        private_optimizer.attach_step_hook(self.engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        return wrapped, private_optimizer
+
     @property
     def history(self) -> History:
         """The accountant's history of (noise multiplier, sample rate, steps), to persist between rounds."""

@@ -4,6 +4,10 @@ Each role runs one batch given an ``exchange(kind, tensors) -> (tensors, meta)``
 reaches the server stage (:mod:`graftfl.core.split`) over the data plane, or directly in tests.
 Like :mod:`graftfl.core.split`, this module knows neither the transport nor Flower; the names are
 also importable from :mod:`graftfl.core.split`.
+
+Every role releases its cut activations (and labels) through ``role.defences``
+(:class:`graftfl.core.defences.SiteDefences`: noise, label randomized response, the NoPeek loss
+term); with the defences off that is exactly the undefended computation.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from graftfl.core.defences import SiteDefences, backward_with
 
 Exchange = Callable[[str, dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict]]
 
@@ -32,10 +38,14 @@ class BottomClient:
     optimizer : torch.optim.Optimizer, optional
         Over the parameters of :meth:`modules` (its state travels with the
         weights); may be set after construction.
+    defences : SiteDefences, optional
+        What the site applies before tensors leave it; default: none.
     """
 
-    def __init__(self, bottom: nn.Module, optimizer: torch.optim.Optimizer | None = None, device: torch.device | str = "cpu"):
+    def __init__(self, bottom: nn.Module, optimizer: torch.optim.Optimizer | None = None, device: torch.device | str = "cpu",
+                 defences: SiteDefences | None = None):
         self.bottom, self.optimizer, self.device = bottom.to(device), optimizer, torch.device(device)
+        self.defences = defences or SiteDefences()
 
     def modules(self) -> dict[str, nn.Module]:
         """The modules this client trains and whose weights travel between turns."""
@@ -45,9 +55,10 @@ class BottomClient:
         """One training step: send activations and labels, backpropagate the returned gradient; returns the loss."""
         self.bottom.train()
         self.optimizer.zero_grad(set_to_none=True)
-        activations = self.bottom(x.to(self.device))
-        reply, meta = exchange("train", {"activations": activations.detach().cpu(), "labels": y})
-        activations.backward(reply["gradient"].to(self.device, activations.dtype))
+        x = x.to(self.device)
+        activations = self.bottom(x)
+        reply, meta = exchange("train", {"activations": self.defences.activations_out(activations), "labels": self.defences.labels_out(y)})
+        backward_with(activations, reply["gradient"].to(self.device, activations.dtype), self.defences.loss_term(x, activations))
         self.optimizer.step()
         return float(meta.get("loss", float("nan")))
 
@@ -55,7 +66,7 @@ class BottomClient:
     def eval_batch(self, x: torch.Tensor, y: torch.Tensor, exchange: Exchange) -> dict:
         """Score one batch: activations go up, logits come back, labels and the counts stay here."""
         self.bottom.eval()
-        reply, _ = exchange("eval_forward", {"activations": self.bottom(x.to(self.device)).cpu()})
+        reply, _ = exchange("eval_forward", {"activations": self.defences.activations_out(self.bottom(x.to(self.device)))})
         return score_logits(reply["logits"].to(self.device), y.to(self.device))
 
 
@@ -67,8 +78,10 @@ class UShapedClient:
     of the bottom activations).
     """
 
-    def __init__(self, bottom: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer | None = None, device: torch.device | str = "cpu"):
+    def __init__(self, bottom: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer | None = None, device: torch.device | str = "cpu",
+                 defences: SiteDefences | None = None):
         self.bottom, self.head, self.optimizer, self.device = bottom.to(device), head.to(device), optimizer, torch.device(device)
+        self.defences = defences or SiteDefences()
 
     def modules(self) -> dict[str, nn.Module]:
         """The modules this client trains and whose weights travel between turns."""
@@ -79,13 +92,14 @@ class UShapedClient:
         self.bottom.train()
         self.head.train()
         self.optimizer.zero_grad(set_to_none=True)
-        activations = self.bottom(x.to(self.device))
-        reply, _ = exchange("forward", {"activations": activations.detach().cpu()})
+        x = x.to(self.device)
+        activations = self.bottom(x)
+        reply, _ = exchange("forward", {"activations": self.defences.activations_out(activations)})
         middle_out = reply["outputs"].to(self.device).requires_grad_(True)
         loss = F.cross_entropy(self.head(middle_out), y.to(self.device))
         loss.backward()
         reply, _ = exchange("backward", {"gradient": middle_out.grad.detach().cpu()})
-        activations.backward(reply["gradient"].to(self.device, activations.dtype))
+        backward_with(activations, reply["gradient"].to(self.device, activations.dtype), self.defences.loss_term(x, activations))
         self.optimizer.step()
         return float(loss.detach())
 
@@ -94,7 +108,7 @@ class UShapedClient:
         """Score one batch: bottom here, middle on the server, head and labels here."""
         self.bottom.eval()
         self.head.eval()
-        reply, _ = exchange("eval_forward", {"activations": self.bottom(x.to(self.device)).cpu()})
+        reply, _ = exchange("eval_forward", {"activations": self.defences.activations_out(self.bottom(x.to(self.device)))})
         return score_logits(self.head(reply["outputs"].to(self.device)), y.to(self.device))
 
 
@@ -107,8 +121,9 @@ class SemisupClient(BottomClient):
     exchange at all.
     """
 
-    def __init__(self, bottom: nn.Module, decoder: nn.Module, optimizer: torch.optim.Optimizer | None = None, alpha: float = 1.0, device: torch.device | str = "cpu"):
-        super().__init__(bottom, optimizer, device)
+    def __init__(self, bottom: nn.Module, decoder: nn.Module, optimizer: torch.optim.Optimizer | None = None, alpha: float = 1.0,
+                 device: torch.device | str = "cpu", defences: SiteDefences | None = None):
+        super().__init__(bottom, optimizer, device, defences)
         self.decoder, self.alpha = decoder.to(device), float(alpha)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -128,9 +143,13 @@ class SemisupClient(BottomClient):
         activations = self.bottom(x)
         reconstruction_loss = F.mse_loss(self.decoder(activations), x)
         surrogate = self.alpha * reconstruction_loss
+        nopeek = self.defences.loss_term(x, activations)
+        if nopeek is not None:
+            surrogate = surrogate + nopeek
         loss = float("nan")
         if labeled.any():
-            reply, meta = exchange("train", {"activations": activations[labeled].detach().cpu(), "labels": y[labeled]})
+            released = {"activations": self.defences.activations_out(activations[labeled]), "labels": self.defences.labels_out(y[labeled])}
+            reply, meta = exchange("train", released)
             # sum(a * g) has gradient g with respect to a: the server's gradient on labeled rows.
             surrogate = surrogate + (activations[labeled] * reply["gradient"].to(self.device, activations.dtype)).sum()
             loss = float(meta.get("loss", loss))

@@ -76,8 +76,7 @@ def validate_split_config(cfg) -> None:
         # one without the other would silently serve the data plane in plaintext
         raise ValueError("tls.server_cert and tls.server_key must be set together (both: a TLS data plane; neither: plaintext); "
                          f"got only tls.{'server_cert' if tls.get('server_cert') else 'server_key'}")
-    if cfg.privacy.name != "none":
-        raise ValueError(f"protocol={protocol.name} does not support privacy={cfg.privacy.name} (use privacy=none)")
+    require_choice("privacy", cfg.privacy.name, ("none", "dpsgd"))  # dpsgd: on the site's parts (core/split_private.py)
     if cfg.resume:
         raise ValueError(f"protocol={protocol.name} cannot resume a run yet (resume=null)")
     require_choice("eval.where", eval_where(cfg), EVAL_WHERE)
@@ -192,7 +191,6 @@ class SplitRunner:
         self.failed_turns: list[dict] = []
         self.cut_stage = cfg_cut_stage(run)
 
-
     def run_rounds(self) -> dict:
         """Start the data plane, run every round's turns and evaluations, and stop it; returns the run summary."""
         cfg = self.cfg
@@ -260,6 +258,7 @@ class SplitRunner:
             "turn_s": time.monotonic() - started,
             # one frame per batch for split/semisup, two for ushaped
             "plane_frames_per_s": turn.frames_per_second(),
+            **({"epsilon": float(metrics["epsilon"])} if "epsilon" in metrics else {}),  # privacy=dpsgd: the site's cumulative ε
         }
 
     # ------------------------------------------------------------- evaluation
@@ -339,6 +338,7 @@ class SplitRunner:
                 "client_turn_s": "turn_s",
                 "client_plane_frames_per_s": "plane_frames_per_s",
             },
+            client_epsilon=[r["epsilon"] for r in rows if "epsilon" in r],
             server_steps=self.stage.steps,
             eval_clients=[r["partition-id"] for r in evaluation["per_client"]],
             eval_client_accuracy=[r["accuracy"] for r in evaluation["per_client"]],
