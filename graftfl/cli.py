@@ -116,7 +116,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
     cfg = resolve_job_config(args.overrides)
     try:
-        run_dir = deploy_local(cfg, args.overrides, tls=args.tls or args.auth, auth=args.auth, data_dir=args.data_dir)
+        run_dir = deploy_local(cfg, args.overrides, tls=args.tls or args.auth, auth=args.auth, data_dir=args.data_dir,
+                               isolation=args.isolation)
     except DeploymentError as err:
         print(f"graftfl: deployment failed: {err}", file=sys.stderr)
         return 1
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--tls", action="store_true", help="throwaway CA and certificates; TLS on every connection")
     deploy.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (implies --tls)")
     deploy.add_argument("--data-dir", help="sites' own data: SuperNode i gets node-config data-path=DATA_DIR/site-<i>")
+    deploy.add_argument("--isolation", choices=["warm", "process", "subprocess"], default="warm",
+                        help="how each message's ClientApp process starts: warm (forked from a preloaded SuperExec; default), "
+                             "or Flower's flwr-clientapp started by a SuperExec of ours (process) or of the SuperNode (subprocess)")
     deploy.add_argument("overrides", nargs="*")
     deploy.set_defaults(handler=cmd_deploy_local)
     add_prepare_sites_command(commands)
