@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -127,7 +128,10 @@ def echo_floor(nodes: int, rounds: int, isolation: str, poll: str, prompt: bool)
         deployment.start_supernodes()
         deployment.run_app(f"rounds={rounds} nodes={nodes} payload=16384 out={out} prompt={int(prompt)}", timeout=600,
                            project=ECHO_APP)
+        if not out.exists():
+            raise RuntimeError("the echo ServerApp wrote no result (logs kept)" + deployment.log_report())
         seconds = json.loads(out.read_text())["round_seconds"]
+        shutil.rmtree(workdir, ignore_errors=True)
     finally:
         deployment.stop()
         if saved is None:
@@ -149,13 +153,22 @@ def graftfl_rounds(nodes: int, rounds: int, isolation: str) -> dict:
     os.chdir(cwd)
     started = time.monotonic()
     try:
-        run_dir = deploy_local(resolve_job_config(overrides), overrides, timeout=900, isolation=isolation)
+        run_dir = Path(cwd, deploy_local(resolve_job_config(overrides), overrides, timeout=900, isolation=isolation))
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     finally:
         os.chdir(here)
     seconds = [row["wall_s"] for row in rows]
     return {"isolation": isolation, "round_seconds": seconds, "median_s": statistics.median(seconds),
-            "accuracy": [row.get("accuracy") for row in rows], "command_s": time.monotonic() - started}
+            "accuracy": [row.get("accuracy") for row in rows], "command_s": time.monotonic() - started,
+            "run_dir": str(run_dir)}
+
+
+def same_weights(run_dirs: list[str]) -> bool:
+    """Whether every run ended with bit-identical weights (seeded CPU runs must, whatever the isolation)."""
+    import torch
+
+    models = [torch.load(Path(run_dir) / "checkpoint.pt", weights_only=False)["model"] for run_dir in run_dirs]
+    return all(set(model) == set(models[0]) and all(torch.equal(model[key], models[0][key]) for key in model) for model in models)
 
 
 def report(result: dict) -> str:
@@ -187,6 +200,9 @@ def report(result: dict) -> str:
                      f"{min(entry['round_seconds']):.2f} | {', '.join(f'{s:.1f}' for s in entry['round_seconds'])} | "
                      f"{overhead:.2f} | {overhead / flower:.2f}× |")
     lines += [
+        "",
+        f"Every isolation mode ended with bit-identical weights: **{result['same_weights']}** "
+        f"(accuracy per round: {', '.join(str(run['isolation']) + ' ' + str(run['accuracy']) for run in runs)}).",
         "",
         f"Compute per round (measured in a fresh process, phase `train` of the slower partition plus the "
         f"server's evaluation): **{compute:.2f} s**. Goal: graftfl's s/round minus compute ≤ 2 × Flower's floor "
@@ -239,7 +255,7 @@ def main() -> None:
         "machine_note": f"{os.cpu_count()} CPU cores, CPU only (torch threads per process: {threads})",
         "load": [load_before, os.getloadavg()[0]], "nodes": args.nodes, "rounds": args.rounds,
         "cold_start": cold, "imports": import_profile(), "compute_s": compute, "floor": floor, "graftfl": runs,
-        "polling": POLLING,
+        "polling": POLLING, "same_weights": same_weights([run["run_dir"] for run in runs]),
     }
     write_results("deploy_overhead", result, report(result))
 

@@ -37,7 +37,7 @@ def main(grid: Grid, context: Context) -> None:
             raise TimeoutError(f"fewer than {nodes} SuperNodes connected")
         time.sleep(0.2)
     node_ids = sorted(grid.get_node_ids())[:nodes]
-    arrays = ArrayRecord({"payload": np.zeros(payload // 4, dtype=np.float32)})
+    arrays = ArrayRecord([np.zeros(payload // 4, dtype=np.float32)])
     seconds = []
     for _ in range(rounds):
         messages = [Message(RecordDict({"arrays": arrays}), dst_node_id=node, message_type="query.echo") for node in node_ids]
