@@ -29,7 +29,6 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None, ray_address: str | 
     instead of starting one (:mod:`graftfl.ray_cluster`).
     """
     from graftfl import ray_cluster
-
     from graftfl.server_app.app import make_server_app, run_protocol
 
     cfg = with_run_id(cfg)

@@ -67,6 +67,8 @@ class LocalDeployment:
         SuperNode authentication with generated keys (needs ``tls``).
     cwd : Path
         Working directory of every process (relative data paths resolve as in ``graftfl sim``).
+    isolation : str
+        ``warm`` (default), ``process`` or ``subprocess``: how ClientApp processes start (:mod:`graftfl.deploy.isolation`).
     """
 
     workdir: Path
