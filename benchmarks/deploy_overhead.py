@@ -262,6 +262,8 @@ def main() -> None:
         "cold_start": cold, "imports": import_profile(), "compute_s": compute, "floor": floor, "graftfl": runs,
         "polling": POLLING, "same_weights": same_weights([run["run_dir"] for run in runs]),
     }
+    for run in runs:  # each deploy-local run had a temporary working directory of its own: <cwd>/runs/<id>
+        shutil.rmtree(Path(run["run_dir"]).parents[1], ignore_errors=True)
     write_results("deploy_overhead", result, report(result))
 
 
