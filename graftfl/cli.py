@@ -20,12 +20,15 @@ from graftfl.protocols import load_protocol, protocol_commands
 logger = logging.getLogger(__name__)
 
 
-def simulate(cfg, data_dir: str | os.PathLike | None = None) -> Path:
+def simulate(cfg, data_dir: str | os.PathLike | None = None, ray_address: str | None = None) -> Path:
     """Run one composed config in Flower's simulation runtime (Ray), or directly when not federated.
 
     ``data_dir`` (``--data-dir sites/``): virtual SuperNode *i* reads ``<data_dir>/site-<i>``
     (given as ``GRAFTFL_DATA_DIR``: flwr's simulation sets no per-node node config).
+    ``ray_address`` (``--ray-address``, else ``sim.ray_address``): attach to that Ray cluster
+    instead of starting one (:mod:`graftfl.ray_cluster`).
     """
+    from graftfl import ray_cluster
     from graftfl.server_app.app import make_server_app, run_protocol
 
     cfg = with_run_id(cfg)
@@ -44,10 +47,8 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None) -> Path:
     # Ray workers must import this checkout's graftfl, whatever their working directory.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project_root()), os.environ.get("PYTHONPATH")]))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.client_resources.num_cpus, "num_gpus": cfg.client_resources.num_gpus},
-        "init_args": {"include_dashboard": False, "log_to_driver": True},
-    }
+    ray_address = ray_cluster.ray_address_of(cfg, ray_address)
+    backend_config = ray_cluster.backend_config(cfg, ray_address)
     # protocol.handoff=relay: the clients' key comes from their environment, as in deployment. Without the
     # caller's GRAFTFL_SPLIT_KEY, a fresh random key for this run only (Ray workers inherit it at start).
     own_key = not os.environ.get(SPLIT_KEY_ENV)
@@ -72,8 +73,12 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None) -> Path:
         os.environ[ALLOW_SERVER_EVAL_ENV] = "1"
     started = time.time()
     try:
+        if ray_address:  # after the GRAFTFL_* variables above are set: the cluster's workers get them from here
+            ray_cluster.attach(ray_address)
         run_simulation(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, backend_config=backend_config)
     finally:
+        if ray_address:
+            ray_cluster.detach()
         if own_key:
             os.environ.pop(SPLIT_KEY_ENV, None)
         if own_salt:
@@ -97,7 +102,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     for number, overrides in enumerate(jobs):
         if args.multirun:
             logger.info("[multirun] job %d: %s", number, " ".join(overrides))
-        run_dir = simulate(resolve_job_config(overrides), data_dir=args.data_dir)
+        run_dir = simulate(resolve_job_config(overrides), data_dir=args.data_dir, ray_address=args.ray_address)
         print(f"run: {run_dir}", flush=True)
     return 0
 
@@ -110,7 +115,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
     cfg = resolve_job_config(args.overrides)
     try:
-        run_dir = deploy_local(cfg, args.overrides, tls=args.tls or args.auth, auth=args.auth, data_dir=args.data_dir)
+        run_dir = deploy_local(cfg, args.overrides, tls=args.tls or args.auth, auth=args.auth, data_dir=args.data_dir,
+                               isolation=args.isolation)
     except DeploymentError as err:
         print(f"graftfl: deployment failed: {err}", file=sys.stderr)
         return 1
@@ -125,12 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim = commands.add_parser("sim", help="run in Flower's simulation runtime", description="Hydra overrides, e.g. protocol=split dataset=digits rounds=5")
     sim.add_argument("-m", "--multirun", action="store_true", help="expand sweeps: a=1,2 b=x,y (and an experiment's `sweep:`)")
     sim.add_argument("--data-dir", help="sites' own data: virtual SuperNode i reads DATA_DIR/site-<i> (graftfl prepare-sites layout)")
+    sim.add_argument("--ray-address", help="attach to this Ray cluster (ray start --head ...) instead of starting one; "
+                     "overrides sim.ray_address")
     sim.add_argument("overrides", nargs="*")
     sim.set_defaults(handler=cmd_sim)
     deploy = commands.add_parser("deploy-local", help="run on a real flower-superlink + flower-supernodes on loopback")
     deploy.add_argument("--tls", action="store_true", help="throwaway CA and certificates; TLS on every connection")
     deploy.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (implies --tls)")
     deploy.add_argument("--data-dir", help="sites' own data: SuperNode i gets node-config data-path=DATA_DIR/site-<i>")
+    deploy.add_argument("--isolation", choices=["warm", "process", "subprocess"], default="warm",
+                        help="how each message's ClientApp process starts: warm (forked from a preloaded SuperExec; default), "
+                             "or Flower's flwr-clientapp started by a SuperExec of ours (process) or of the SuperNode (subprocess)")
     deploy.add_argument("overrides", nargs="*")
     deploy.set_defaults(handler=cmd_deploy_local)
     add_prepare_sites_command(commands)

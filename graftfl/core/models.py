@@ -12,7 +12,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torchvision import models as tv_models
 
 
 class StagedModel(nn.Sequential):
@@ -122,6 +121,8 @@ def vgg11(input_shape: Sequence[int], num_classes: int) -> StagedModel:
     Each max-pool ends a stage; the 4096-wide classifier is replaced by a 512-wide
     one, as is usual for 32x32 inputs.
     """
+    from torchvision import models as tv_models  # here, not at the top: importing torchvision costs ~1-2 s per ClientApp process
+
     features = tv_models.vgg11_bn(weights=None).features
     if input_shape[0] != 3:
         features[0] = nn.Conv2d(input_shape[0], 64, 3, padding=1)
@@ -140,6 +141,8 @@ def vgg11(input_shape: Sequence[int], num_classes: int) -> StagedModel:
 
 def resnet18(input_shape: Sequence[int], num_classes: int) -> StagedModel:
     """torchvision ResNet-18 with the CIFAR stem (3x3 conv, no max-pool)."""
+    from torchvision import models as tv_models  # see vgg11
+
     net = tv_models.resnet18(weights=None, num_classes=num_classes)
     stem = nn.Sequential(nn.Conv2d(input_shape[0], 64, 3, padding=1, bias=False), net.bn1, net.relu)
     return StagedModel(

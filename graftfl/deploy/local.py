@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -43,45 +42,13 @@ from graftfl.core.handoff import KEY_ENV as SPLIT_KEY_ENV
 from graftfl.core.run_dir import project_root, run_dir_of, with_run_id
 from graftfl.core.sitedata import DATA_PATH_KEY
 from graftfl.deploy.flower_files import CONNECTION, run_config_overrides, tls_overrides, toml_string, write_flower_config, write_run_config
+from graftfl.deploy.isolation import DEFAULT_ISOLATION, TASK_POLL_ENV, TASK_POLL_S, check_isolation, superexec_args, supernode_isolation_args
+from graftfl.deploy.processes import flower_binary, free_loopback_ports, port_accepts
 from graftfl.deploy.supervise import MARKER_ENV, DeploymentError, ManagedProcess, ProcessGroup, tail
 from graftfl.tls import TlsFiles, generate_node_auth_keys, generate_tls_files
 
 READY_TIMEOUT_S = 120.0  # ample on a loaded 2-core machine; a healthy start takes seconds
 ACTIVATED_LINE = "SuperNode ID:"  # flower-supernode logs it once the SuperLink accepted it
-
-
-def flower_binary(name: str) -> str:
-    """``name`` from the environment of the running interpreter (same venv, same flwr)."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if not found:
-        raise DeploymentError(f"'{name}' not found beside {sys.executable} or on PATH; install flwr==1.41.0")
-    return found
-
-
-def free_loopback_ports(count: int) -> list[int]:
-    """``count`` distinct ports free on 127.0.0.1 (held together while chosen, then released)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something accepts TCP connections on ``host:port``."""
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -100,6 +67,8 @@ class LocalDeployment:
         SuperNode authentication with generated keys (needs ``tls``).
     cwd : Path
         Working directory of every process (relative data paths resolve as in ``graftfl sim``).
+    isolation : str
+        ``warm`` (default), ``process`` or ``subprocess``: how ClientApp processes start (:mod:`graftfl.deploy.isolation`).
     """
 
     workdir: Path
@@ -118,10 +87,14 @@ class LocalDeployment:
     dedup_salt: str = field(default_factory=lambda: os.environ.get(DEDUP_SALT_ENV) or os.urandom(32).hex())
     sites_dir: Path | None = None  # where features sites write (their own choice, given in their environment)
     data_dir: Path | None = None  # --data-dir: SuperNode i reads its own data at <data_dir>/site-<i> (node-config data-path)
+    # How each message's ClientApp process starts (graftfl.deploy.isolation): "warm" forks it from a preloaded
+    # SuperExec of ours; "subprocess" (Flower's default) and "process" start a fresh flwr-clientapp.
+    isolation: str = DEFAULT_ISOLATION
 
     def __post_init__(self) -> None:
         if self.auth and not self.tls:
             raise ValueError("SuperNode authentication needs TLS (use --tls with --auth)")
+        check_isolation(self.isolation)
         self.workdir = Path(self.workdir).resolve()
         self.flwr_home = self.workdir / "flwr-home"
         self.logs = self.workdir / "logs"
@@ -152,6 +125,7 @@ class LocalDeployment:
         # One machine runs the ServerApp and every ClientApp at once: share its cores among them
         # instead of letting each torch process spin one thread per core (unless the caller chose).
         env.setdefault("OMP_NUM_THREADS", str(self.threads_per_process()))
+        env.setdefault(TASK_POLL_ENV, TASK_POLL_S)  # how often a SuperExec asks for a task (Flower's default: 1 s)
         return env
 
     def threads_per_process(self) -> int:
@@ -226,12 +200,15 @@ class LocalDeployment:
         nodes = []
         for index, port in enumerate(ports):
             args = [flower_binary("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
-                    "--node-config", self.node_config(index), *self.tls_args(client=True)]
+                    "--node-config", self.node_config(index), *self.tls_args(client=True), *supernode_isolation_args(self.isolation)]
             if private_keys:
                 args += ["--auth-supernode-private-key", str(private_keys[index])]
             # Each SuperNode has its own FLWR_HOME, as on separate machines (no shared app cache).
-            nodes.append(self.start(f"supernode-{index}", args, flwr_home=self.workdir / f"supernode-{index}",
-                                    supernode=True))
+            home = self.workdir / f"supernode-{index}"
+            nodes.append(self.start(f"supernode-{index}", args, flwr_home=home, supernode=True))
+            superexec = superexec_args(self.isolation, port)
+            if superexec:  # --isolation process: the SuperNode's ClientApps are started by a SuperExec of ours
+                self.start(f"superexec-{index}", superexec, flwr_home=home, supernode=True)
         self.group.wait_until(f"{self.num_nodes} SuperNodes online at the SuperLink", self.all_nodes_online,
                         [*self.processes], READY_TIMEOUT_S)
         self.note(f"{self.num_nodes} SuperNodes online")
@@ -249,10 +226,13 @@ class LocalDeployment:
         nodes = [p for p in self.processes if p.name.startswith("supernode-")]
         return all(ACTIVATED_LINE in tail(node.log, lines=200) for node in nodes)
 
-    def run_app(self, overrides: str, timeout: float | None = None) -> None:
-        """``flwr run <project> <connection> --stream`` with the overrides; returns when the run ends."""
+    def run_app(self, overrides: str, timeout: float | None = None, project: Path | None = None) -> None:
+        """``flwr run <project> <connection> --stream`` with the overrides; returns when the run ends.
+
+        ``project`` is graftfl's checkout unless given (a benchmark submits a Flower app of its own).
+        """
         run_config = write_run_config(self.workdir / "run-config.toml", overrides)
-        args = [flower_binary("flwr"), "run", str(project_root()), CONNECTION, "--stream", "--run-config", str(run_config)]
+        args = [flower_binary("flwr"), "run", str(project or project_root()), CONNECTION, "--stream", "--run-config", str(run_config)]
         flwr_run = self.start("flwr-run", args, pipe=True)
         copier = threading.Thread(target=self._copy_output, args=(flwr_run,), daemon=True)
         copier.start()
@@ -285,7 +265,8 @@ def _raise_system_exit(signum, frame):  # SIGTERM -> unwind through `finally` an
 
 
 def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth: bool = False,
-                 timeout: float | None = None, keep_workdir: bool = False, data_dir: str | os.PathLike | None = None) -> Path:
+                 timeout: float | None = None, keep_workdir: bool = False, data_dir: str | os.PathLike | None = None,
+                 isolation: str = DEFAULT_ISOLATION) -> Path:
     """Run ``cfg`` on a fresh local Flower deployment; return the run directory.
 
     Parameters
@@ -304,6 +285,9 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
     data_dir : path, optional
         ``--data-dir sites/``: SuperNode *i* gets node-config ``data-path=<data_dir>/site-<i>``
         (``graftfl prepare-sites`` writes that layout); the run config names no data location.
+    isolation : str
+        How ClientApp processes start: ``warm`` (default; forked from a preloaded SuperExec,
+        :mod:`graftfl.deploy.warm_superexec`), ``subprocess`` or ``process`` (Flower's ``flwr-clientapp``).
     """
     if not (project_root() / "pyproject.toml").is_file():
         raise DeploymentError(f"deploy-local submits the app from a graftfl checkout, but {project_root()} has no "
@@ -315,7 +299,8 @@ def deploy_local(cfg: DictConfig, overrides: list[str], tls: bool = False, auth:
     if data_dir is not None and not Path(data_dir).is_dir():
         raise DeploymentError(f"--data-dir {data_dir} is not a folder (expected site-0/, site-1/, ... as graftfl prepare-sites writes)")
     deployment = LocalDeployment(workdir, num_nodes=int(cfg.num_clients), tls=tls, auth=auth, echo=sys.stdout,
-                                 sites_dir=(run_dir / "sites").resolve(), data_dir=Path(data_dir).resolve() if data_dir else None)
+                                 sites_dir=(run_dir / "sites").resolve(), data_dir=Path(data_dir).resolve() if data_dir else None,
+                                 isolation=isolation)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handlers = {}
     if in_main_thread:

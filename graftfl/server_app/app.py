@@ -97,4 +97,6 @@ def main(grid: Grid, context: Context) -> None:
     """Deployment entry: ``flwr run . <conn> --run-config "overrides='protocol=fedavg dataset=digits'"``."""
     show_progress()  # this process has no `graftfl` command to set up the console
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
-    run_protocol(grid, resolve_job_config(overrides))
+    from graftfl.server_app.prompt_grid import PromptGrid  # Flower's deployed Grid pulls replies every 3 s
+
+    run_protocol(PromptGrid(grid), resolve_job_config(overrides))
