@@ -40,6 +40,7 @@ from flwr.serverapp.strategy import FedAvg
 from graftfl.config import eval_where
 from graftfl.core.autoencoder import conv_ae, save_classifier, train_autoencoder, train_classifier
 from graftfl.core.meter import metrics_row
+from graftfl.core.normalization import standardized
 from graftfl.strategies.features.classifier import CLASSIFIER_FILE, OnlineTrainer, ServedClassifier
 from graftfl.strategies.features.replies import (
     client_id_of,
@@ -170,15 +171,16 @@ class FeatureRun:
 
     def public_autoencoder(self) -> ArrayRecord:
         """Train on training images no site holds (the draw ``partition_indices`` leaves over)."""
-        data, protocol = self.run.data, self.protocol
+        raw, protocol = self.run.raw, self.protocol
         assigned = int(self.cfg.partition.samples_per_client) * int(self.cfg.num_clients)
-        order = np.random.default_rng(self.cfg.seed).permutation(len(data.train_y))
-        public = torch.from_numpy(order[assigned : assigned + int(protocol.public_samples)])
+        order = np.random.default_rng(self.cfg.seed).permutation(len(raw.train_y))
+        public = order[assigned : assigned + int(protocol.public_samples)]
         if len(public) == 0:
             raise ValueError(f"no training images are left outside the {assigned} the sites hold; lower partition.samples_per_client")
         torch.manual_seed(self.cfg.seed)
-        model = conv_ae(data.input_shape, latent_dim=int(protocol.latent_dim), channels=int(protocol.conv_channels))
-        result = train_autoencoder(model, data.train_x[public], epochs=int(protocol.autoencoder.epochs), batch_size=int(protocol.autoencoder.batch_size), lr=float(protocol.autoencoder.lr), device=self.run.device, seed=self.cfg.seed)
+        model = conv_ae(raw.input_shape, latent_dim=int(protocol.latent_dim), channels=int(protocol.conv_channels))
+        images = standardized(raw.train_x[public], self.run.statistics())  # as the sites standardize theirs
+        result = train_autoencoder(model, images, epochs=int(protocol.autoencoder.epochs), batch_size=int(protocol.autoencoder.batch_size), lr=float(protocol.autoencoder.lr), device=self.run.device, seed=self.cfg.seed)
         self.log(phase="autoencoder", ae_training="public", ae_loss=result["ae_loss"], public_samples=len(public))
         return ArrayRecord(model.cpu().state_dict())
 
@@ -352,7 +354,7 @@ class FeatureRun:
     def test_share(self) -> int:
         """The most test images one site holds (``site_test_indices`` splits the test selection evenly)."""
         if self.run.site_data or eval_where(self.cfg) == "site":  # each site's own held-out rows: the server cannot count them
-            return self.run.max_eval_rows() if self.run.site_data else len(self.run.data.train_y)
-        size, available = self.cfg.dataset.get("test_size"), len(self.run.data.test_y)
+            return self.run.max_eval_rows() if self.run.site_data else len(self.run.raw.train_y)
+        size, available = self.cfg.dataset.get("test_size"), len(self.run.raw.test_y)
         count = min(int(size), available) if size else available
         return -(-count // int(self.cfg.num_clients))
