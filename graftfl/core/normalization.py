@@ -36,8 +36,9 @@ PUBLISHED: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 images (N x C x H x W) as float32 on the [0, 1] scale (a new tensor; the input is not touched)."""
-    tensor = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
-    return tensor.to(torch.float32).div_(255.0)
+    if isinstance(images, torch.Tensor):
+        return images.to(torch.float32).div(255.0)
+    return torch.from_numpy(np.asarray(images).astype(np.float32)).div_(255.0)  # astype copies: the cache stays read-only
 
 
 def checked_statistics(mean: Sequence[float], std: Sequence[float], channels: int, source: str = "dataset") -> Statistics:
