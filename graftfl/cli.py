@@ -11,7 +11,8 @@ from pathlib import Path
 
 from graftfl.config import ConfigError, expand_sweep, is_site_dataset, resolve_job_config
 from graftfl.console import show_progress
-from graftfl.core.data import DatasetUnavailable, dataset_from_config
+from graftfl.core.data import DatasetUnavailable, raw_from_config
+from graftfl.core.normalization import fixed_statistics
 from graftfl.core.run_dir import project_root, run_dir_of, with_run_id
 from graftfl.prepare_sites import add_commands as add_prepare_sites_command
 from graftfl.protocols import load_protocol, protocol_commands
@@ -33,7 +34,11 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None, ray_address: str | 
 
     cfg = with_run_id(cfg)
     if not is_site_dataset(cfg):  # dataset=site: the sites' files are theirs; the server process opens none
-        dataset_from_config(cfg.dataset)  # fail fast (and cache for the in-process ServerApp) before Ray starts
+        raw = raw_from_config(cfg.dataset)  # fail fast (and cache for the in-process ServerApp) before Ray starts
+        try:  # dataset.mean / std that do not fit the channels: an error now, not at every site
+            fixed_statistics(cfg.dataset, raw.input_shape[0])
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if not load_protocol(cfg.protocol.name).federated:
         return run_protocol(None, cfg)
     from flwr.simulation import run_simulation

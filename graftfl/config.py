@@ -192,6 +192,7 @@ def validate(cfg: DictConfig) -> None:
              f"eval.where must be one of {list(EVAL_WHERE_CHOICES)}, got '{(cfg.get('eval') or {}).get('where')}'")
     if is_site_dataset(cfg):
         _validate_site_dataset(cfg, protocol.federated)
+    _validate_normalization(cfg, protocol.federated)
     _checked(protocol.validate_config, cfg)
     _validate_defences(cfg)
     _validate_phases(cfg, protocol.federated)
@@ -221,8 +222,26 @@ def eval_where(cfg: DictConfig) -> str:
 
 
 def normalization_of(cfg: DictConfig) -> str:
-    """``dataset.normalization``: ``federated`` (the normalize phase) or ``fixed``; registry datasets: ``fixed``."""
+    """``dataset.normalization``: ``federated`` (the normalize phase over the sites' own training rows) or
+    ``fixed`` (``dataset.mean`` / ``dataset.std``); the default, when a config has no such key, is ``fixed``."""
     return str(cfg.dataset.get("normalization") or "fixed")
+
+
+def _validate_normalization(cfg: DictConfig, federated: bool) -> None:
+    """``dataset.normalization`` for every dataset: a valid name, and ``federated`` only where sites run."""
+    _require(normalization_of(cfg) in NORMALIZATIONS, f"dataset.normalization must be one of {list(NORMALIZATIONS)}, got '{normalization_of(cfg)}'")
+    _require(normalization_of(cfg) != "federated" or federated,
+             f"dataset.normalization=federated needs a federated protocol (the sites compute it); protocol '{cfg.protocol.name}' "
+             "runs without sites: use dataset.normalization=fixed")
+    if is_site_dataset(cfg):
+        return  # checked against the declared channels in _validate_site_dataset
+    for key in ("mean", "std"):
+        values = cfg.dataset.get(key)
+        _require(values is None or (OmegaConf.is_list(values) and len(values) > 0),
+                 f"dataset.{key} must be a list with one value or one per channel (or null), got {values}")
+    _require((cfg.dataset.get("mean") is None) == (cfg.dataset.get("std") is None),
+             "dataset.mean and dataset.std go together: set both (or neither: images stay in [0, 1])")
+    _require(not any(float(v) <= 0 for v in (cfg.dataset.get("std") or [])), "dataset.std values must be > 0")
 
 
 def _validate_site_dataset(cfg: DictConfig, federated: bool) -> None:
@@ -234,7 +253,6 @@ def _validate_site_dataset(cfg: DictConfig, federated: bool) -> None:
     except SiteDataError as err:
         raise ConfigError(str(err)) from err
     _require(eval_where(cfg) == "site", "dataset=site: the server holds no test set; use eval.where=site (or auto)")
-    _require(normalization_of(cfg) in NORMALIZATIONS, f"dataset.normalization must be one of {list(NORMALIZATIONS)}, got '{normalization_of(cfg)}'")
     for key in ("mean", "std"):
         values = cfg.dataset.get(key)
         _require(values is None or len(values) == int(cfg.dataset.input_shape[0]),

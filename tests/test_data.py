@@ -15,7 +15,7 @@ def test_digits_loads_offline_with_a_fixed_split():
     digits = load_dataset("digits")
     assert digits.input_shape == (1, 8, 8) and digits.num_classes == 10
     assert len(digits.train_y) + len(digits.test_y) == 1797
-    assert abs(float(digits.train_x.mean())) < 1e-4  # normalised with training statistics
+    assert abs(float(digits.train_x.mean())) < 1e-3  # standardised with the yaml's constants (computed once on this split)
 
 
 @pytest.mark.parametrize("cfg", [partition_cfg(name="iid"), partition_cfg(name="dirichlet", alpha=0.3, min_partition_size=0), partition_cfg(name="shards", shards_per_client=2)])

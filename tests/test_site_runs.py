@@ -217,12 +217,12 @@ def test_site_loader_applies_dedup_drops_and_the_sim_data_dir(sites, monkeypatch
 
 
 def test_registry_data_root_is_honoured_at_the_site(tmp_path):
-    from graftfl.clients.site_data import registry_data
+    from graftfl.clients.site_data import registry_raw
     from graftfl.core.data import DatasetUnavailable
 
     cfg = compose_config(["dataset=mnist", "dataset.download=false"])
     with pytest.raises((DatasetUnavailable, FileNotFoundError, RuntimeError)) as missing:
-        registry_data(cfg, _context({"data-root": str(tmp_path / "site-own-root")}))
+        registry_raw(cfg, _context({"data-root": str(tmp_path / "site-own-root")}))
     assert "site-own-root" in str(missing.value)
 
 

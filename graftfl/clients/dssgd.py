@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from graftfl.clients.site_data import registry_data, site_rows
+from graftfl.clients.site_data import registry_test_set, site_rows
 from graftfl.clients.utils import evaluate_global_model, client_device, config_of, local_data, local_train, num_classes_of, partition_id_of
 from graftfl.config import eval_where
 from graftfl.core.codec import assign_flat_parameters, flatten_parameters
@@ -50,8 +50,11 @@ def local_test_metrics(model: torch.nn.Module, cfg, device: torch.device, contex
         _, _, x, y = site_rows(cfg, context)
         evaluation = evaluate(model, x, y, device=device, batch_size=cfg.eval.batch_size)
         return {"local_accuracy": evaluation["accuracy"], "local_loss": evaluation["loss"]}
-    data = registry_data(cfg, context) if context is not None else dataset_from_config(cfg.dataset)
-    x, y = data.test_x, data.test_y
+    if context is not None:
+        x, y = registry_test_set(cfg, context)  # standardized as this site standardizes its own rows
+    else:
+        data = dataset_from_config(cfg.dataset)
+        x, y = data.test_x, data.test_y
     size = cfg.dataset.get("test_size")
     if size:
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(cfg.seed)))[: int(size)]

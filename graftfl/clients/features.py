@@ -37,16 +37,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from omegaconf import DictConfig
 
-from graftfl.clients.site_data import registry_data, site_rows, standardization_of
+from graftfl.clients.site_data import registry_test_set, site_rows, standardization_of
 from graftfl.clients.utils import client_device, config_of, local_data, num_classes_of, partition_id_of
-from graftfl.config import eval_where, from_container, is_site_dataset
+from graftfl.config import eval_where
 from graftfl.core.autoencoder import class_grid_figure, encode, reconstruction_error_by_class, save_autoencoder, train_autoencoder
-from graftfl.core.data import channel_stats
 from graftfl.core.defences import DefenceConfig, SiteDefences
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import StagedModel, build_model
 from graftfl.core.train import round_seed
-from graftfl.core.wire import NODE_DATA_ROOT
 from graftfl.protocols import ClientProtocol
 
 PROTOCOL = "features"
@@ -114,17 +112,10 @@ def local_test_data(cfg: DictConfig, context: Context) -> tuple[torch.Tensor, to
     if eval_where(cfg) == "site":
         _, _, x, y = site_rows(cfg, context)
         return x, y
-    data = registry_data(cfg, context)
+    test_x, test_y = registry_test_set(cfg, context)
     partition_id, num_partitions = partition_id_of(context)
-    indices = torch.from_numpy(site_test_indices(cfg, len(data.test_y), partition_id, num_partitions))
-    return data.test_x[indices], data.test_y[indices]
-
-
-def _at_root(cfg: DictConfig, context: Context):
-    """The ``dataset`` group as this site reads it (node-config ``data-root`` wins)."""
-    if NODE_DATA_ROOT in context.node_config:
-        return from_container({**dict(cfg.dataset), "root": str(context.node_config[NODE_DATA_ROOT])})
-    return cfg.dataset
+    indices = torch.from_numpy(site_test_indices(cfg, len(test_y), partition_id, num_partitions))
+    return test_x[indices], test_y[indices]
 
 
 # ------------------------------------------------------------------ phases ---
@@ -205,7 +196,7 @@ def upload_chunk(message: Message, context: Context) -> Message:
     x, y = local_data(cfg, context)
     model = install_final_autoencoder(message, cfg, context, x.shape[1:])
     if chunk == 0:
-        stats = standardization_of(cfg, context) if is_site_dataset(cfg) else channel_stats(_at_root(cfg, context))
+        stats = standardization_of(cfg, context)  # what this site standardized with (fixed or federated), for `graftfl predict`
         save_autoencoder(site_dir(context) / AUTOENCODER_FILE, model, x.shape[1:], int(cfg.protocol.conv_channels), stats)
     first = chunk * chunk_size
     rows = slice(first, min(first + chunk_size, len(y)))

@@ -2,7 +2,7 @@
 
 ``query.normalize`` step ``moments``: the count, sum and sum of squares per channel of this
 site's training rows (raw values in [0, 1], after any dedup drops; held-out rows excluded),
-never a pixel. Step ``install``: keep the server's mean and std in
+never a pixel. For a registry dataset those rows are the site's own partition. Step ``install``: keep the server's mean and std in
 ``context.state[phase_state_key("normalize")]`` for the site loader
 (:func:`graftfl.clients.site_data.standardization_of`).
 """
@@ -18,8 +18,9 @@ from graftfl.clients.site_data import (
     MEAN,
     NORMALIZE_PHASE,
     STD,
-    load_raw_site,
+    site_channels,
     site_label,
+    training_pixels,
 )
 from graftfl.clients.utils import config_of, partition_id_of
 from graftfl.core.site_stats import channel_moments
@@ -40,12 +41,11 @@ def query(message: Message, context: Context) -> Message:
     step = str(fields.get("step", ""))
     partition_id, _ = partition_id_of(context)
     if step == "moments":
-        data = load_raw_site(cfg, context)
-        moments = channel_moments(data.x[~data.test_mask])
+        moments = channel_moments(training_pixels(cfg, context))
         metrics = {**moments.as_dict(), "partition-id": partition_id}
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
     if step == "install":
-        channels = int(cfg.dataset.input_shape[0])
+        channels = site_channels(cfg, context)
         mean = _channel_values(str(fields["mean"]), channels, "mean", context)
         std = _channel_values(str(fields["std"]), channels, "std", context)
         if min(std) <= 0:

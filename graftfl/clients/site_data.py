@@ -8,7 +8,10 @@ Its held-out rows (manifest ``split=test``, else ``eval.site_fraction`` by patie
 
 A registry dataset (``dataset=digits`` ...): this site's partition, read from node-config
 ``data-root`` when the SuperNode names one (else the run's ``dataset.root``), with a seeded
-``eval.site_fraction`` held out when the run evaluates at the sites.
+``eval.site_fraction`` held out when the run evaluates at the sites. The site keeps only its own
+rows: their raw pixels are copied out of the public arrays and standardized by the same rule as
+site data (``fixed``: ``dataset.mean`` / ``dataset.std``, the published figures; ``federated``:
+the normalize phase over the sites' own training rows), never with the whole training set's.
 
 Simulation cannot give each virtual SuperNode its own node config (flwr 1.41's
 ``run_simulation`` sets only ``partition-id`` / ``num-partitions``), so ``graftfl sim
@@ -27,7 +30,8 @@ from flwr.app import Context
 from omegaconf import DictConfig
 
 from graftfl.config import eval_where, from_container, is_site_dataset, normalization_of
-from graftfl.core.data import DatasetSplits, dataset_from_config, partition_indices
+from graftfl.core.data import RawDataset, partition_indices, raw_from_config
+from graftfl.core.normalization import Statistics, fixed_statistics, standardized, to_unit
 from graftfl.core.site_stats import standardize
 from graftfl.core.sitedata import (
     DATA_PATH_KEY,
@@ -84,26 +88,45 @@ def load_raw_site(cfg: DictConfig, context: Context) -> SiteData:
     return data
 
 
-def standardization_of(cfg: DictConfig, context: Context) -> tuple[list[float], list[float]] | None:
-    """``(mean, std)`` per channel this site standardizes with, or None (images stay in [0, 1])."""
+def standardization_of(cfg: DictConfig, context: Context) -> Statistics | None:
+    """``(mean, std)`` per channel this site standardizes with, or None (images stay in [0, 1]).
+
+    ``federated``: what the normalize phase installed at this site; ``fixed``: ``dataset.mean`` /
+    ``dataset.std`` (for a registry dataset checked against its channels; one value: every channel).
+    """
     if normalization_of(cfg) == "federated":
         record = context.state.get(phase_state_key(NORMALIZE_PHASE))
         if record is None or MEAN not in record:
             raise NormalizationMissing(f"site {site_label(context)}: dataset.normalization=federated but this site has no statistics "
                                        "from the normalize phase (the server runs it before the first round)")
         return json.loads(str(record[MEAN])), json.loads(str(record[STD]))
+    if not is_site_dataset(cfg):
+        return fixed_statistics(cfg.dataset, site_channels(cfg, context))
     mean, std = cfg.dataset.get("mean"), cfg.dataset.get("std")
     if mean is None or std is None:
         return None
     return [float(v) for v in mean], [float(v) for v in std]
 
 
-def registry_data(cfg: DictConfig, context: Context) -> DatasetSplits:
-    """The registry dataset as this site reads it: node-config ``data-root`` wins over ``dataset.root``."""
+def registry_raw(cfg: DictConfig, context: Context) -> RawDataset:
+    """The registry dataset's raw public arrays as this site reads them: node-config ``data-root`` wins over ``dataset.root``."""
     data_cfg = cfg.dataset
     if NODE_DATA_ROOT in context.node_config:
         data_cfg = from_container({**dict(data_cfg), "root": str(context.node_config[NODE_DATA_ROOT])})
-    return dataset_from_config(data_cfg)
+    return raw_from_config(data_cfg)
+
+
+def site_channels(cfg: DictConfig, context: Context) -> int:
+    """Channels of this site's images: the declaration's for ``dataset=site``, else the registry dataset's."""
+    if is_site_dataset(cfg):
+        return int(cfg.dataset.input_shape[0])
+    return registry_raw(cfg, context).input_shape[0]
+
+
+def registry_test_set(cfg: DictConfig, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """The registry dataset's public test split, standardized as this site standardizes its own rows."""
+    raw = registry_raw(cfg, context)
+    return standardized(raw.test_x, standardization_of(cfg, context)), raw.test_y
 
 
 def _partition_of(context: Context) -> tuple[int, int]:
@@ -123,8 +146,23 @@ def hold_out(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, partition_id: in
     return x[train_rows], y[train_rows], x[held_rows], y[held_rows]
 
 
+def registry_partition(cfg: DictConfig, context: Context):
+    """This site's own rows of a registry dataset, raw (uint8): ``(train_x, train_y, held_x, held_y)``.
+
+    Only the partition's rows are copied out of the public arrays; ``held_x`` / ``held_y`` are None
+    when the run evaluates at the server (``eval.where=server``): then the whole partition trains.
+    """
+    raw = registry_raw(cfg, context)
+    partition_id, num_partitions = _partition_of(context)
+    indices = partition_indices(raw.train_y, cfg.partition, num_partitions, partition_id, cfg.seed)
+    x, y = torch.from_numpy(raw.train_x[indices]), raw.train_y[torch.from_numpy(indices)]
+    if eval_where(cfg) != "site":
+        return x, y, None, None
+    return hold_out(cfg, x, y, partition_id)
+
+
 def site_rows(cfg: DictConfig, context: Context):
-    """``(train_x, train_y, held_x, held_y)`` of this site, for every protocol.
+    """``(train_x, train_y, held_x, held_y)`` of this site, standardized, for every protocol.
 
     ``held_x`` / ``held_y`` are None for a registry dataset evaluated at the server
     (``eval.where=server``): then the whole partition trains.
@@ -135,20 +173,25 @@ def site_rows(cfg: DictConfig, context: Context):
         x = standardize(data.x, *stats) if stats is not None else data.x
         keep = ~data.test_mask
         return x[keep], data.y[keep], x[data.test_mask], data.y[data.test_mask]
-    data = registry_data(cfg, context)
-    partition_id, num_partitions = _partition_of(context)
-    indices = torch.from_numpy(partition_indices(data.train_y, cfg.partition, num_partitions, partition_id, cfg.seed))
-    x, y = data.train_x[indices], data.train_y[indices]
-    if eval_where(cfg) != "site":
-        return x, y, None, None
-    return hold_out(cfg, x, y, partition_id)
+    train_x, train_y, held_x, held_y = registry_partition(cfg, context)
+    stats = standardization_of(cfg, context)
+    held = standardized(held_x, stats) if held_x is not None else None
+    return standardized(train_x, stats), train_y, held, held_y
+
+
+def training_pixels(cfg: DictConfig, context: Context) -> torch.Tensor:
+    """This site's training images on the [0, 1] scale, not standardized (what the normalize phase's moments sum)."""
+    if is_site_dataset(cfg):
+        data = load_raw_site(cfg, context)
+        return data.x[~data.test_mask]
+    return to_unit(registry_partition(cfg, context)[0])
 
 
 def site_num_classes(cfg: DictConfig, context: Context) -> int:
     """The number of classes: the declaration's for ``dataset=site``, else the registry dataset's (read at ``data-root``)."""
     if is_site_dataset(cfg):
         return int(cfg.dataset.num_classes)
-    return registry_data(cfg, context).num_classes
+    return registry_raw(cfg, context).num_classes
 
 
 def held_out_metrics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, device: torch.device) -> dict:

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from graftfl.clients.site_data import hold_out, registry_data, site_rows
+from graftfl.clients.site_data import hold_out, registry_raw, registry_test_set, site_rows
 from graftfl.clients.split_defences import PrivateTurn, site_defences
 from graftfl.clients.utils import client_device, config_of, num_classes_of, partition_id_of
 from graftfl.config import eval_where
@@ -276,9 +276,9 @@ def evaluate_turn(message: Message, context: Context, build_role: RoleBuilder) -
                 "eval.where=server streams inputs the server chose through the relayed bottom, which reveals the bottom to the "
                 f"server; this site refuses (allow it with node config {ALLOW_SERVER_EVAL_NODE_CONFIG}=true or {ALLOW_SERVER_EVAL_ENV}=1)"
             )
-        data = registry_data(cfg, context)
-        x, y = test_subset(data.test_x, data.test_y, cfg.dataset.get("test_size"), cfg.seed)
-        input_shape, num_classes = data.input_shape, data.num_classes
+        raw = registry_raw(cfg, context)
+        x, y = test_subset(*registry_test_set(cfg, context), cfg.dataset.get("test_size"), cfg.seed)
+        input_shape, num_classes = raw.input_shape, raw.num_classes
     else:
         raise ValueError(f"eval.where must be one of ['site', 'server'], got '{where}'")
     role = prepare_role(cfg, message, context, build_role, input_shape, num_classes, key)

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from omegaconf import DictConfig
 
 from graftfl.config import from_container
-from graftfl.core.data import dataset_from_config
+from graftfl.core.data import raw_from_config
 from graftfl.core.local_round import train_round
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.privacy import history_from_json, history_to_json
@@ -101,7 +101,7 @@ def num_classes_of(cfg: DictConfig, context: Context | None = None) -> int:
     from graftfl.clients.site_data import site_num_classes
 
     if context is None:
-        return int(cfg.dataset.num_classes) if str(cfg.dataset.get("name")) == "site" else dataset_from_config(cfg.dataset).num_classes
+        return int(cfg.dataset.num_classes) if str(cfg.dataset.get("name")) == "site" else raw_from_config(cfg.dataset).num_classes
     return site_num_classes(cfg, context)
 
 

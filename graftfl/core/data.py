@@ -1,9 +1,11 @@
 """Dataset registry and partitioning.
 
-Every dataset is loaded whole into memory as normalised float tensors; a client
-then keeps only the indices of its own partition, computed with flwr-datasets
-partitioners over an in-memory index table (no hub access). A named dataset that
-is missing is an error that says how to get it, never a silent substitute.
+A registry dataset is read once per process as its raw public arrays (uint8 pixels and
+labels, read-only: the public file on disk). Nothing here standardizes a whole training set
+for a site: a site takes its own partition's raw rows (indices computed with flwr-datasets
+partitioners over an in-memory label table, no hub access) and standardizes only those
+(:mod:`graftfl.core.normalization`). A named dataset that is missing is an error that says
+how to get it, never a silent substitute.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from graftfl.core.normalization import PUBLISHED, Statistics, checked_statistics, fixed_statistics, standardized
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -25,9 +29,26 @@ class DatasetUnavailable(RuntimeError):
     """A named dataset is not on disk and cannot be downloaded."""
 
 
+@dataclass(frozen=True)
+class RawDataset:
+    """A registry dataset as published: uint8 pixels (N x C x H x W, read-only numpy) and int64 labels."""
+
+    name: str
+    train_x: np.ndarray
+    train_y: torch.Tensor
+    test_x: np.ndarray
+    test_y: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample (without the batch dimension)."""
+        return tuple(int(d) for d in self.train_x.shape[1:])
+
+
 @dataclass
 class DatasetSplits:
-    """A dataset in memory: normalised images and integer labels."""
+    """A dataset in memory: standardized images and integer labels."""
 
     name: str
     train_x: torch.Tensor
@@ -184,65 +205,88 @@ def _dataset_loader(name: str, subset: str | None):
     return DATASETS[name]
 
 
-def _normalise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    if train.ndim == 3:  # IDX files (MNIST, Fashion-MNIST) hold N x H x W: add the channel axis
-        train, test = train[:, None], test[:, None]
-    train_t = torch.from_numpy(train.astype(np.float32)).div_(255.0)
-    test_t = torch.from_numpy(test.astype(np.float32)).div_(255.0)
-    dims = (0, 2, 3)
-    mean = train_t.mean(dim=dims, keepdim=True)
-    std = train_t.std(dim=dims, keepdim=True).clamp_min(1e-6)
-    return (train_t - mean) / std, (test_t - mean) / std
+_CACHE: dict[tuple, RawDataset] = {}
 
 
-_CACHE: dict[tuple, DatasetSplits] = {}
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array = np.ascontiguousarray(array)
+    array.setflags(write=False)
+    return array
 
 
-def load_dataset(name: str, root: str | os.PathLike = "data", download: bool = True, subset: str | None = None) -> DatasetSplits:
-    """Load a registered dataset into memory (cached per process: it is read-only)."""
+def load_raw(name: str, root: str | os.PathLike = "data", download: bool = True, subset: str | None = None) -> RawDataset:
+    """The registry dataset's raw public arrays (cached per process: read-only, never standardized)."""
     key = (name, str(root), subset)
     if key not in _CACHE:
-        loader = _dataset_loader(name, subset)
-        train_x, train_y, test_x, test_y = loader(Path(root).expanduser(), download)
-        train_t, test_t = _normalise(train_x, test_x)
-        labels = np.concatenate([train_y, test_y]).astype(np.int64)
-        _CACHE[key] = DatasetSplits(
+        train_x, train_y, test_x, test_y = _dataset_loader(name, subset)(Path(root).expanduser(), download)
+        if train_x.ndim == 3:  # IDX files (MNIST, Fashion-MNIST) hold N x H x W: add the channel axis
+            train_x, test_x = train_x[:, None], test_x[:, None]
+        train_y, test_y = (np.asarray(labels, dtype=np.int64).reshape(-1) for labels in (train_y, test_y))
+        _CACHE[key] = RawDataset(
             name=subset or name,
-            train_x=train_t,
-            train_y=torch.from_numpy(np.asarray(train_y, dtype=np.int64)),
-            test_x=test_t,
-            test_y=torch.from_numpy(np.asarray(test_y, dtype=np.int64)),
-            num_classes=int(labels.max()) + 1,
+            train_x=_read_only(train_x),
+            train_y=torch.from_numpy(train_y),
+            test_x=_read_only(test_x),
+            test_y=torch.from_numpy(test_y),
+            num_classes=int(np.concatenate([train_y, test_y]).max()) + 1,
         )
     return _CACHE[key]
 
 
+def raw_from_config(data_cfg) -> RawDataset:
+    """:func:`load_raw` for a ``dataset`` config group."""
+    return load_raw(data_cfg.name, data_cfg.root, data_cfg.download, data_cfg.get("subset"))
+
+
+def standardized_splits(raw: RawDataset, statistics: Statistics | None) -> DatasetSplits:
+    """The whole dataset standardized with ``statistics`` (None: [0, 1] scale).
+
+    For code that stands for every holder at once (the server's test set, the centralized
+    baseline, benchmarks), never for one site: a site standardizes only its own rows.
+    """
+    return DatasetSplits(
+        name=raw.name,
+        train_x=standardized(raw.train_x, statistics),
+        train_y=raw.train_y,
+        test_x=standardized(raw.test_x, statistics),
+        test_y=raw.test_y,
+        num_classes=raw.num_classes,
+    )
+
+
+def load_dataset(name: str, root: str | os.PathLike = "data", download: bool = True, subset: str | None = None,
+                 statistics: Statistics | None = None) -> DatasetSplits:
+    """A registered dataset standardized with ``statistics``, by default its published figures
+    (:data:`graftfl.core.normalization.PUBLISHED`, the same numbers as ``conf/dataset/<name>.yaml``)."""
+    raw = load_raw(name, root, download, subset)
+    if statistics is None and name in PUBLISHED:
+        statistics = checked_statistics(*PUBLISHED[name], raw.input_shape[0], f"published statistics of '{name}'")
+    return standardized_splits(raw, statistics)
+
+
 def channel_stats(data_cfg) -> tuple[list[float], list[float]]:
-    """Per-channel (mean, std) of the training split on the [0, 1] scale: the
-    standardisation ``load_dataset`` applied, for encoding new images the same way."""
-    train_x = _dataset_loader(data_cfg.name, data_cfg.get("subset"))(Path(data_cfg.root).expanduser(), data_cfg.download)[0]
-    if train_x.ndim == 3:
-        train_x = train_x[:, None]
-    train_t = torch.from_numpy(np.ascontiguousarray(train_x)).float().div_(255.0)
-    return train_t.mean(dim=(0, 2, 3)).tolist(), train_t.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+    """Per-channel (mean, std) on the [0, 1] scale that ``dataset.normalization=fixed`` standardizes with
+    (unit scale when ``dataset.mean`` / ``std`` are null). Federated ones: ``site_data.standardization_of``."""
+    channels = raw_from_config(data_cfg).input_shape[0]
+    statistics = fixed_statistics(data_cfg, channels)
+    return statistics if statistics is not None else ([0.0] * channels, [1.0] * channels)
 
 
 def raw_arrays_from_config(data_cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The dataset's raw pixels (uint8, N x C x H x W) and labels: ``train_x, train_y, test_x, test_y``.
-
-    Unlike :func:`dataset_from_config` nothing is standardised: ``graftfl prepare-sites``
-    writes these pixels out as image files.
-    """
-    train_x, train_y, test_x, test_y = _dataset_loader(data_cfg.name, data_cfg.get("subset"))(Path(data_cfg.root).expanduser(), data_cfg.download)
-    if train_x.ndim == 3:  # IDX files hold N x H x W
-        train_x, test_x = train_x[:, None], test_x[:, None]
-    train_y, test_y = (np.asarray(labels, dtype=np.int64).reshape(-1) for labels in (train_y, test_y))
-    return np.ascontiguousarray(train_x), train_y, np.ascontiguousarray(test_x), test_y
+    """Raw uint8 pixels (N x C x H x W) and labels ``train_x, train_y, test_x, test_y`` (``prepare-sites`` writes them out)."""
+    raw = raw_from_config(data_cfg)
+    return raw.train_x, raw.train_y.numpy(), raw.test_x, raw.test_y.numpy()
 
 
-def dataset_from_config(data_cfg) -> DatasetSplits:
-    """Load the dataset described by a ``dataset`` config group."""
-    return load_dataset(data_cfg.name, data_cfg.root, data_cfg.download, data_cfg.get("subset"))
+def dataset_from_config(data_cfg, statistics: Statistics | None = None) -> DatasetSplits:
+    """The ``dataset`` config group's dataset standardized whole (not for a site: :func:`standardized_splits`) with
+    ``statistics``, else the fixed ``dataset.mean`` / ``std``; ``normalization=federated`` must pass the phase's."""
+    raw = raw_from_config(data_cfg)
+    if statistics is None:
+        if str(data_cfg.get("normalization") or "fixed") == "federated":
+            raise ValueError("dataset.normalization=federated: the statistics come from the normalize phase; pass them")
+        statistics = fixed_statistics(data_cfg, raw.input_shape[0])
+    return standardized_splits(raw, statistics)
 
 
 # ------------------------------------------------------------ partitioning ---

@@ -10,7 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from graftfl.config import is_site_dataset, normalization_of, resolve_job_config, to_yaml
+from graftfl.config import normalization_of, resolve_job_config, to_yaml
 from graftfl.console import show_progress
 from graftfl.core.run_dir import run_dir_of, with_run_id
 from graftfl.protocols import load_phase, load_protocol
@@ -24,12 +24,12 @@ def phase_plan(cfg: DictConfig) -> list[str]:
 
     ``dedup`` (``dedup=psi``) first, so that later phases see only the kept rows; then
     ``normalize`` when the dataset's normalization is federated (``dataset=site`` by
-    default); then the config's own ``phases`` list.
+    default; a registry dataset with ``dataset.normalization=federated``); then the config's own ``phases`` list.
     """
     plan = []
     if cfg.get("dedup") and cfg.dedup.get("name") == "psi":
         plan.append("dedup")
-    if is_site_dataset(cfg) and normalization_of(cfg) == "federated":
+    if normalization_of(cfg) == "federated":
         plan.append("normalize")
     return plan + [name for name in (cfg.get("phases") or []) if name not in plan]
 

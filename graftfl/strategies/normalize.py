@@ -8,6 +8,8 @@ Step ``install``: every site that sent valid moments receives the mean and std a
 in ``context.state[phase_state_key("normalize")]``; the site loader standardizes with them in
 every later message. A site that fails either step is reported as that site's failure (in the
 phase summary) and takes no part in the mean; its later messages fail for want of statistics.
+For a registry dataset (simulation) the sites' rows are their partitions, and the server keeps
+the result too (:meth:`ServerRun.install_statistics`) to standardize its own test set with it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 
 from flwr.app import Message, RecordDict
 
-from graftfl.config import is_site_dataset, normalization_of
+from graftfl.config import normalization_of
 from graftfl.core.site_stats import ChannelMoments, MomentsError, combine_moments
 from graftfl.protocols import ServerPhase
 
@@ -58,6 +60,7 @@ def run(grid, run, node_ids: list[int]) -> dict:
     if not accepted:
         raise RuntimeError(f"normalize phase: no site sent valid moments ({'; '.join(failures)})")
     mean, std = combine_moments(moments for _, moments in accepted)
+    run.install_statistics(mean, std)  # a registry dataset's server-held test set is standardized with them
     installs = _messages(run, [node for node, _ in accepted], **{STEP: INSTALL, "mean": json.dumps(mean), "std": json.dumps(std)})
     for reply in grid.send_and_receive(installs, timeout=run.cfg.timeout_s):
         if reply.has_error():
@@ -69,9 +72,9 @@ def run(grid, run, node_ids: list[int]) -> dict:
 
 
 def validate_config(cfg) -> None:
-    """The phase standardizes site data: it needs ``dataset=site`` with ``normalization=federated``."""
-    if not (is_site_dataset(cfg) and normalization_of(cfg) == "federated"):
-        raise ValueError("the normalize phase runs for dataset=site with dataset.normalization=federated "
+    """The phase computes the statistics of ``dataset.normalization=federated`` (site or registry data)."""
+    if normalization_of(cfg) != "federated":
+        raise ValueError("the normalize phase runs with dataset.normalization=federated "
                          "(it is added by itself then; do not list it in phases)")
 
 

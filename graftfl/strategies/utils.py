@@ -11,8 +11,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from omegaconf import DictConfig
 
-from graftfl.config import is_site_dataset, to_container
-from graftfl.core.data import DatasetSplits, dataset_from_config
+from graftfl.config import is_site_dataset, normalization_of, to_container
+from graftfl.core.data import DatasetSplits, RawDataset, raw_from_config, standardized_splits
+from graftfl.core.normalization import Statistics, checked_statistics, fixed_statistics, standardized
 from graftfl.core.meter import RunRecorder
 from graftfl.core.sitedata import SiteDeclaration
 from graftfl.core.models import StagedModel, model_from_config
@@ -49,7 +50,9 @@ class ServerRun:
         resume_round = int(self.resume_state["round"]) if self.resume_state else 0
         self.recorder = RunRecorder(self.run_dir, resume=resume, resume_round=resume_round)
         self.device = resolve_device(cfg.device)
+        self._raw: RawDataset | None = None
         self._data: DatasetSplits | None = None
+        self._federated_statistics: Statistics | None = None
         self._round_started = time.monotonic()
 
     @property
@@ -58,34 +61,56 @@ class ServerRun:
         return is_site_dataset(self.cfg)
 
     @property
-    def data(self) -> DatasetSplits:
-        """The registry dataset (the server's test set, shapes). Never loaded for ``dataset=site``."""
+    def raw(self) -> RawDataset:
+        """The registry dataset's raw public arrays (shapes, classes, counts). Never loaded for ``dataset=site``."""
         if self.site_data:
             raise RuntimeError("dataset=site: the server never opens site data (a code path asked the server for a dataset; "
                                "use ServerRun.input_shape / num_classes and evaluate at the sites)")
+        if self._raw is None:
+            self._raw = raw_from_config(self.cfg.dataset)
+        return self._raw
+
+    @property
+    def data(self) -> DatasetSplits:
+        """The registry dataset standardized whole with :meth:`statistics`, for what stands for every holder at
+        once (the centralized baseline, the features protocol's public rows). Never a site's data."""
         if self._data is None:
-            self._data = dataset_from_config(self.cfg.dataset)
+            self._data = standardized_splits(self.raw, self.statistics())
         return self._data
+
+    def statistics(self) -> Statistics | None:
+        """The registry dataset's standardization: ``fixed`` (``dataset.mean`` / ``std``) or the normalize phase's."""
+        if normalization_of(self.cfg) == "federated":
+            if self._federated_statistics is None:
+                raise RuntimeError("dataset.normalization=federated: the normalize phase has not run yet, the server has no statistics")
+            return self._federated_statistics
+        return fixed_statistics(self.cfg.dataset, self.raw.input_shape[0])
+
+    def install_statistics(self, mean: list[float], std: list[float]) -> None:
+        """Keep the normalize phase's result: the server's test set is standardized as the sites' rows are."""
+        channels = len(mean) if self.site_data else self.raw.input_shape[0]
+        self._federated_statistics = checked_statistics(mean, std, channels, "the normalize phase's result")
+        self._data = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """The model's input shape: the declaration's for ``dataset=site``, else the registry dataset's."""
         if self.site_data:
             return SiteDeclaration.from_config(self.cfg.dataset).input_shape
-        return self.data.input_shape
+        return self.raw.input_shape
 
     @property
     def num_classes(self) -> int:
         """The number of classes: the declaration's for ``dataset=site``, else the registry dataset's."""
         if self.site_data:
             return SiteDeclaration.from_config(self.cfg.dataset).num_classes
-        return self.data.num_classes
+        return self.raw.num_classes
 
     def max_site_rows(self) -> int:
         """The most training rows one site can have (a bound on what a split turn may stream)."""
         if self.site_data:
             return int(self.cfg.dataset.get("max_site_rows") or 100_000)
-        return len(self.data.train_y)
+        return len(self.raw.train_y)
 
     def max_eval_rows(self) -> int:
         """The most rows one evaluation may score (a bound on an evaluation turn's frames)."""
@@ -99,13 +124,14 @@ class ServerRun:
         return int(self.resume_state["round"]) + 1 if self.resume_state else 1
 
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The server's test set, subsampled reproducibly to ``dataset.test_size`` when set."""
-        x, y = self.data.test_x, self.data.test_y
+        """The server's test set, subsampled reproducibly to ``dataset.test_size`` when set, standardized
+        with the sites' statistics (:meth:`statistics`)."""
+        x, y = self.raw.test_x, self.raw.test_y
         size = self.cfg.dataset.get("test_size")
         if size:
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.cfg.seed))[: int(size)]
-            x, y = x[order], y[order]
-        return x, y
+            x, y = x[order.numpy()], y[order]
+        return standardized(x, self.statistics()), y
 
     def new_model(self) -> StagedModel:
         """The global model, initialised from ``cfg.seed`` (or from the checkpoint when resuming)."""
@@ -118,7 +144,7 @@ class ServerRun:
     def evaluate(self, model: torch.nn.Module) -> dict:
         """Accuracy and loss of ``model`` on the server's test set."""
         x, y = self.test_set()
-        return evaluate(model, x, y, device=self.device, batch_size=self.cfg.eval.batch_size, num_classes=self.data.num_classes)
+        return evaluate(model, x, y, device=self.device, batch_size=self.cfg.eval.batch_size, num_classes=self.num_classes)
 
     def config_record(self, **extra) -> ConfigRecord:
         """The resolved config as JSON plus protocol fields, for a message's ConfigRecord."""

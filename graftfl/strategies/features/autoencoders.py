@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg
 
 from graftfl.core.autoencoder import conv_ae, train_autoencoder
+from graftfl.core.normalization import standardized
 
 PROTOCOL = "features"
 MESSAGE_TYPE = f"train.{PROTOCOL}"
@@ -70,14 +71,15 @@ class AutoencoderPhase:
 
     def public_autoencoder(self) -> ArrayRecord:
         """Train on training images no site holds (the draw ``partition_indices`` leaves over)."""
-        data, protocol = self.run.data, self.protocol
+        raw, protocol = self.run.raw, self.protocol
         assigned = int(self.cfg.partition.samples_per_client) * int(self.cfg.num_clients)
-        order = np.random.default_rng(self.cfg.seed).permutation(len(data.train_y))
-        public = torch.from_numpy(order[assigned : assigned + int(protocol.public_samples)])
+        order = np.random.default_rng(self.cfg.seed).permutation(len(raw.train_y))
+        public = order[assigned : assigned + int(protocol.public_samples)]
         if len(public) == 0:
             raise ValueError(f"no training images are left outside the {assigned} the sites hold; lower partition.samples_per_client")
         torch.manual_seed(self.cfg.seed)
-        model = conv_ae(data.input_shape, latent_dim=int(protocol.latent_dim), channels=int(protocol.conv_channels))
-        result = train_autoencoder(model, data.train_x[public], epochs=int(protocol.autoencoder.epochs), batch_size=int(protocol.autoencoder.batch_size), lr=float(protocol.autoencoder.lr), device=self.run.device, seed=self.cfg.seed)
+        model = conv_ae(raw.input_shape, latent_dim=int(protocol.latent_dim), channels=int(protocol.conv_channels))
+        images = standardized(raw.train_x[public], self.run.statistics())  # as the sites standardize theirs
+        result = train_autoencoder(model, images, epochs=int(protocol.autoencoder.epochs), batch_size=int(protocol.autoencoder.batch_size), lr=float(protocol.autoencoder.lr), device=self.run.device, seed=self.cfg.seed)
         self.log(phase="autoencoder", ae_training="public", ae_loss=result["ae_loss"], public_samples=len(public))
         return ArrayRecord(model.cpu().state_dict())

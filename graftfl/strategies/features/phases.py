@@ -293,7 +293,7 @@ class FeatureRun(AutoencoderPhase):
     def test_share(self) -> int:
         """The most test images one site holds (``site_test_indices`` splits the test selection evenly)."""
         if self.run.site_data or eval_where(self.cfg) == "site":  # each site's own held-out rows: the server cannot count them
-            return self.run.max_eval_rows() if self.run.site_data else len(self.run.data.train_y)
-        size, available = self.cfg.dataset.get("test_size"), len(self.run.data.test_y)
+            return self.run.max_eval_rows() if self.run.site_data else len(self.run.raw.train_y)
+        size, available = self.cfg.dataset.get("test_size"), len(self.run.raw.test_y)
         count = min(int(size), available) if size else available
         return -(-count // int(self.cfg.num_clients))
