@@ -193,6 +193,15 @@ class AuditRecorder:
                 self._save(f"fedavg_r{round_number}_p{partition}.pt", update, kind="fedavg_update", round=int(round_number), partition=int(partition))
 
     # ------------------------------------------------------------------ other
+    def keep_model(self, name: str, state_dict: dict) -> None:
+        """Record a model the server holds but does not checkpoint (e.g. the features autoencoder of federated/public)."""
+        if not self.enabled:
+            return
+        with self._lock:
+            tensors = {key: torch.as_tensor(value) for key, value in state_dict.items()}
+            if self._room_for(_nbytes(tensors), "models"):
+                self._save(f"model_{name}.pt", tensors, kind="model", name=name)
+
     def point_to(self, name: str, path: Path | str) -> None:
         """Name a file the run already writes (e.g. the feature store) instead of copying it."""
         if self.enabled:

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from graftfl.audit.record import load_index
 from graftfl.commands import audit_attacks as attacks
+from graftfl.commands import audit_latents as latents
 from graftfl.commands.audit_data import NotAuditable, auxiliary_data
 
 logger = logging.getLogger(__name__)
@@ -102,11 +103,12 @@ def _audit(run_dir: Path, cfg, index: dict, settings) -> dict:
         report["attacks"]["inversion"], images = attacks.split_inversion_figures(cfg, run_dir, index, settings, aux, kind)
         if protocol == "ushaped":
             report["attacks"]["label_leakage"] = attacks.ushaped_label_figures(cfg, run_dir, index, settings)
+        else:
+            report["attacks"]["label_leakage"] = latents.split_label_figures(cfg, run_dir, index)
     elif protocol == "dssgd":
         report["attacks"]["inversion"], images = attacks.dssgd_figures(cfg, run_dir, index, settings, aux)
     elif protocol == "features":
-        report["attacks"]["inversion"] = {"applies": False, "why": "features: the latent attacks are not wired into graftfl audit yet "
-                                          "(see graftfl.audit.features_inversion); the feature store is at " + str(index["pointers"].get("feature_store"))}
+        report["attacks"]["inversion"], images = latents.features_figures(cfg, run_dir, index, settings, aux)
     report["attacks"]["membership"] = attacks.membership_figures(cfg, run_dir, settings, aux)
     report["summary"] = summary_figures(report, run_dir)
     report["seconds"] = round(time.monotonic() - started, 1)
