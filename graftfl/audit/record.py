@@ -100,9 +100,9 @@ class AuditRecorder:
         self.index["bytes"] += int(nbytes)
         return True
 
-    def _save(self, name: str, tensors: dict[str, torch.Tensor], **fields) -> None:
-        torch.save({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, self.directory / name)
-        self.index["entries"].append({"file": name, "bytes": _nbytes(tensors), **fields})
+    def _save(self, file_name: str, tensors: dict[str, torch.Tensor], **fields) -> None:
+        torch.save({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, self.directory / file_name)
+        self.index["entries"].append({"file": file_name, "bytes": _nbytes(tensors), **fields})
         self._write_index()
 
     def _write_index(self) -> None:
