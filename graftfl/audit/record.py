@@ -145,7 +145,9 @@ class AuditRecorder:
             return
         with self._lock:
             turn = self._turns.pop(id(state), None)
-            self._turns.clear()  # a failed turn's frames: not attributable to a partition
+            for failed in self._turns.values():  # a failed turn's frames: not attributable to a partition, their room freed
+                self.index["bytes"] -= sum(_nbytes(tensors) for _, _, tensors in failed["frames"])
+            self._turns.clear()
             if turn is None or not turn["frames"]:
                 return
             tensors: dict[str, torch.Tensor] = {}
@@ -155,7 +157,7 @@ class AuditRecorder:
                     continue
                 for name in TRAIN_FRAME_TENSORS[kind]:
                     tensors[name] = torch.cat([t[name] for _, t in frames])
-                tensors[f"{kind}_batch"] = torch.tensor([position for position, _ in frames])  # batch index in the turn
+                tensors[f"{kind}_batch"] = torch.tensor([position for position, _ in frames])  # frame index of its kind in the turn
                 tensors[f"{kind}_rows"] = torch.tensor([len(next(iter(t.values()))) for _, t in frames])
             self._save(f"split_r{round_number}_p{partition}.pt", tensors, kind="split_turn", round=int(round_number), partition=int(partition),
                        frames={k: int(v) for k, v in turn["counts"].items()})

@@ -85,8 +85,9 @@ def recorded_rows(cfg, entry: dict, tensors: dict, kind: str = "train") -> tuple
     x, y = site_train_rows(cfg, entry["partition"])
     batches = turn_row_indices(cfg, entry["partition"], entry["round"], len(y))
     hidden = None
-    if cfg.protocol.name == "semisup":
+    if cfg.protocol.name == "semisup":  # only labeled rows travel; a batch without any sends no frame at all
         hidden = hidden_label_mask(len(y), cfg.protocol.unlabeled_fraction, int(cfg.seed) * 31 + int(entry["partition"]))
+        batches = [indices for indices in batches if (~hidden[indices]).any()]
     rows = []
     for position in tensors[f"{kind}_batch"].tolist():
         indices = batches[position]
