@@ -70,7 +70,7 @@ def refusal(overrides: list[str]) -> str | None:
 def run_row(row: dict, overrides: list[str], runs_dir: Path, audit_settings: list[str]) -> dict:
     """``graftfl sim`` then ``graftfl audit`` for one row; the figures read from the run's JSON files."""
     started = time.monotonic()
-    run_id = f"privacy-{row['name']}"
+    run_id = f"privacy-{row['name']}-{time.strftime('%Y%m%d-%H%M%S')}"  # a fresh folder: never resumes an old row
     command = [sys.executable, "-m", "graftfl.cli", "sim", *overrides, f"output_dir={runs_dir}", f"run_id={run_id}"]
     sim = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if sim.returncode != 0:
