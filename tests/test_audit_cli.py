@@ -53,6 +53,7 @@ def runs(tmp_path_factory):
         "dssgd": run_in_process(root, "protocol=dssgd", "model=mlp", "train.batch_size=1", "train.local_steps=1", "protocol.theta_upload=1.0",
                                 "audit.record=true"),
         "dssgd_unrecorded": run_in_process(root, "protocol=dssgd", "model=mlp", "train.batch_size=1", "train.local_steps=1", "protocol.theta_upload=1.0"),
+        "fedavg": run_in_process(root, "protocol=fedavg", "model=mlp", "train.batch_size=1", "train.local_steps=1", "audit.record=true"),
     }
 
 
@@ -93,6 +94,15 @@ def test_dssgd_audit_recovers_the_input_and_label_of_a_one_example_upload(runs, 
     membership = report["attacks"]["membership"]
     assert membership["members"] == membership["nonmembers"] > 0
     assert 0.0 <= membership["loss_threshold"]["auc"] <= 1.0 and report["summary"]["membership_auc"] == membership["auc"]
+
+
+def test_fedavg_audit_inverts_a_round_one_update_and_scores_membership(runs, capsys):
+    code, report, printed = audit(runs["fedavg"], capsys)
+    assert code == 0, printed
+    inversion = report["attacks"]["inversion"]
+    assert inversion["upload"]["round"] == 1 and inversion["analytic_fc"]["recovered_share"] == 1.0
+    assert inversion["analytic_fc"]["best_match_ssim"] > 0.95 > inversion["analytic_fc"]["guess_ssim"]
+    assert report["attacks"]["membership"]["offline_lira"]["auc"] is not None and (runs["fedavg"] / "privacy.png").exists()
 
 
 def test_audit_refuses_a_run_that_recorded_nothing(runs, capsys):

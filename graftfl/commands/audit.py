@@ -105,8 +105,8 @@ def _audit(run_dir: Path, cfg, index: dict, settings) -> dict:
             report["attacks"]["label_leakage"] = attacks.ushaped_label_figures(cfg, run_dir, index, settings)
         else:
             report["attacks"]["label_leakage"] = latents.split_label_figures(cfg, run_dir, index)
-    elif protocol == "dssgd":
-        report["attacks"]["inversion"], images = attacks.dssgd_figures(cfg, run_dir, index, settings, aux)
+    elif protocol in ("dssgd", "fedavg"):
+        report["attacks"]["inversion"], images = attacks.upload_figures(cfg, run_dir, index, settings, aux)
     elif protocol == "features":
         report["attacks"]["inversion"], images = latents.features_figures(cfg, run_dir, index, settings, aux)
     report["attacks"]["membership"] = attacks.membership_figures(cfg, run_dir, settings, aux)

@@ -23,7 +23,7 @@ from graftfl.core.data import make_loader
 from graftfl.core.models import model_from_config
 from graftfl.core.selective import Upload
 from graftfl.core.split import model_parts
-from graftfl.core.train import make_optimizer, train
+from graftfl.core.train import make_optimizer, seed_everything, train
 from graftfl.core.weights_file import load_weights_file
 
 logger = logging.getLogger(__name__)
@@ -123,17 +123,26 @@ def _best_match_ssim(candidates: torch.Tensor, pool: torch.Tensor) -> float:
     return sum(best) / len(best)
 
 
-def dssgd_figures(cfg, run_dir: Path, index: dict, settings, aux: dict) -> tuple[dict, tuple]:
-    """iDLG present labels, analytic FC input (when the first layer is dense) and restricted gradient inversion."""
-    entries = _entries(index, "dssgd_upload")
-    if not entries:
-        raise NotAuditable("the recording holds no dssgd upload")
-    entry = sorted(entries, key=lambda e: (e["round"], e["partition"]))[0]  # the first upload: from the shared initial model
-    tensors = load_entry(run_dir, entry)
+def _first_upload(cfg, run_dir: Path, index: dict, aux: dict) -> tuple[dict, torch.nn.Module, Upload]:
+    """The first recorded upload (DSSGD) or update (FedAvg, round 1), the model it was computed from, as an Upload."""
+    kind = "dssgd_upload" if cfg.protocol.name == "dssgd" else "fedavg_update"
+    entries = sorted(_entries(index, kind), key=lambda e: (e["round"], e["partition"]))
+    if not entries or entries[0]["round"] != 1 and kind == "fedavg_update":
+        raise NotAuditable(f"the recording holds no {kind} (of round 1 for fedavg)")
+    entry, tensors = entries[0], load_entry(run_dir, entries[0])
+    seed_everything(int(cfg.seed), bool(cfg.deterministic))  # the server's own initial global model (it chose the seed)
     model = model_from_config(cfg, aux["input_shape"], aux["num_classes"])
+    if kind == "fedavg_update":  # a dense update: every coordinate uploaded
+        values = torch.cat([tensors[name].flatten().float() for name, _ in model.named_parameters()])
+        return entry, model, Upload(indices=torch.arange(len(values)), values=values)
     if "params" in tensors:
         assign_flat_parameters(model, tensors["params"])
-    upload = Upload(indices=tensors.get("indices", torch.arange(len(tensors["values"]))), values=tensors["values"], noise_scale=0.0)
+    return entry, model, Upload(indices=tensors.get("indices", torch.arange(len(tensors["values"]))), values=tensors["values"])
+
+
+def upload_figures(cfg, run_dir: Path, index: dict, settings, aux: dict) -> tuple[dict, tuple]:
+    """DSSGD uploads / FedAvg updates: iDLG present labels, analytic FC input (first layer dense), restricted gradient inversion."""
+    entry, model, upload = _first_upload(cfg, run_dir, index, aux)
     gradients, masks = upload_to_gradients(model, upload, float(cfg.train.lr))
     site_x, site_y = site_train_rows(cfg, entry["partition"])  # evaluator only
     truth = sorted(set(site_y.tolist()))
