@@ -127,7 +127,7 @@ def markdown(results: list[dict], setting: str) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    """Accuracy against inversion SSIM and against label / membership AUC, one marker per row."""
+    """Accuracy against the inversion's SSIM gain over a random guess and against label / membership AUC, one marker per row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,12 +135,15 @@ def plot(results: list[dict], path: Path) -> None:
 
     measured = [r for r in results if r["status"] == "ok" and r["accuracy"] is not None]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = (("inversion_ssim", "inversion SSIM (higher: more leakage)"), ("leak_auc", "label-leak or membership AUC"))
+    panels = (("ssim_gain", "inversion SSIM minus random-guess SSIM (higher: more leakage)"), ("leak_auc", "label-leak or membership AUC"))
     protocols = sorted({r["protocol"] for r in measured})
     colours = {p: plt.cm.tab10(i) for i, p in enumerate(protocols)}
     for axis, (key, label) in zip(axes, panels, strict=True):
         for r in measured:
-            x = r[key] if key != "leak_auc" else (r["label_auc"] if r["label_auc"] is not None else r["membership_auc"])
+            if key == "ssim_gain":
+                x = None if r["inversion_ssim"] is None else r["inversion_ssim"] - (r["inversion_guess_ssim"] or 0.0)
+            else:
+                x = r["label_auc"] if r["label_auc"] is not None else r["membership_auc"]
             if x is None:
                 continue
             axis.scatter(x, r["accuracy"], color=colours[r["protocol"]], marker="o" if r["defence"] == "none" else "x")
