@@ -97,19 +97,19 @@ def _audit(run_dir: Path, cfg, index: dict, settings) -> dict:
         "settings": OmegaConf.to_container(settings),
         "attacks": {},
     }
-    images = None
+    found, images = report["attacks"], None
     if protocol in ("split", "semisup", "ushaped"):
         kind = "forward" if protocol == "ushaped" else "train"
-        report["attacks"]["inversion"], images = attacks.split_inversion_figures(cfg, run_dir, index, settings, aux, kind)
+        found["inversion"], images = _attempt(attacks.split_inversion_figures, cfg, run_dir, index, settings, aux, kind, pictured=True)
         if protocol == "ushaped":
-            report["attacks"]["label_leakage"] = attacks.ushaped_label_figures(cfg, run_dir, index, settings)
+            found["label_leakage"] = _attempt(attacks.ushaped_label_figures, cfg, run_dir, index, settings)
         else:
-            report["attacks"]["label_leakage"] = latents.split_label_figures(cfg, run_dir, index)
+            found["label_leakage"] = _attempt(latents.split_label_figures, cfg, run_dir, index)
     elif protocol in ("dssgd", "fedavg"):
-        report["attacks"]["inversion"], images = attacks.upload_figures(cfg, run_dir, index, settings, aux)
+        found["inversion"], images = _attempt(attacks.upload_figures, cfg, run_dir, index, settings, aux, pictured=True)
     elif protocol == "features":
-        report["attacks"]["inversion"], images = latents.features_figures(cfg, run_dir, index, settings, aux)
-    report["attacks"]["membership"] = attacks.membership_figures(cfg, run_dir, settings, aux)
+        found["inversion"], images = _attempt(latents.features_figures, cfg, run_dir, index, settings, aux, pictured=True)
+    found["membership"] = _attempt(attacks.membership_figures, cfg, run_dir, settings, aux)
     report["summary"] = summary_figures(report, run_dir)
     report["seconds"] = round(time.monotonic() - started, 1)
     if images is not None:
@@ -117,6 +117,19 @@ def _audit(run_dir: Path, cfg, index: dict, settings) -> dict:
         write_picture(run_dir / PICTURE_FILE, *images, title=f"{protocol} on {cfg.dataset.name}: originals (top) and reconstructions (bottom)")
     (run_dir / PRIVACY_FILE).write_text(json.dumps(report, indent=1, default=float))
     return report
+
+
+def _attempt(attack, *args, pictured: bool = False):
+    """Run one attack; when the recording cannot support it (:class:`NotAuditable`), say why in its place and go on.
+
+    ``pictured``: the attack returns ``(figures, images)``; a skipped one gives ``(why, None)``.
+    """
+    try:
+        return attack(*args)
+    except NotAuditable as err:
+        logger.warning("graftfl audit: %s skipped: %s", attack.__name__, err)
+        failed = {"applies": False, "why": str(err)}
+        return (failed, None) if pictured else failed
 
 
 def summary_figures(report: dict, run_dir: Path) -> dict:
