@@ -165,3 +165,31 @@ def test_graftfl_sim_records_and_audits_the_same_way(tmp_path, capsys):
     code, report, printed = audit(run_dir, capsys)
     assert code == 0, printed
     assert report["attacks"]["label_leakage"]["auc"] > 0.5 + MARGIN
+
+
+def test_privacy_table_reads_its_figures_from_the_runs_json_and_composes_every_undefended_row(runs, capsys, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("privacy_table", Path(__file__).resolve().parent.parent / "benchmarks" / "privacy_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    for quick in (True, False):
+        for row in table.load_rows(quick):
+            overrides = table.row_overrides(row, quick)
+            assert "audit.record=true" in overrides
+            if row["defence"] == "none":  # the undefended rows run on this checkout as they are
+                assert table.refusal(overrides) is None, row["name"]
+    assert table.refusal(["protocol=split", "defence.no_such_key=1"]) is not None
+    code, report, printed = audit(runs["ushaped"], capsys)
+    assert code == 0, printed
+    figures = table.figures_of(runs["ushaped"])
+    summary = json.loads((runs["ushaped"] / "summary.json").read_text())
+    assert figures["label_auc"] == report["summary"]["label_auc"] and figures["inversion_ssim"] == report["summary"]["inversion_ssim"]
+    assert figures["mb_per_site"] == (summary["bytes_up"] + summary["bytes_down"]) / 2 / 1e6
+    result = {"name": "ushaped", "protocol": "ushaped", "defence": "none", "status": "ok", **figures}
+    skipped = {"name": "x", "protocol": "split", "defence": "d", "status": "skipped", "why": "needs defence.x"}
+    text = table.markdown([result, skipped], "setting")
+    assert f"{figures['label_auc']:.3f}" in text and "needs defence.x" in text
+    table.plot([result, skipped], tmp_path / "privacy.png")
+    assert (tmp_path / "privacy.png").stat().st_size > 0
