@@ -48,6 +48,7 @@ def runs(tmp_path_factory):
     return {
         "split": run_in_process(root, "protocol=split", "protocol.turn_batches=8", "audit.record=true"),
         "split_unrecorded": run_in_process(root, "protocol=split", "protocol.turn_batches=8"),
+        "split_average": run_in_process(root, "protocol=split", "protocol.handoff=average", "protocol.turn_batches=8", "audit.record=true"),
         "ushaped": run_in_process(root, "protocol=ushaped", "protocol.turn_batches=8", "audit.record=true"),
         # one SGD step on one example per upload, all coordinates: the case the analytic attack is exact for
         "dssgd": run_in_process(root, "protocol=dssgd", "model=mlp", "train.batch_size=1", "train.local_steps=1", "protocol.theta_upload=1.0",
@@ -70,6 +71,14 @@ def test_split_audit_reconstructs_inputs_from_cut_activations(runs, capsys):
     assert "test split" in report["auxiliary_data"]["source"] and "evaluator" in report["evaluator"]
     assert (runs["split"] / "privacy.png").stat().st_size > 0
     assert printed.strip().splitlines()[-1].startswith("privacy: split on digits") and "inversion SSIM" in printed
+
+
+def test_split_audit_runs_the_query_decoder_when_the_server_holds_the_averaged_bottom(runs, capsys):
+    code, report, printed = audit(runs["split_average"], capsys)
+    assert code == 0, printed
+    tier_a = report["attacks"]["inversion"]["tier_a_query_decoder"]
+    assert tier_a["applies"] is True and tier_a["ssim"] > tier_a["guess_ssim"] + MARGIN
+    assert load_index(runs["split_average"])["entries"][1]["kind"] == "client_parts"
 
 
 def test_ushaped_audit_recovers_labels_from_the_returned_gradients(runs, capsys):

@@ -111,14 +111,17 @@ class AuditRecorder:
         tmp.replace(self.directory / INDEX_FILE)
 
     # ------------------------------------------------------- split protocols
-    def watch_stage(self, stage) -> None:
+    def watch_stage(self, stage, handoff=None) -> None:
         """Record the training frames a split server stage handles (its ``handle`` is wrapped on this instance).
 
         Frames are kept per turn (keyed by the turn's state dict) until :meth:`end_turn`
-        names the turn's round and partition.
+        names the turn's round and partition. ``handoff`` (the runner's hand-off state): with
+        ``mode == "average"`` the server receives each site's client parts after its turn,
+        and :meth:`end_turn` records them too (what tier (a) of the inversion needs).
         """
         if not self.enabled:
             return
+        self._handoff = handoff
         handle = stage.handle
 
         def recording_handle(kind: str, tensors: dict, state: dict):
@@ -161,6 +164,11 @@ class AuditRecorder:
                 tensors[f"{kind}_rows"] = torch.tensor([len(next(iter(t.values()))) for _, t in frames])
             self._save(f"split_r{round_number}_p{partition}.pt", tensors, kind="split_turn", round=int(round_number), partition=int(partition),
                        frames={k: int(v) for k, v in turn["counts"].items()})
+            handoff = getattr(self, "_handoff", None)
+            if getattr(handoff, "mode", None) == "average" and handoff.round_weights:  # the parts this site just handed back
+                parts = {key: torch.as_tensor(value) for key, value in handoff.round_weights[-1][1].to_torch_state_dict().items()}
+                if self._room_for(_nbytes(parts), "models"):
+                    self._save(f"parts_r{round_number}_p{partition}.pt", parts, kind="client_parts", round=int(round_number), partition=int(partition))
 
     # ------------------------------------------------------------------ dssgd
     def dssgd_download(self, node: int, params: torch.Tensor) -> None:

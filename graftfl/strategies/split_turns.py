@@ -191,7 +191,7 @@ class SplitRunner:
         self.partition_of: dict[int, int] = {}
         self.failed_turns: list[dict] = []
         self.cut_stage = cfg_cut_stage(run)
-        run.audit.watch_stage(stage)  # audit.record
+        run.audit.watch_stage(stage, self.handoff)  # audit.record
 
 
     def run_rounds(self) -> dict:
@@ -249,8 +249,8 @@ class SplitRunner:
         metrics = dict(reply.content["metrics"])
         partition = int(metrics.get("partition-id", -1))
         self.partition_of[node] = partition
-        self.run.audit.end_turn(turn.state, round_number, partition)
         self.handoff.accept(reply, int(metrics.get("samples", 0)))
+        self.run.audit.end_turn(turn.state, round_number, partition)
         handed_back = message_nbytes(reply)  # the whole reply (metrics, hand-off), as for the message sent
         return {
             "partition-id": partition,
