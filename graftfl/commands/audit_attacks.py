@@ -58,9 +58,10 @@ def split_inversion_figures(cfg, run_dir: Path, index: dict, settings, aux: dict
     entry = _last_round(entries)[0]  # the last round: the most trained bottom
     tensors = load_entry(run_dir, entry)
     targets = int(settings.targets)
-    observed = tensors["activations"][:targets].float()
+    # the turn's last rows: computed by the bottom closest to the one a site hands back at the end of its turn (tier (a))
+    observed = tensors["activations"][-targets:].float()
     originals, _ = recorded_rows(cfg, entry, tensors, kind)
-    originals = originals[:targets]
+    originals = originals[-targets:]
     make_bottom = _bottom_builder(cfg, aux["input_shape"], aux["num_classes"])
     unsplit = split_inversion.unsplit(make_bottom, observed, aux["input_shape"], rounds=int(settings.unsplit_rounds), aux_x=aux["x"])
     _shadow, decoder = split_inversion.train_shadow_decoder(make_bottom, observed, aux["x"], epochs=int(settings.decoder_epochs))
