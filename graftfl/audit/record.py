@@ -68,6 +68,7 @@ class AuditRecorder:
                 self.index.update(json.loads(existing.read_text()))
                 self.index["max_bytes"] = self.max_bytes
             self.directory.mkdir(parents=True, exist_ok=True)
+            self.index["pointers"]["final_model"] = "checkpoint.pt"  # the run's own checkpoint: the global model or server part
             self._write_index()
 
     @classmethod

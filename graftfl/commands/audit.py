@@ -71,7 +71,7 @@ def audit_run(run_dir: Path | str, overrides: list[str] = ()) -> dict:
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     index = load_index(run_dir)
-    if index is None or not (index["entries"] or index["pointers"]):
+    if index is None or not (index["entries"] or set(index["pointers"]) - {"final_model"}):
         raise NothingRecorded(f"{run_dir} recorded nothing for the audit: run it again with audit.record=true "
                               "(e.g. graftfl sim ... audit.record=true), then graftfl audit --run <run dir>")
     cfg = OmegaConf.load(run_dir / "config.yaml")
