@@ -20,9 +20,6 @@ import torch
 from omegaconf import OmegaConf
 
 from graftfl.audit.record import load_index
-from graftfl.commands import audit_attacks as attacks
-from graftfl.commands import audit_latents as latents
-from graftfl.commands.audit_data import NotAuditable, auxiliary_data
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +82,11 @@ def audit_run(run_dir: Path | str, overrides: list[str] = ()) -> dict:
 
 
 def _audit(run_dir: Path, cfg, index: dict, settings) -> dict:
+    # the attack stack (scikit-learn, scikit-image, the clients' data code) loads only when an audit runs
+    from graftfl.commands import audit_attacks as attacks
+    from graftfl.commands import audit_latents as latents
+    from graftfl.commands.audit_data import auxiliary_data
+
     torch.manual_seed(0)
     started = time.monotonic()
     aux = auxiliary_data(cfg, int(settings.aux_size))
@@ -124,6 +126,8 @@ def _attempt(attack, *args, pictured: bool = False):
 
     ``pictured``: the attack returns ``(figures, images)``; a skipped one gives ``(why, None)``.
     """
+    from graftfl.commands.audit_data import NotAuditable
+
     try:
         return attack(*args)
     except NotAuditable as err:
@@ -181,6 +185,8 @@ def write_picture(path: Path, originals: torch.Tensor, reconstructions: torch.Te
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """``graftfl audit --run runs/<id> [audit.key=n ...]``: run the attacks, write privacy.json, print the summary line."""
+    from graftfl.commands.audit_data import NotAuditable
+
     try:
         report = audit_run(args.run, args.settings)
     except (NothingRecorded, NotAuditable, FileNotFoundError, ValueError) as err:
