@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 PRIVACY_FILE = "privacy.json"
 PICTURE_FILE = "privacy.png"
-DEFAULT_SETTINGS = {"aux_size": 400, "targets": 64, "decoder_epochs": 30, "unsplit_rounds": 20, "inversion_steps": 200, "shadows": 4, "shadow_epochs": 10}
+DEFAULT_SETTINGS = {"aux_size": 400, "targets": 64, "decoder_epochs": 30, "unsplit_rounds": 20, "unsplit_tv_weight": 0.0, "inversion_steps": 200,
+                    "shadows": 4, "shadow_epochs": 10}
 EVALUATOR_NOTE = ("Attacks see only what the server recorded, the models it holds and the auxiliary data. To score them, the "
                   "evaluator re-derives the sites' rows from the run's config (the site's seeded partition and batch order); "
                   "that is the evaluator's privilege, not the attacker's.")
@@ -41,8 +42,11 @@ def _settings(cfg, overrides: list[str]):
         key, _, value = override.partition("=")
         key = key.removeprefix("audit.")
         if key not in DEFAULT_SETTINGS or not value:
-            raise ValueError(f"unknown audit setting '{override}'; valid: {', '.join(f'audit.{k}=<n>' for k in DEFAULT_SETTINGS)}")
-        settings[key] = int(value)
+            raise ValueError(f"unknown audit setting '{override}'; valid: {', '.join(f'audit.{k}=<number>' for k in DEFAULT_SETTINGS)}")
+        try:
+            settings[key] = type(DEFAULT_SETTINGS[key])(value)
+        except ValueError as err:
+            raise ValueError(f"audit.{key} must be a {type(DEFAULT_SETTINGS[key]).__name__}, got '{value}'") from err
     return settings
 
 

@@ -63,7 +63,8 @@ def split_inversion_figures(cfg, run_dir: Path, index: dict, settings, aux: dict
     originals, _ = recorded_rows(cfg, entry, tensors, kind)
     originals = originals[-targets:]
     make_bottom = _bottom_builder(cfg, aux["input_shape"], aux["num_classes"])
-    unsplit = split_inversion.unsplit(make_bottom, observed, aux["input_shape"], rounds=int(settings.unsplit_rounds), aux_x=aux["x"])
+    unsplit = split_inversion.unsplit(make_bottom, observed, aux["input_shape"], rounds=int(settings.unsplit_rounds),
+                                     tv_weight=float(settings.get("unsplit_tv_weight", 0.0)), aux_x=aux["x"])
     _shadow, decoder = split_inversion.train_shadow_decoder(make_bottom, observed, aux["x"], epochs=int(settings.decoder_epochs))
     shadow = split_inversion.reconstruct(decoder, observed)
     reports = {"unsplit": metrics.reconstruction_report(unsplit, originals, aux["x"]),
