@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from graftfl.commands.audit import add_command as add_audit_command
 from graftfl.config import ConfigError, expand_sweep, is_site_dataset, resolve_job_config
 from graftfl.console import show_progress
 from graftfl.core.data import DatasetUnavailable, raw_from_config
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("overrides", nargs="*")
     deploy.set_defaults(handler=cmd_deploy_local)
     add_prepare_sites_command(commands)
+    add_audit_command(commands)
     for add_commands in protocol_commands():  # e.g. features' `serve` and `predict`
         add_commands(commands)
     return parser

@@ -109,6 +109,7 @@ class SelectiveServer:
         generator = torch.Generator().manual_seed(int(self.cfg.seed) * 7919 + server_round * 131 + node % 100_003)
         indices = choose_download(self.cfg.protocol.download, float(self.cfg.protocol.theta_download), self.params, self.stats, generator)
         values = self.params if indices is None else self.params[indices]
+        self.run.audit.dssgd_download(node, self.params)
         arrays = encode_sparse(indices, values, self.num_params)
         content = RecordDict(
             {
@@ -128,6 +129,7 @@ class SelectiveServer:
             return f"undecodable upload: {err}"
         reason = validate_upload(indices, values, self.num_params, self.max_upload, bound=self.cfg.protocol.clip)
         if reason is None:
+            self.run.audit.dssgd_upload(server_round, reply.metadata.src_node_id, claimed_partition(dict(reply.content.get("metrics", {}))), indices, values)
             apply_upload(self.params, indices, values)
             self.stats.record(indices, server_round)
         return reason

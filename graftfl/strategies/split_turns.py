@@ -190,6 +190,7 @@ class SplitRunner:
         self.partition_of: dict[int, int] = {}
         self.failed_turns: list[dict] = []
         self.cut_stage = cfg_cut_stage(run)
+        run.audit.watch_stage(stage, self.handoff)  # audit.record
 
     def run_rounds(self) -> dict:
         """Start the data plane, run every round's turns and evaluations, and stop it; returns the run summary."""
@@ -247,6 +248,7 @@ class SplitRunner:
         partition = int(metrics.get("partition-id", -1))
         self.partition_of[node] = partition
         self.handoff.accept(reply, int(metrics.get("samples", 0)))
+        self.run.audit.end_turn(turn.state, round_number, partition)
         handed_back = message_nbytes(reply)  # the whole reply (metrics, hand-off), as for the message sent
         return {
             "partition-id": partition,

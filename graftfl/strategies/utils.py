@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from omegaconf import DictConfig
 
+from graftfl.audit.record import AuditRecorder
 from graftfl.config import is_site_dataset, normalization_of, to_container
 from graftfl.core.data import DatasetSplits, RawDataset, raw_from_config, standardized_splits
 from graftfl.core.normalization import Statistics, checked_statistics, fixed_statistics, standardized
@@ -49,6 +50,7 @@ class ServerRun:
         # Rows logged after the checkpoint (a crash between logging a round and checkpointing it) are dropped.
         resume_round = int(self.resume_state["round"]) if self.resume_state else 0
         self.recorder = RunRecorder(self.run_dir, resume=resume, resume_round=resume_round)
+        self.audit = AuditRecorder.from_config(cfg, self.run_dir)  # audit.record: what the server receives
         self.device = resolve_device(cfg.device)
         self._raw: RawDataset | None = None
         self._data: DatasetSplits | None = None

@@ -91,6 +91,8 @@ def run(grid: Grid, run: ServerRun) -> dict:
     features = FeatureRun(grid, run)
     protocol = run.cfg.protocol
     autoencoder = features.prepare_autoencoders()
+    if autoencoder is not None:  # audit.record: the server holds this autoencoder (federated / public)
+        run.audit.keep_model("autoencoder", autoencoder.to_torch_state_dict())
     trainer = None
     if protocol.classifier.mode == "online":
         trainer = OnlineTrainer(features.store, features.served, int(protocol.classifier.retrain_every), run.num_classes, features.classifier_kwargs())

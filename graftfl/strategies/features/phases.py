@@ -76,6 +76,7 @@ class FeatureRun(AutoencoderPhase):
         self.nodes = wait_for_nodes(grid, run.cfg.num_clients, run.cfg.timeout_s)
         self.rules = ChunkRules(latent_dim=int(self.protocol.latent_dim), num_classes=run.num_classes, max_rows=int(self.protocol.chunk_size))
         self.store = FeatureStore(run.run_dir / STORE_FILE, str(self.protocol.store_synchronous), rules=self.rules)
+        run.audit.point_to("feature_store", STORE_FILE)  # audit.record: the store already holds the latents and labels
         self.served = ServedClassifier()
         self.round = 0
         self.acknowledged: dict[int, list[str]] = {node: [] for node in self.nodes}

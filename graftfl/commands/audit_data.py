@@ -1,0 +1,103 @@
+"""The data of ``graftfl audit``: the attacker's auxiliary records and the evaluator's ground truth.
+
+Two different holders, kept apart on purpose:
+
+- **the attacker** gets only :func:`auxiliary_data`: public records of the registry dataset's
+  test split, which no site trains on (sites hold partitions of the train split);
+- **the evaluator** (this command, scoring an attack) re-derives the sites' rows from the
+  run's config — :func:`site_train_rows` and :func:`recorded_rows`, which replay the site's
+  own seeded batch order — only to compare reconstructions and guesses with the truth. An
+  attack never sees them; this is the evaluator's privilege, not the attacker's.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from graftfl.clients.site_data import site_rows
+from graftfl.clients.split_turns import PROGRESS_KEY, turn_batches
+from graftfl.config import is_site_dataset
+from graftfl.core.data import dataset_from_config
+from graftfl.core.split import hidden_label_mask
+
+
+class NotAuditable(ValueError):
+    """The run cannot be audited as asked (e.g. ``dataset=site``: no public data to be the attacker's)."""
+
+
+def _site_context(cfg, partition: int) -> SimpleNamespace:
+    """The node facts a simulated site has (``partition-id``, ``num-partitions``) and an empty state."""
+    return SimpleNamespace(node_config={"partition-id": int(partition), "num-partitions": int(cfg.num_clients)}, state={})
+
+
+def auxiliary_data(cfg, size: int) -> dict:
+    """The attacker's auxiliary records and a disjoint set of non-members, from the public test split.
+
+    The test split is ordered by the run's seeded permutation (the one that picks the server's
+    evaluation subset, ``dataset.test_size``); rows after that subset come first, so the
+    attacker's records avoid the server's evaluation rows where the split allows it. The
+    first half (at most ``size``) is the auxiliary data, the rest (at most ``size``) the
+    non-members of membership inference. No site trains on the test split.
+    """
+    if is_site_dataset(cfg):
+        raise NotAuditable("dataset=site: the audit needs a public registry dataset for the attacker's auxiliary data (e.g. dataset=digits)")
+    try:
+        data = dataset_from_config(cfg.dataset)  # the fixed per-dataset statistics, public like the dataset
+    except ValueError as err:  # normalization=federated: the statistics the sites agreed on are not in the config
+        raise NotAuditable(f"{err}; audit a run with dataset.normalization=fixed") from err
+    order = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(int(cfg.seed)))
+    evaluation = int(cfg.dataset.get("test_size") or 0)
+    outside = order[evaluation:] if 0 < evaluation < len(order) else order
+    half = min(int(size), len(outside) // 2)
+    aux, nonmembers = outside[:half], outside[half : half + int(size)]
+    source = (f"{cfg.dataset.name} test split: {half} rows outside the server's evaluation subset (dataset.test_size={evaluation})"
+              if 0 < evaluation < len(order) else f"{cfg.dataset.name} test split (no site trains on it): {half} rows")
+    return {"x": data.test_x[aux], "y": data.test_y[aux], "nonmember_x": data.test_x[nonmembers], "nonmember_y": data.test_y[nonmembers],
+            "source": source, "size": int(half), "nonmembers": int(len(nonmembers)), "num_classes": data.num_classes,
+            "input_shape": tuple(data.input_shape)}
+
+
+def site_train_rows(cfg, partition: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluator only: the rows site ``partition`` trains on, as the site derives them."""
+    x, y, _, _ = site_rows(cfg, _site_context(cfg, partition))
+    return x, y
+
+
+def turn_row_indices(cfg, partition: int, turn_number: int, num_rows: int) -> list[torch.Tensor]:
+    """Evaluator only: the row indices of each batch of the site's ``turn_number``-th turn (1-based).
+
+    Replays :func:`graftfl.clients.split_turns.turn_batches` from the first turn, as the
+    site's progress advances (every earlier turn assumed completed).
+    """
+    context = _site_context(cfg, partition)
+    batches: list[torch.Tensor] = []
+    for _ in range(int(turn_number)):
+        batches, progress = turn_batches(cfg, context, num_rows, int(partition))
+        context.state[PROGRESS_KEY] = progress
+    return batches
+
+
+def recorded_rows(cfg, entry: dict, tensors: dict, kind: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluator only: the true inputs and labels behind the recorded frames of one split turn, row for row.
+
+    ``kind`` is the frame kind (``train`` for split/semisup, ``forward``/``backward`` for
+    ushaped). Semisup sends only the labeled rows of each batch; those are the rows here.
+    """
+    x, y = site_train_rows(cfg, entry["partition"])
+    batches = turn_row_indices(cfg, entry["partition"], entry["round"], len(y))
+    hidden = None
+    if cfg.protocol.name == "semisup":  # only labeled rows travel; a batch without any sends no frame at all
+        hidden = hidden_label_mask(len(y), cfg.protocol.unlabeled_fraction, int(cfg.seed) * 31 + int(entry["partition"]))
+        batches = [indices for indices in batches if (~hidden[indices]).any()]
+    rows = []
+    for position in tensors[f"{kind}_batch"].tolist():
+        indices = batches[position]
+        rows.append(indices if hidden is None else indices[~hidden[indices]])
+    indices = torch.cat(rows)
+    expected = int(tensors[f"{kind}_rows"].sum())
+    if len(indices) != expected:
+        raise NotAuditable(f"recorded {expected} rows in {entry['file']} but the replayed batches have {len(indices)}: "
+                           "the site's batch order could not be re-derived (a failed turn or a changed config)")
+    return x[indices], y[indices]
