@@ -7,9 +7,11 @@ takes pushed messages in order and calls the *same* ClientApp object the deploym
 runs, with the node's own :class:`~flwr.app.Context`, and stores the reply for
 ``pull_messages``. What Flower's simulation does, this grid does too:
 
-- node ids are drawn as Flower draws them (random 64-bit integers), registered in
-  partition order; node ``i`` has node config ``partition-id=i``, ``num-partitions=N``
-  and a ``state`` RecordDict that persists across its messages;
+- node ids are drawn as Flower draws them (random 64-bit integers); node ``i`` has node
+  config ``partition-id=i``, ``num-partitions=N`` and a ``state`` RecordDict that persists
+  across its messages. Unlike Flower, partition ids follow the ascending order of the node
+  ids, so that the order in which a protocol visits sorted node ids is the partition order
+  (Flower's simulation pairs them at random, which makes split's turn order vary by run);
 - a message the link state would refuse (unknown node, expired TTL, ...) is logged
   and dropped, so that no reply comes, as in Flower;
 - the client gets a copy of the message and the server a copy of the reply
@@ -84,9 +86,12 @@ class InProcessGrid(Grid):
         run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
         run.primary_task_id = 1
         self._run = run
-        self.node_ids: list[int] = []
+        drawn: set[int] = set()
         for _ in range(int(num_supernodes)):
-            self.node_ids.append(new_node_id(set(self.node_ids)))
+            drawn.add(new_node_id(drawn))
+        # Ascending ids in partition order: a protocol that walks the nodes in id order (split turns, DSSGD's
+        # round robin) then walks them in partition order, so that a seeded run is reproducible on this path.
+        self.node_ids: list[int] = sorted(drawn)
         self.contexts = {
             node_id: Context(
                 run_id=run.run_id,
