@@ -183,6 +183,28 @@ def test_run_inprocess_raises_what_the_server_app_raises():
         run_inprocess(server_app, counting_app(), 2)
 
 
+def test_cached_partitions_and_model_shapes_equal_fresh_ones(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from graftfl.core import data, models
+
+    labels = torch.from_numpy(np.random.default_rng(0).integers(0, 10, 2_000))
+    cfg = OmegaConf.create({"name": "dirichlet", "alpha": 0.5, "samples_per_client": 300})
+    cached = [data.partition_indices(labels, cfg, 5, pid, seed=4) for pid in range(5)]
+    cached[0][:] = -1  # a caller that edits its copy changes nothing for the next one
+    monkeypatch.setattr(data, "_PARTITIONS", {})
+    monkeypatch.setattr(data, "_PARTITIONERS", {})
+    fresh = [data.partition_indices(labels, cfg, 5, pid, seed=4) for pid in range(5)]
+    assert [p.tolist() for p in cached[1:]] == [p.tolist() for p in fresh[1:]] and (fresh[0] >= 0).all()
+    assert data.partition_indices(labels, cfg, 5, 0, seed=4).tolist() == fresh[0].tolist()
+    other = labels.clone()
+    other[:1000] = (other[:1000] + 1) % 10  # same length and seed, other labels: another partitioning
+    assert data.partition_indices(other, cfg, 5, 0, seed=4).tolist() != fresh[0].tolist()
+    for shape in ((1, 28, 28), (3, 32, 32), (1, 28, 28)):
+        built = models.build_model("lenet", shape, 10)
+        assert built(torch.zeros(2, *shape)).shape == (2, 10)
+
+
 # ------------------------------------------------------------------ both backends, same weights (slow)
 COMMON = ["dataset=digits", "num_clients=2", "rounds=2", "progress=false", "seed=3"]
 PROTOCOL_ARGS = {
