@@ -155,7 +155,9 @@ def test_backend_and_thread_keys_are_checked():
         inprocess_threads(OmegaConf.create({"sim": {"client_threads": 0}}))
 
 
-def test_client_threads_apply_while_a_client_runs_only():
+def test_clients_run_with_client_threads_and_the_rest_of_the_process_keeps_its_own():
+    import threading
+
     app = ClientApp()
 
     @app.query("threads")
@@ -163,9 +165,15 @@ def test_client_threads_apply_while_a_client_runs_only():
         return Message(RecordDict({"metrics": MetricRecord({"threads": torch.get_num_threads()})}), reply_to=message)
 
     before = torch.get_num_threads()
-    with serving(app, 1, client_threads=1) as grid:
+    seen = []
+    with serving(app, 1, client_threads=before + 1) as grid:
         (reply,) = grid.send_and_receive([Message(RecordDict(), dst_node_id=grid.node_ids[0], message_type="query.threads")], timeout=30)
-    assert reply.content["metrics"]["threads"] == 1 and torch.get_num_threads() == before
+        # a thread started meanwhile (the split data plane's gRPC handlers) has the process's count, as in Flower's driver
+        other = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        other.start()
+        other.join()
+    assert reply.content["metrics"]["threads"] == before + 1
+    assert torch.get_num_threads() == before and seen == [before]
 
 
 def test_run_inprocess_raises_what_the_server_app_raises():
@@ -260,6 +268,8 @@ def test_inprocess_and_ray_end_with_the_same_weights(protocol, tmp_path, monkeyp
     from graftfl.config import resolve_job_config
 
     monkeypatch.chdir(tmp_path)
+    # handoff=relay seeds a site's first bottom from the sites' key: one key for both runs (a fresh one per run otherwise)
+    monkeypatch.setenv("GRAFTFL_SPLIT_KEY", "5a" * 32)
     for name in ("PYTHONPATH", "RAY_DEDUP_LOGS"):  # simulate() sets these for Ray workers: restore them afterwards
         monkeypatch.setenv(name, os.environ.get(name, ""))
     runs = {}

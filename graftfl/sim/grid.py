@@ -29,7 +29,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from contextlib import contextmanager
 from uuid import uuid4
 
 import torch
@@ -50,20 +49,6 @@ def new_node_id(taken: set[int]) -> int:
     return generate_rand_int_from_bytes(NODE_ID_NUM_BYTES, exclude={SUPERLINK_NODE_ID, 0, *taken})
 
 
-@contextmanager
-def torch_threads(count: int | None):
-    """Run the block with ``torch.set_num_threads(count)`` (unchanged when None), then restore the previous count."""
-    if not count:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(count))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 class InProcessGrid(Grid):
     """A Grid whose SuperNodes are virtual clients in this process, served one message at a time.
 
@@ -74,8 +59,9 @@ class InProcessGrid(Grid):
     num_supernodes : int
         How many virtual SuperNodes to register (partition ids ``0 .. N-1``).
     client_threads : int, optional
-        ``torch.set_num_threads`` while a client handles a message (as a Ray actor with
-        ``client_resources.num_cpus`` has); None leaves the process's setting.
+        Torch threads of the worker thread that runs the clients (as a Ray actor with
+        ``client_resources.num_cpus`` has them); the rest of the process keeps its count.
+        None: the process's count.
     """
 
     def __init__(self, client_app: ClientApp, num_supernodes: int, client_threads: int | None = None):
@@ -107,7 +93,13 @@ class InProcessGrid(Grid):
         self._changed = threading.Condition()
         self._stopped = False
         self._worker = threading.Thread(target=self._serve, name="graftfl-inprocess-clients", daemon=True)
+        process_threads = torch.get_num_threads()
+        self._threads_set = threading.Event()
         self._worker.start()
+        self._threads_set.wait()
+        # torch.set_num_threads also sets the count new threads start with: give that back to the rest of the
+        # process (the ServerApp, the split data plane's gRPC threads), which runs as Flower's simulation driver does.
+        torch.set_num_threads(process_threads)
         self.messages_handled = 0
         self.client_seconds = 0.0  # time spent inside the ClientApp (a Flower simulation reports the same)
 
@@ -186,6 +178,12 @@ class InProcessGrid(Grid):
         self._worker.join(timeout=5)
 
     def _serve(self) -> None:
+        if self.client_threads:
+            # This thread's own count (OpenMP and MKL keep it per thread once the thread has initialised its count),
+            # as a Ray actor with client_resources.num_cpus has it; see __init__ for the rest of the process.
+            torch.get_num_threads()
+            torch.set_num_threads(int(self.client_threads))
+        self._threads_set.set()
         while True:
             with self._changed:
                 while not self._pending and not self._stopped:
@@ -209,8 +207,7 @@ class InProcessGrid(Grid):
                           state=copy_records(stored.state), run_config=dict(stored.run_config))
         started = time.perf_counter()
         try:
-            with torch_threads(self.client_threads):
-                reply = self.client_app(message=message, context=context)
+            reply = self.client_app(message=message, context=context)
             if isinstance(reply, Message):
                 reply.metadata.__dict__["_message_id"] = str(uuid4())  # what Flower's worker sets before storing it
             problems = reply_problems(reply, message)
