@@ -213,6 +213,26 @@ def test_cached_partitions_and_model_shapes_equal_fresh_ones(monkeypatch):
         assert built(torch.zeros(2, *shape)).shape == (2, 10)
 
 
+def test_a_site_parses_a_config_text_once_read_only_and_still_refuses_interpolations():
+    from omegaconf.errors import ReadonlyConfigError
+
+    from graftfl.clients.utils import ServerConfigRefused, config_of
+    from graftfl.core.wire import CONFIG_KEY, CONFIG_RECORD
+
+    def message(data):
+        return Message(RecordDict({CONFIG_RECORD: ConfigRecord({CONFIG_KEY: json.dumps(data)})}), dst_node_id=5, message_type="train.x")
+
+    with flower_task_identity():
+        first, second = config_of(message({"seed": 1, "train": {"lr": 0.1}})), config_of(message({"seed": 1, "train": {"lr": 0.1}}))
+        assert first is second and first.train.lr == 0.1
+        with pytest.raises(ReadonlyConfigError):
+            first.train.lr = 1.0  # a handler cannot change what the next message of the run reads
+        assert config_of(message({"seed": 2, "train": {"lr": 0.1}})).seed == 2
+        for _ in range(2):
+            with pytest.raises(ServerConfigRefused):
+                config_of(message({"seed": "${oc.env:HOME}"}))
+
+
 # ------------------------------------------------------------------ both backends, same weights (slow)
 COMMON = ["dataset=digits", "num_clients=2", "rounds=2", "progress=false", "seed=3"]
 PROTOCOL_ARGS = {
