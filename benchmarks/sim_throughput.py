@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import math
+import statistics
 import os
 import sys
 import tempfile
@@ -52,7 +53,8 @@ PROTOCOL_ARGS = {
     # every participant trains every round (order=random: in parallel, as FedAvg)
     "dssgd": [],
     # the autoencoder phase is timed; the rest of the run (uploads, classifier, service) is kept small
-    "features": ["protocol.autoencoder.training=local", "protocol.latent_dim=64", "protocol.classifier.epochs=1"],
+    # FedAvg of the autoencoder (autoencoder.rounds rounds): a last round that a Ray worker's start does not pay for
+    "features": ["protocol.autoencoder.training=federated", "protocol.latent_dim=64", "protocol.classifier.epochs=1"],
 }
 GPU_SYNTHETIC = "synthetic_cifar10"  # <root>/<name>.npz read through the medmnist loader (no checksum, any subset name)
 
@@ -99,8 +101,8 @@ def overrides_for(protocol: str, clients: int, backend: str, args, workdir: Path
         return common
     common += ["dataset=fashion_mnist", "model=lenet", "device=cpu", f"partition.samples_per_client={args.samples_per_client}"]
     if protocol == "features":
-        common += [f"protocol.autoencoder.epochs={args.ae_epochs}", f"protocol.autoencoder.batch_size={args.batch_size}",
-                   f"protocol.chunk_size={args.samples_per_client}"]
+        common += [f"protocol.autoencoder.rounds={args.rounds}", f"protocol.autoencoder.local_epochs={args.ae_epochs}",
+                   f"protocol.autoencoder.batch_size={args.batch_size}", f"protocol.chunk_size={args.samples_per_client}"]
     return common + PROTOCOL_ARGS[protocol]
 
 
@@ -118,7 +120,7 @@ def federated_run(protocol: str, clients: int, backend: str, args, workdir: Path
     if protocol == "features":
         fit_rows = [row for row in rows if row.get("phase") == "autoencoder"]
         round_s = [row["wall_s"] for row in fit_rows]
-        samples_per_round = clients * per_client * int(cfg.protocol.autoencoder.epochs)
+        samples_per_round = clients * per_client * int(cfg.protocol.autoencoder.local_epochs)
         eval_s = 0.0
     else:
         fit_rows = rows
@@ -136,7 +138,11 @@ def federated_run(protocol: str, clients: int, backend: str, args, workdir: Path
 
 
 def centralized_rate(protocol: str, clients: int, args, workdir: Path) -> dict:
-    """Samples/s of the same model, batch size, optimizer, device and threads on the union of the clients' rows."""
+    """Samples/s of the same model, batch size, optimizer, device and threads on the union of the clients' rows.
+
+    The median of ``args.repeats`` timed fits of at least ``args.min_central_samples`` samples each
+    (after a warm-up): the machine may be shared, and one short fit is noisy.
+    """
     cfg = resolve_job_config(overrides_for(protocol, clients, "inprocess", args, workdir))
     data = dataset_from_config(cfg.dataset)
     x, y = map(torch.cat, zip(*(partition_data(data, cfg, pid) for pid in range(clients)), strict=True))
@@ -150,23 +156,25 @@ def centralized_rate(protocol: str, clients: int, args, workdir: Path) -> dict:
             model = conv_ae(tuple(x.shape[1:]), latent_dim=int(cfg.protocol.latent_dim), channels=int(cfg.protocol.conv_channels))
             train_autoencoder(model, x[:rows], epochs=epochs_, batch_size=int(ae.batch_size), lr=float(ae.lr), device=device, seed=0)
     else:  # split counts against the unsplit model
-        epoch_cfg = cfg
 
         def fit(rows, epochs_):
             torch.manual_seed(0)
             model = model_from_config(cfg, tuple(x.shape[1:]), data.num_classes)
             for epoch in range(epochs_):
-                train_round(model, x[:rows], y[:rows], epoch_cfg, seed=epoch, device=device, history=None, show_progress=False)
+                train_round(model, x[:rows], y[:rows], cfg, seed=epoch, device=device, history=None, show_progress=False)
 
     fit(min(len(y), 10 * args.batch_size), 1)  # warm-up: kernels, allocator
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    fit(len(y), epochs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    return {"samples": len(y) * epochs, "seconds": seconds, "samples_per_s": len(y) * epochs / seconds}
+    timings = []
+    for _ in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fit(len(y), epochs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - started)
+    seconds = statistics.median(timings)
+    return {"samples": len(y) * epochs, "seconds": seconds, "all_seconds": timings, "samples_per_s": len(y) * epochs / seconds}
 
 
 def write_synthetic_cifar(root: Path, population: int, per_client: int) -> None:
@@ -178,7 +186,7 @@ def write_synthetic_cifar(root: Path, population: int, per_client: int) -> None:
              test_images=rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8), test_labels=rng.integers(0, 10, (1000, 1)))
 
 
-def table(results: list[dict], args, commands: list[str]) -> str:
+def table(results: list[dict], args, commands: list[str], load: list[float]) -> str:
     lines = [
         "# Simulation throughput R(N) (issue 15)",
         "",
@@ -187,6 +195,9 @@ def table(results: list[dict], args, commands: list[str]) -> str:
         f"{args.samples_per_client} images per client, batch {args.batch_size}, {args.rounds} round(s), SGD (features: Adam, its autoencoder settings).",
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in commands),
+        "",
+        f"Centralized: median of {args.repeats} timed fits. 1-minute load average of the machine before / after: "
+        f"{load[0]:.1f} / {load[1]:.1f} ({os.cpu_count()} cores).",
         "",
         "| workload | protocol | N | backend | fed samples/s | central samples/s | R (all rounds) | R (last round) | fit s | command s |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -208,12 +219,15 @@ def main() -> int:
     parser.add_argument("--ae-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--min-central-samples", type=int, default=6000, help="the centralized side trains at least this many samples")
+    parser.add_argument("--repeats", type=int, default=3, help="timed centralized fits (the median is used)")
     parser.add_argument("--gpu", action="store_true", help="pfl-research's CIFAR-10 IID workload on CUDA (fedavg, 1,000 clients x 50, 50 per round)")
     parser.add_argument("--population", type=int, default=1000)
     parser.add_argument("--num-gpus", type=float, default=0.1, help="Ray client_resources.num_gpus (pfl-research configured Flower with 0.1)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as every seeded run sets it: the same kernels on both sides
+    load_before = os.getloadavg()
     command = "python benchmarks/sim_throughput.py " + " ".join(sys.argv[1:])
     results, gpu = [], {"run": False, "reason": "no --gpu flag"}
     workloads = [("cpu", args.protocols, args.clients)]
@@ -229,9 +243,13 @@ def main() -> int:
                 run_args.samples_per_client, run_args.batch_size, run_args.threads = 50, 10, 1
                 write_synthetic_cifar(workdir, args.population, 50)
                 torch.set_num_threads(1)
+            centrals: dict[tuple, dict] = {}  # fedavg, split and dssgd share one centralized model (the unsplit one)
             for protocol in protocols:
                 for clients in client_counts:
-                    central = centralized_rate(protocol, clients, run_args, workdir)
+                    kind = "autoencoder" if protocol == "features" else "classifier"
+                    if (kind, clients) not in centrals:
+                        centrals[(kind, clients)] = centralized_rate(protocol, clients, run_args, workdir)
+                    central = centrals[(kind, clients)]
                     for backend in args.backends:
                         fed = federated_run(protocol, clients, backend, run_args, workdir)
                         row = {"workload": workload, **fed, "central_samples_per_s": central["samples_per_s"], "central": central,
@@ -245,9 +263,9 @@ def main() -> int:
         gpu = {"run": False, "reason": "not run: no GPU on the machine that produced this file; run with --gpu where CUDA is available",
                "workload": "pfl-research CIFAR-10 IID: synthetic 3x32x32, 1,000 clients x 50 images, 50 per round, batch 10, "
                            "1 local epoch, model=cnn, Ray client_resources.num_gpus=0.1"}
-    payload = {"command": command, "torch_threads": args.threads, "torch": torch.__version__, "results": results, "gpu": gpu,
+    payload = {"command": command, "torch_threads": args.threads, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]], "torch": torch.__version__, "results": results, "gpu": gpu,
                "goals": {"fedavg_N100_cpu": 0.9, "others_cpu": 0.8, "gpu_N100": 0.8}}
-    write_results("sim_throughput", payload, table(results, args, [command]))
+    write_results("sim_throughput", payload, table(results, args, [command], payload["load_average_1min_before_after"]))
     return 0
 
 
