@@ -13,9 +13,9 @@ over the last round only (the first round of a Ray run also pays its workers' im
 data loading).
 
     python benchmarks/sim_throughput.py                       # CPU, Fashion-MNIST / LeNet, N = 10 and 100
-    python benchmarks/sim_throughput.py --gpu                 # + pfl-research's CIFAR-10 IID workload (needs CUDA)
+    python benchmarks/sim_throughput.py --gpu                 # pfl-research's CIFAR-10 IID workload (needs CUDA)
 
-Writes docs/benchmarks/sim_throughput.{json,md}.
+Writes docs/benchmarks/sim_throughput.{json,md} (``--gpu``: sim_throughput_gpu.{json,md}).
 """
 
 from __future__ import annotations
@@ -220,10 +220,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--min-central-samples", type=int, default=6000, help="the centralized side trains at least this many samples")
     parser.add_argument("--repeats", type=int, default=3, help="timed centralized fits (the median is used)")
-    parser.add_argument("--gpu", action="store_true", help="pfl-research's CIFAR-10 IID workload on CUDA (fedavg, 1,000 clients x 50, 50 per round)")
-    parser.add_argument("--population", type=int, default=1000)
+    parser.add_argument("--gpu", action="store_true", help="only pfl-research's CIFAR-10 IID workload on CUDA (fedavg, 1,000 clients x 50, "
+                        "50 per round); writes sim_throughput_gpu.{json,md}")
+    parser.add_argument("--population", type=int, default=1000, help="--gpu: clients in all (pfl-research: 1,000)")
+    parser.add_argument("--gpu-clients-per-round", type=int, default=50, help="--gpu: clients per round (pfl-research: 50)")
     parser.add_argument("--num-gpus", type=float, default=0.1, help="Ray client_resources.num_gpus (pfl-research configured Flower with 0.1)")
     args = parser.parse_args()
+    if args.gpu:  # pfl-research's workload: 50 images per client, local batch 10; one CPU thread per client (Ray: num_cpus=1)
+        args.samples_per_client, args.batch_size, args.threads = 50, 10, 1
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)  # as every seeded run sets it: the same kernels on both sides
@@ -234,15 +238,13 @@ def main() -> int:
     if args.gpu:
         if not torch.cuda.is_available():
             raise SystemExit("--gpu: CUDA is not available on this machine")
-        workloads.append(("gpu", ["fedavg"], [50]))
+        workloads = [("gpu", ["fedavg"], [args.gpu_clients_per_round])]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for workload, protocols, client_counts in workloads:
             run_args = argparse.Namespace(**vars(args), workload=workload)
             if workload == "gpu":
-                run_args.samples_per_client, run_args.batch_size, run_args.threads = 50, 10, 1
-                write_synthetic_cifar(workdir, args.population, 50)
-                torch.set_num_threads(1)
+                write_synthetic_cifar(workdir, args.population, args.samples_per_client)
             centrals: dict[tuple, dict] = {}  # fedavg, split and dssgd share one centralized model (the unsplit one)
             for protocol in protocols:
                 for clients in client_counts:
@@ -265,7 +267,7 @@ def main() -> int:
                            "1 local epoch, model=cnn, Ray client_resources.num_gpus=0.1"}
     payload = {"command": command, "torch_threads": args.threads, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]], "torch": torch.__version__, "results": results, "gpu": gpu,
                "goals": {"fedavg_N100_cpu": 0.9, "others_cpu": 0.8, "gpu_N100": 0.8}}
-    write_results("sim_throughput", payload, table(results, args, [command], payload["load_average_1min_before_after"]))
+    write_results("sim_throughput_gpu" if args.gpu else "sim_throughput", payload, table(results, args, [command], payload["load_average_1min_before_after"]))
     return 0
 
 
