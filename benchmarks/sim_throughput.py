@@ -233,7 +233,7 @@ def main() -> int:
     torch.use_deterministic_algorithms(True, warn_only=True)  # as every seeded run sets it: the same kernels on both sides
     load_before = os.getloadavg()
     command = "python benchmarks/sim_throughput.py " + " ".join(sys.argv[1:])
-    results, gpu = [], {"run": False, "reason": "no --gpu flag"}
+    results, failures, gpu = [], [], {"run": False, "reason": "no --gpu flag"}
     workloads = [("cpu", args.protocols, args.clients)]
     if args.gpu:
         if not torch.cuda.is_available():
@@ -253,7 +253,13 @@ def main() -> int:
                         centrals[(kind, clients)] = centralized_rate(protocol, clients, run_args, workdir)
                     central = centrals[(kind, clients)]
                     for backend in args.backends:
-                        fed = federated_run(protocol, clients, backend, run_args, workdir)
+                        try:
+                            fed = federated_run(protocol, clients, backend, run_args, workdir)
+                        except Exception as err:  # one failed configuration is reported, the others still run
+                            logging.exception("%s N=%s %s failed", protocol, clients, backend)
+                            failures.append({"workload": workload, "protocol": protocol, "clients_per_round": clients, "backend": backend,
+                                             "error": f"{type(err).__name__}: {err}"[:2000]})
+                            continue
                         row = {"workload": workload, **fed, "central_samples_per_s": central["samples_per_s"], "central": central,
                                "R": fed["samples_per_s"] / central["samples_per_s"],
                                "R_last_round": fed["last_round_samples_per_s"] / central["samples_per_s"]}
@@ -265,9 +271,11 @@ def main() -> int:
         gpu = {"run": False, "reason": "not run: no GPU on the machine that produced this file; run with --gpu where CUDA is available",
                "workload": "pfl-research CIFAR-10 IID: synthetic 3x32x32, 1,000 clients x 50 images, 50 per round, batch 10, "
                            "1 local epoch, model=cnn, Ray client_resources.num_gpus=0.1"}
-    payload = {"command": command, "torch_threads": args.threads, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]], "torch": torch.__version__, "results": results, "gpu": gpu,
+    payload = {"command": command, "torch_threads": args.threads, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]], "torch": torch.__version__, "results": results, "failures": failures, "gpu": gpu,
                "goals": {"fedavg_N100_cpu": 0.9, "others_cpu": 0.8, "gpu_N100": 0.8}}
-    write_results("sim_throughput_gpu" if args.gpu else "sim_throughput", payload, table(results, args, [command], payload["load_average_1min_before_after"]))
+    text = table(results, args, [command], payload["load_average_1min_before_after"])
+    text += "".join(f"\nFailed: {f['protocol']} N={f['clients_per_round']} {f['backend']}: {f['error'][:300]}\n" for f in failures)
+    write_results("sim_throughput_gpu" if args.gpu else "sim_throughput", payload, text)
     return 0
 
 
