@@ -92,6 +92,8 @@ class InProcessGrid(Grid):
         self._replies: dict[str, Message] = {}  # instruction message id -> reply not yet pulled
         self._changed = threading.Condition()
         self._stopped = False
+        self.messages_handled = 0
+        self.client_seconds = 0.0  # time spent inside the ClientApp (a Flower simulation reports the same)
         self._worker = threading.Thread(target=self._serve, name="graftfl-inprocess-clients", daemon=True)
         process_threads = torch.get_num_threads()
         self._threads_set = threading.Event()
@@ -100,8 +102,6 @@ class InProcessGrid(Grid):
         # torch.set_num_threads also sets the count new threads start with: give that back to the rest of the
         # process (the ServerApp, the split data plane's gRPC threads), which runs as Flower's simulation driver does.
         torch.set_num_threads(process_threads)
-        self.messages_handled = 0
-        self.client_seconds = 0.0  # time spent inside the ClientApp (a Flower simulation reports the same)
 
     # ----------------------------------------------------------------- Grid API
     def set_run(self, run: Run) -> None:
