@@ -23,7 +23,10 @@ logger = logging.getLogger(__name__)
 
 
 def simulate(cfg, data_dir: str | os.PathLike | None = None, ray_address: str | None = None) -> Path:
-    """Run one composed config in Flower's simulation runtime (Ray), or directly when not federated.
+    """Run one composed config in Flower's simulation runtime, or directly when not federated.
+
+    ``sim.backend``: ``ray`` (Flower's Ray backend) or ``inprocess`` (:mod:`graftfl.sim`: the same
+    ServerApp and ClientApp in this process, one client message at a time, no Ray).
 
     ``data_dir`` (``--data-dir sites/``): virtual SuperNode *i* reads ``<data_dir>/site-<i>``
     (given as ``GRAFTFL_DATA_DIR``: flwr's simulation sets no per-node node config).
@@ -49,6 +52,11 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None, ray_address: str | 
     from graftfl.clients.split_turns import ALLOW_SERVER_EVAL_ENV
     from graftfl.core.dedup.keys import SALT_ENV_VAR as DEDUP_SALT_ENV
     from graftfl.core.handoff import KEY_ENV as SPLIT_KEY_ENV
+    from graftfl.sim import inprocess_threads, run_inprocess, sim_backend
+
+    backend = sim_backend(cfg)  # a config error before anything starts
+    if backend == "inprocess" and ray_cluster.ray_address_of(cfg, ray_address):
+        raise ConfigError("sim.backend=inprocess runs without Ray: drop sim.ray_address / --ray-address, or use sim.backend=ray")
 
     # Ray workers must import this checkout's graftfl, whatever their working directory.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project_root()), os.environ.get("PYTHONPATH")]))
@@ -79,11 +87,14 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None, ray_address: str | 
         os.environ[ALLOW_SERVER_EVAL_ENV] = "1"
     started = time.time()
     try:
-        if ray_address:  # after the GRAFTFL_* variables above are set: the cluster's workers get them from here
-            ray_cluster.attach(ray_address)
-        run_simulation(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, backend_config=backend_config)
+        if backend == "inprocess":  # graftfl.sim: same apps, one process, no Ray (docs/benchmarks.md, "Simulation backends")
+            run_inprocess(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, client_threads=inprocess_threads(cfg))
+        else:
+            if ray_address:  # after the GRAFTFL_* variables above are set: the cluster's workers get them from here
+                ray_cluster.attach(ray_address)
+            run_simulation(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, backend_config=backend_config)
     finally:
-        if ray_address:
+        if ray_address and backend != "inprocess":
             ray_cluster.detach()
         if own_key:
             os.environ.pop(SPLIT_KEY_ENV, None)

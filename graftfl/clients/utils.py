@@ -8,11 +8,12 @@ shared between virtual clients in simulation and lost in deployment.
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from graftfl.config import from_container
 from graftfl.core.data import raw_from_config
@@ -59,16 +60,38 @@ def refuse_interpolations(data, path: str = "") -> None:
         )
 
 
+_CONFIGS: dict[str, DictConfig] = {}  # the server's config JSON -> its parsed, read-only config (a few, newest last)
+_CONFIGS_KEPT = 8
+_CONFIGS_LOCK = threading.Lock()
+
+
 def config_of(message: Message) -> DictConfig:
-    """The resolved run config the server sent with ``message``: plain data, never evaluated here."""
+    """The resolved run config the server sent with ``message``: plain data, never evaluated here.
+
+    The config is read-only. Parsing it costs about as much as a few local SGD steps of a
+    small model, so a process that handles many messages of one run (a simulation worker)
+    parses each distinct config text once.
+    """
     record = message.content[CONFIG_RECORD]
     if CONFIG_KEY not in record:
         raise ValueError(f"message '{message.metadata.message_type}' carries no {CONFIG_KEY}")
-    data = json.loads(record[CONFIG_KEY])
+    text = record[CONFIG_KEY]
+    with _CONFIGS_LOCK:
+        cached = _CONFIGS.get(text) if isinstance(text, str) else None
+    if cached is not None:
+        return cached
+    data = json.loads(text)
     if not isinstance(data, dict):
         raise ServerConfigRefused(f"{CONFIG_KEY} must be a JSON object, got {type(data).__name__}")
     refuse_interpolations(data)
-    return from_container(data)
+    cfg = from_container(data)
+    OmegaConf.set_readonly(cfg, True)
+    if isinstance(text, str):
+        with _CONFIGS_LOCK:
+            while len(_CONFIGS) >= _CONFIGS_KEPT:
+                _CONFIGS.pop(next(iter(_CONFIGS)), None)
+            _CONFIGS[text] = cfg
+    return cfg
 
 
 def partition_id_of(context: Context) -> tuple[int, int]:

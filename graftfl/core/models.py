@@ -55,9 +55,16 @@ def _conv_block(in_ch: int, out_ch: int, kernel: int = 5) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool2d(2))
 
 
+_FLAT_SIZES: dict[tuple, int] = {}  # (architecture, input shape) -> flattened output size
+
+
 def _flat_size(stages: nn.Module, input_shape: Sequence[int]) -> int:
-    with torch.no_grad():
-        return int(stages(torch.zeros(1, *input_shape)).numel())
+    # A forward pass on zeros (no random state used); kept per architecture: a simulation worker builds the model per message.
+    key = (repr(stages), tuple(input_shape))
+    if key not in _FLAT_SIZES:
+        with torch.no_grad():
+            _FLAT_SIZES[key] = int(stages(torch.zeros(1, *input_shape)).numel())
+    return _FLAT_SIZES[key]
 
 
 def lenet(input_shape: Sequence[int], num_classes: int) -> StagedModel:

@@ -1,0 +1,320 @@
+"""R(N): federated training samples/s over centralized training samples/s, Ray backend beside the in-process one.
+
+For each protocol (fedavg, split, dssgd, features' autoencoder phase), N clients per round
+and simulation backend (``sim.backend=ray`` | ``inprocess``), one ``graftfl sim`` run is made in
+this process (:func:`graftfl.cli.simulate`) and its fit time is taken from the run's own
+metrics: the rounds' ``wall_s`` minus the time the server spent evaluating (timed here by
+wrapping the evaluation functions; ``eval.where=server`` on a 100-image test subset), and for
+features the ``wall_s`` of its autoencoder rows. Startup (Ray, the first wait for nodes) is
+outside the rounds. The centralized side trains the same (unsplit) model with the same batch
+size, optimizer, device and torch threads on the union of the clients' rows, in memory,
+through the same training function the clients call. R is reported over all rounds and
+over the last round only (the first round of a Ray run also pays its workers' imports and
+data loading).
+
+    python benchmarks/sim_throughput.py                       # CPU, Fashion-MNIST / LeNet, N = 10 and 100
+    python benchmarks/sim_throughput.py --gpu                 # pfl-research's CIFAR-10 IID workload (needs CUDA)
+
+Writes docs/benchmarks/sim_throughput.{json,md} (``--gpu``: sim_throughput_gpu.{json,md}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import statistics
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import write_results
+from graftfl import cli
+from graftfl.config import resolve_job_config
+from graftfl.core.autoencoder import conv_ae, train_autoencoder
+from graftfl.core.data import dataset_from_config
+from graftfl.core.local_round import partition_data, train_round
+from graftfl.core.models import model_from_config
+from graftfl.strategies import split_turns, utils
+
+CPU_PROTOCOLS = ("fedavg", "split", "dssgd", "features")
+BACKENDS = ("ray", "inprocess")
+PROTOCOL_ARGS = {
+    "fedavg": [],
+    # the server's test set through one client's bottom (one turn), not a turn at every site
+    "split": ["eval.server_reveals_bottom=true"],
+    # every participant trains every round (order=random: in parallel, as FedAvg)
+    "dssgd": [],
+    # the autoencoder phase is timed; the rest of the run (uploads, classifier, service) is kept small
+    # FedAvg of the autoencoder (autoencoder.rounds rounds): a last round that a Ray worker's start does not pay for
+    "features": ["protocol.autoencoder.training=federated", "protocol.latent_dim=64", "protocol.classifier.epochs=1"],
+}
+GPU_SYNTHETIC = "synthetic_cifar10"  # <root>/<name>.npz read through the medmnist loader (no checksum, any subset name)
+
+
+class EvaluationClock:
+    """Seconds the server spends evaluating (wrapped around the strategies' evaluation functions)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def wrap(self, owner, name: str):
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        setattr(owner, name, timed)
+        return owner, name, original
+
+    @contextlib.contextmanager
+    def installed(self):
+        patched = [self.wrap(utils.ServerRun, "evaluate"), self.wrap(split_turns.SplitRunner, "evaluate")]
+        try:
+            yield self
+        finally:
+            for owner, name, original in patched:
+                setattr(owner, name, original)
+
+
+def overrides_for(protocol: str, clients: int, backend: str, args, workdir: Path) -> list[str]:
+    common = [
+        f"protocol={protocol}", f"num_clients={clients}", f"rounds={args.rounds}", "progress=false", "seed=0",
+        f"train.batch_size={args.batch_size}", "train.local_epochs=1", f"client_resources.num_cpus={args.threads}",
+        "eval.where=server", "dataset.test_size=100", f"sim.backend={backend}", f"output_dir={workdir / backend}",
+    ]
+    if args.workload == "gpu":
+        common += ["dataset=medmnist", f"dataset.subset={GPU_SYNTHETIC}", f"dataset.root={workdir}", "dataset.download=false",
+                   "model=cnn", "device=cuda", f"client_resources.num_gpus={args.num_gpus}",
+                   f"partition.samples_per_client={args.samples_per_client}", f"protocol.fraction_train={clients / args.population}"]
+        return common
+    common += ["dataset=fashion_mnist", "model=lenet", "device=cpu", f"partition.samples_per_client={args.samples_per_client}"]
+    if protocol == "features":
+        common += [f"protocol.autoencoder.rounds={args.rounds}", f"protocol.autoencoder.local_epochs={args.ae_epochs}",
+                   f"protocol.autoencoder.batch_size={args.batch_size}", f"protocol.chunk_size={args.samples_per_client}"]
+    return common + PROTOCOL_ARGS[protocol]
+
+
+def federated_run(protocol: str, clients: int, backend: str, args, workdir: Path) -> dict:
+    overrides = overrides_for(protocol, clients, backend, args, workdir)
+    if args.workload == "gpu":
+        overrides = [o for o in overrides if not o.startswith("num_clients=")] + [f"num_clients={args.population}"]
+    cfg = resolve_job_config(overrides)
+    started = time.perf_counter()
+    with EvaluationClock().installed() as clock:
+        run_dir = cli.simulate(cfg)
+    total_s = time.perf_counter() - started
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    per_client = int(cfg.partition.samples_per_client)
+    if protocol == "features":
+        fit_rows = [row for row in rows if row.get("phase") == "autoencoder"]
+        round_s = [row["wall_s"] for row in fit_rows]
+        samples_per_round = clients * per_client * int(cfg.protocol.autoencoder.local_epochs)
+        eval_s = 0.0
+    else:
+        fit_rows = rows
+        eval_s = clock.seconds
+        # the server evaluates once per round: spread its measured time evenly over the rounds
+        round_s = [row["wall_s"] - eval_s / len(rows) for row in rows]
+        samples_per_round = clients * per_client * int(cfg.train.local_epochs)
+    return {
+        "protocol": protocol, "clients_per_round": clients, "backend": backend, "rounds": len(fit_rows),
+        "samples": samples_per_round * len(fit_rows), "fit_s": sum(round_s), "last_round_s": round_s[-1],
+        "samples_per_s": samples_per_round * len(fit_rows) / sum(round_s), "last_round_samples_per_s": samples_per_round / round_s[-1],
+        "server_eval_s": eval_s, "command_s": total_s, "overrides": overrides,
+        "final_accuracy": rows[-1].get("accuracy"),
+    }
+
+
+def centralized_rate(protocol: str, clients: int, args, workdir: Path) -> dict:
+    """Samples/s of the same model, batch size, optimizer, device and threads on the union of the clients' rows.
+
+    The median of ``args.repeats`` timed fits of at least ``args.min_central_samples`` samples each
+    (after a warm-up): the machine may be shared, and one short fit is noisy.
+    """
+    cfg = resolve_job_config(overrides_for(protocol, clients, "inprocess", args, workdir))
+    data = dataset_from_config(cfg.dataset)
+    x, y = map(torch.cat, zip(*(partition_data(data, cfg, pid) for pid in range(clients)), strict=True))
+    device = torch.device(str(cfg.device)) if str(cfg.device) != "auto" else torch.device("cpu")
+    epochs = max(1, math.ceil(args.min_central_samples / len(y)))
+    if protocol == "features":
+        ae = cfg.protocol.autoencoder
+
+        def fit(rows, epochs_):
+            torch.manual_seed(0)
+            model = conv_ae(tuple(x.shape[1:]), latent_dim=int(cfg.protocol.latent_dim), channels=int(cfg.protocol.conv_channels))
+            train_autoencoder(model, x[:rows], epochs=epochs_, batch_size=int(ae.batch_size), lr=float(ae.lr), device=device, seed=0)
+    else:  # split counts against the unsplit model
+
+        def fit(rows, epochs_):
+            torch.manual_seed(0)
+            model = model_from_config(cfg, tuple(x.shape[1:]), data.num_classes)
+            for epoch in range(epochs_):
+                train_round(model, x[:rows], y[:rows], cfg, seed=epoch, device=device, history=None, show_progress=False)
+
+    fit(min(len(y), 10 * args.batch_size), 1)  # warm-up: kernels, allocator
+    timings = []
+    for _ in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fit(len(y), epochs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - started)
+    seconds = statistics.median(timings)
+    return {"samples": len(y) * epochs, "seconds": seconds, "all_seconds": timings, "samples_per_s": len(y) * epochs / seconds}
+
+
+def write_synthetic_cifar(root: Path, population: int, per_client: int) -> None:
+    """pfl-research's CIFAR-10 stand-in: random 3x32x32 images with 10 labels, as a MedMNIST-style npz."""
+    rng = np.random.default_rng(0)
+    rows = population * per_client
+    np.savez(root / f"{GPU_SYNTHETIC}.npz",
+             train_images=rng.integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8), train_labels=rng.integers(0, 10, (rows, 1)),
+             test_images=rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8), test_labels=rng.integers(0, 10, (1000, 1)))
+
+
+def with_best_central(row: dict) -> dict:
+    """Add R against the fastest centralized repetition: a lower bound on R when the machine is shared."""
+    best = row["central"]["samples"] / min(row["central"]["all_seconds"])
+    return {**row, "central_best_samples_per_s": best, "R_best_central": row["samples_per_s"] / best,
+            "R_last_round_best_central": row["last_round_samples_per_s"] / best}
+
+
+def table(results: list[dict], args, commands: list[str], load: list[float]) -> str:
+    lines = [
+        "# Simulation throughput R(N) (issue 15)",
+        "",
+        f"R = federated training samples/s ÷ centralized training samples/s; torch threads {args.threads} on both sides "
+        f"(Ray: `client_resources.num_cpus={args.threads}`, in-process: the same count while a client runs). "
+        f"{args.samples_per_client} images per client, batch {args.batch_size}, {args.rounds} round(s), SGD (features: Adam, its autoencoder settings).",
+        "",
+        "Commands: " + "; ".join(f"`{c}`" for c in commands),
+        "",
+        f"Centralized: median of {args.repeats} timed fits. 1-minute load average of the machine before / after: "
+        f"{load[0]:.1f} / {load[1]:.1f} ({os.cpu_count()} cores).",
+        "",
+        "R uses the median centralized fit; R_best uses the fastest one (on a shared machine the slower repetitions are "
+        "other work's, so R_best is the conservative figure). Last round: the first round of a Ray run also pays for its "
+        "workers' imports and data loading.",
+        "",
+        "| workload | protocol | N | backend | fed samples/s (last round) | central samples/s median / best | R | R last round | "
+        "R_best | R_best last round | fit s | command s |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in map(with_best_central, results):
+        lines.append(f"| {r['workload']} | {r['protocol']} | {r['clients_per_round']} | {r['backend']} | {r['samples_per_s']:.0f} "
+                     f"({r['last_round_samples_per_s']:.0f}) | {r['central_samples_per_s']:.0f} / {r['central_best_samples_per_s']:.0f} | "
+                     f"{r['R']:.2f} | {r['R_last_round']:.2f} | {r['R_best_central']:.2f} | {r['R_last_round_best_central']:.2f} | "
+                     f"{r['fit_s']:.1f} | {r['command_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_existing(args) -> int:
+    """Rewrite sim_throughput.md from sim_throughput.json (no new measurement)."""
+    from common import RESULTS
+
+    path = RESULTS / ("sim_throughput_gpu.json" if args.gpu else "sim_throughput.json")
+    payload = json.loads(path.read_text())
+    payload["results"] = [with_best_central(row) for row in payload["results"]]
+    saved = argparse.Namespace(**{**vars(args), "threads": payload["torch_threads"]})
+    for flag in ("rounds", "samples_per_client", "batch_size", "repeats"):
+        value = payload["command"].split(f"--{flag.replace('_', '-')} ")[1].split()[0] if f"--{flag.replace('_', '-')} " in payload["command"] else None
+        if value is not None:
+            setattr(saved, flag, int(value))
+    text = table(payload["results"], saved, [payload["command"]], payload["load_average_1min_before_after"])
+    text += "".join(f"\nFailed: {f['protocol']} N={f['clients_per_round']} {f['backend']}: {f['error'][:300]}\n" for f in payload["failures"])
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--protocols", nargs="+", default=list(CPU_PROTOCOLS), choices=CPU_PROTOCOLS)
+    parser.add_argument("--clients", nargs="+", type=int, default=[10, 100])
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--samples-per-client", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--ae-epochs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--min-central-samples", type=int, default=6000, help="the centralized side trains at least this many samples")
+    parser.add_argument("--repeats", type=int, default=3, help="timed centralized fits (the median is used)")
+    parser.add_argument("--gpu", action="store_true", help="only pfl-research's CIFAR-10 IID workload on CUDA (fedavg, 1,000 clients x 50, "
+                        "50 per round); writes sim_throughput_gpu.{json,md}")
+    parser.add_argument("--population", type=int, default=1000, help="--gpu: clients in all (pfl-research: 1,000)")
+    parser.add_argument("--gpu-clients-per-round", type=int, default=50, help="--gpu: clients per round (pfl-research: 50)")
+    parser.add_argument("--num-gpus", type=float, default=0.1, help="Ray client_resources.num_gpus (pfl-research configured Flower with 0.1)")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md (and derived JSON fields) from the existing JSON")
+    args = parser.parse_args()
+    if args.render:
+        return render_existing(args)
+    if args.gpu:  # pfl-research's workload: 50 images per client, local batch 10; one CPU thread per client (Ray: num_cpus=1)
+        args.samples_per_client, args.batch_size, args.threads = 50, 10, 1
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as every seeded run sets it: the same kernels on both sides
+    load_before = os.getloadavg()
+    command = "python benchmarks/sim_throughput.py " + " ".join(sys.argv[1:])
+    results, failures, gpu = [], [], {"run": False, "reason": "no --gpu flag"}
+    workloads = [("cpu", args.protocols, args.clients)]
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu: CUDA is not available on this machine")
+        workloads = [("gpu", ["fedavg"], [args.gpu_clients_per_round])]
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for workload, protocols, client_counts in workloads:
+            run_args = argparse.Namespace(**vars(args), workload=workload)
+            if workload == "gpu":
+                write_synthetic_cifar(workdir, args.population, args.samples_per_client)
+            centrals: dict[tuple, dict] = {}  # fedavg, split and dssgd share one centralized model (the unsplit one)
+            for protocol in protocols:
+                for clients in client_counts:
+                    kind = "autoencoder" if protocol == "features" else "classifier"
+                    if (kind, clients) not in centrals:
+                        centrals[(kind, clients)] = centralized_rate(protocol, clients, run_args, workdir)
+                    central = centrals[(kind, clients)]
+                    for backend in args.backends:
+                        try:
+                            fed = federated_run(protocol, clients, backend, run_args, workdir)
+                        except Exception as err:  # one failed configuration is reported, the others still run
+                            logging.exception("%s N=%s %s failed", protocol, clients, backend)
+                            failures.append({"workload": workload, "protocol": protocol, "clients_per_round": clients, "backend": backend,
+                                             "error": f"{type(err).__name__}: {err}"[:2000]})
+                            continue
+                        row = with_best_central({"workload": workload, **fed, "central_samples_per_s": central["samples_per_s"], "central": central,
+                                                 "R": fed["samples_per_s"] / central["samples_per_s"],
+                                                 "R_last_round": fed["last_round_samples_per_s"] / central["samples_per_s"]})
+                        results.append(row)
+                        print(json.dumps({k: row[k] for k in ("workload", "protocol", "clients_per_round", "backend", "R", "R_last_round", "fit_s")}), flush=True)
+            if workload == "gpu":
+                gpu = {"run": True, "device": torch.cuda.get_device_name(0)}
+    if not args.gpu:
+        gpu = {"run": False, "reason": "not run: no GPU on the machine that produced this file; run with --gpu where CUDA is available",
+               "workload": "pfl-research CIFAR-10 IID: synthetic 3x32x32, 1,000 clients x 50 images, 50 per round, batch 10, "
+                           "1 local epoch, model=cnn, Ray client_resources.num_gpus=0.1"}
+    payload = {"command": command, "torch_threads": args.threads, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]], "torch": torch.__version__, "results": results, "failures": failures, "gpu": gpu,
+               "goals": {"fedavg_N100_cpu": 0.9, "others_cpu": 0.8, "gpu_N100": 0.8}}
+    text = table(results, args, [command], payload["load_average_1min_before_after"])
+    text += "".join(f"\nFailed: {f['protocol']} N={f['clients_per_round']} {f['backend']}: {f['error'][:300]}\n" for f in failures)
+    write_results("sim_throughput_gpu" if args.gpu else "sim_throughput", payload, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""An in-process :class:`flwr.serverapp.Grid`: virtual SuperNodes run one message at a time in this process.
+
+Flower's simulation (``run_simulation``) moves every message from the ServerApp to a
+Ray actor and back, serializing it both ways. :class:`InProcessGrid` keeps Flower's
+message semantics and drops the rest (the design of pfl-research): one worker thread
+takes pushed messages in order and calls the *same* ClientApp object the deployment
+runs, with the node's own :class:`~flwr.app.Context`, and stores the reply for
+``pull_messages``. What Flower's simulation does, this grid does too:
+
+- node ids are drawn as Flower draws them (random 64-bit integers); node ``i`` has node
+  config ``partition-id=i``, ``num-partitions=N`` and a ``state`` RecordDict that persists
+  across its messages. Unlike Flower, partition ids follow the ascending order of the node
+  ids, so that the order in which a protocol visits sorted node ids is the partition order
+  (Flower's simulation pairs them at random, which makes split's turn order vary by run);
+- a message the link state would refuse (unknown node, expired TTL, ...) is logged
+  and dropped, so that no reply comes, as in Flower;
+- the client gets a copy of the message and the server a copy of the reply
+  (:func:`graftfl.sim.messages.copy_message`), so neither can change the other's records;
+- an exception in the ClientApp becomes an error reply (code
+  ``CLIENT_APP_RAISED_EXCEPTION``) and the node's context keeps its state from before
+  that message, as when a Ray actor fails;
+- ``send_and_receive`` waits at most ``timeout`` seconds and returns the replies it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from uuid import uuid4
+
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import NODE_ID_NUM_BYTES, NUM_PARTITIONS_KEY, PARTITION_ID_KEY, RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID
+from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from graftfl.sim.messages import copy_message, copy_records, error_reply, instruction_problems, mark_delivered, reply_problems
+
+log = logging.getLogger(__name__)
+
+
+def new_node_id(taken: set[int]) -> int:
+    """A node id drawn as Flower's link state draws one (random, never 0 or the SuperLink's id, never taken)."""
+    return generate_rand_int_from_bytes(NODE_ID_NUM_BYTES, exclude={SUPERLINK_NODE_ID, 0, *taken})
+
+
+class InProcessGrid(Grid):
+    """A Grid whose SuperNodes are virtual clients in this process, served one message at a time.
+
+    Parameters
+    ----------
+    client_app : flwr.clientapp.ClientApp
+        The ClientApp every node runs (the deployment's own).
+    num_supernodes : int
+        How many virtual SuperNodes to register (partition ids ``0 .. N-1``).
+    client_threads : int, optional
+        Torch threads of the worker thread that runs the clients (as a Ray actor with
+        ``client_resources.num_cpus`` has them); the rest of the process keeps its count.
+        None: the process's count.
+    """
+
+    def __init__(self, client_app: ClientApp, num_supernodes: int, client_threads: int | None = None):
+        if int(num_supernodes) < 1:
+            raise ValueError(f"num_supernodes must be >= 1, got {num_supernodes}")
+        self.client_app = client_app
+        self.client_threads = client_threads
+        run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+        run.primary_task_id = 1
+        self._run = run
+        drawn: set[int] = set()
+        for _ in range(int(num_supernodes)):
+            drawn.add(new_node_id(drawn))
+        # Ascending ids in partition order: a protocol that walks the nodes in id order (split turns, DSSGD's
+        # round robin) then walks them in partition order, so that a seeded run is reproducible on this path.
+        self.node_ids: list[int] = sorted(drawn)
+        self.contexts = {
+            node_id: Context(
+                run_id=run.run_id,
+                node_id=node_id,
+                node_config={PARTITION_ID_KEY: partition_id, NUM_PARTITIONS_KEY: len(self.node_ids)},
+                state=RecordDict(),
+                run_config={},
+            )
+            for partition_id, node_id in enumerate(self.node_ids)
+        }
+        self._pending: deque[Message] = deque()
+        self._replies: dict[str, Message] = {}  # instruction message id -> reply not yet pulled
+        self._changed = threading.Condition()
+        self._stopped = False
+        self.messages_handled = 0
+        self.client_seconds = 0.0  # time spent inside the ClientApp (a Flower simulation reports the same)
+        self._worker = threading.Thread(target=self._serve, name="graftfl-inprocess-clients", daemon=True)
+        process_threads = torch.get_num_threads()
+        self._threads_set = threading.Event()
+        self._worker.start()
+        self._threads_set.wait()
+        # torch.set_num_threads also sets the count new threads start with: give that back to the rest of the
+        # process (the ServerApp, the split data plane's gRPC threads), which runs as Flower's simulation driver does.
+        torch.set_num_threads(process_threads)
+
+    # ----------------------------------------------------------------- Grid API
+    def set_run(self, run: Run) -> None:
+        """Operate in ``run`` (messages must carry its run id)."""
+        if not isinstance(run, Run):
+            raise TypeError(f"`run` must be an instance of Run, got {type(run).__name__}")
+        self._run = run
+        for context in self.contexts.values():
+            context.run_id = run.run_id
+
+    @property
+    def run(self) -> Run:
+        """A copy of the run this grid operates in."""
+        return Run(**vars(self._run))
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        """A new instruction message (deprecated in Flower in favour of the ``Message`` constructor)."""
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The ids of the virtual SuperNodes (all connected from the start)."""
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Queue ``messages`` for their nodes; returns the ids of those accepted (a refused one is logged, as in Flower)."""
+        accepted = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            problems = instruction_problems(message, self._run.run_id, self.contexts)
+            if problems:
+                log.error("message to node %s refused: %s", message.metadata.dst_node_id, "; ".join(problems))
+                continue
+            accepted.append(message)
+        with self._changed:
+            if self._stopped:
+                raise RuntimeError("the in-process grid is closed")
+            self._pending.extend(copy_message(message) for message in accepted)  # the server keeps its own object
+            self._changed.notify_all()
+        return [message.metadata.message_id for message in accepted]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies that have arrived for ``message_ids`` (each is returned once)."""
+        with self._changed:
+            found = [self._replies.pop(message_id) for message_id in list(message_ids) if message_id in self._replies]
+        return [mark_delivered(reply) for reply in found]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push ``messages`` and wait for their replies, at most ``timeout`` seconds (None: until all arrive)."""
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        with self._changed:
+            while waiting:
+                arrived = [message_id for message_id in waiting if message_id in self._replies]
+                for message_id in arrived:
+                    replies.append(self._replies.pop(message_id))
+                    waiting.discard(message_id)
+                if not waiting:
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._changed.wait(remaining)
+        return [mark_delivered(reply) for reply in replies]
+
+    # ------------------------------------------------------------------ clients
+    def close(self) -> None:
+        """Stop the worker after the message it is handling (messages still queued get no reply)."""
+        with self._changed:
+            self._stopped = True
+            self._pending.clear()
+            self._changed.notify_all()
+        self._worker.join(timeout=5)
+
+    def _serve(self) -> None:
+        if self.client_threads:
+            # This thread's own count (OpenMP and MKL keep it per thread once the thread has initialised its count),
+            # as a Ray actor with client_resources.num_cpus has it; see __init__ for the rest of the process.
+            torch.get_num_threads()
+            torch.set_num_threads(int(self.client_threads))
+        self._threads_set.set()
+        while True:
+            with self._changed:
+                while not self._pending and not self._stopped:
+                    self._changed.wait()
+                if self._stopped:
+                    return
+                message = self._pending.popleft()
+            reply = self.handle(mark_delivered(message))
+            if reply is None:
+                continue
+            with self._changed:
+                self._replies[message.metadata.message_id] = reply
+                self._changed.notify_all()
+
+    def handle(self, message: Message) -> Message | None:
+        """Run the ClientApp on ``message`` with its node's context; the reply to store (None when Flower would drop it)."""
+        node_id = message.metadata.dst_node_id
+        stored = self.contexts[node_id]
+        # The handler works on a copy: the node's state changes only when the message succeeds, as with a Ray actor.
+        context = Context(run_id=stored.run_id, node_id=node_id, node_config=dict(stored.node_config),
+                          state=copy_records(stored.state), run_config=dict(stored.run_config))
+        started = time.perf_counter()
+        try:
+            reply = self.client_app(message=message, context=context)
+            if isinstance(reply, Message):
+                reply.metadata.__dict__["_message_id"] = str(uuid4())  # what Flower's worker sets before storing it
+            problems = reply_problems(reply, message)
+            if problems:
+                log.error("reply of node %s to %s dropped: %s", node_id, message.metadata.message_type, "; ".join(problems))
+                return None
+            self.contexts[node_id] = context
+        except Exception as err:  # every failure of a client becomes its error reply; the run goes on
+            log.error("node %s failed on %s: %s", node_id, message.metadata.message_type, err)
+            reply = error_reply(message, err)
+            reply.metadata.__dict__["_message_id"] = str(uuid4())
+        finally:
+            self.client_seconds += time.perf_counter() - started
+            self.messages_handled += 1
+        return copy_message(reply)  # the client may keep references into its reply
