@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from graftfl.config import ConfigError, compose_config  # noqa: E402
 
 ROWS_FILE = Path(__file__).with_name("privacy_rows.yaml")
-COMMON = ["dataset=fashion_mnist", "num_clients=5", "partition.samples_per_client=1000", "rounds=3", "dataset.test_size=2000", "progress=false"]
+COMMON = ["dataset=fashion_mnist", "num_clients=5", "partition.samples_per_client=1000", "rounds=3", "dataset.test_size=2000", "progress=false",
+          "sim.backend=inprocess"]  # in-process: the same weights as on Ray (tests/test_sim_fastpath.py), no Ray start per row
 QUICK = ["dataset=digits", "num_clients=2", "rounds=1", "progress=false", "protocol.turn_batches=8"]
 AUDIT = ["audit.targets=64", "audit.unsplit_tv_weight=0.5"]  # TV prior: UnSplit on 28x28 lenet conv1 0.02 -> 0.21 SSIM (guess 0.05)
 QUICK_AUDIT = ["audit.unsplit_rounds=5", "audit.decoder_epochs=5", "audit.inversion_steps=50", "audit.shadows=2", "audit.shadow_epochs=2"]
