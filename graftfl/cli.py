@@ -33,7 +33,7 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None, ray_address: str | 
     ``ray_address`` (``--ray-address``, else ``sim.ray_address``): attach to that Ray cluster
     instead of starting one (:mod:`graftfl.ray_cluster`).
     """
-    from graftfl import ray_cluster
+    import graftfl.ray_cluster as ray_cluster
     from graftfl.server_app.app import make_server_app, run_protocol
 
     cfg = with_run_id(cfg)

@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"protocols"},
     {"config"},
     {"clients", "strategies"},
-    {"server_app", "commands", "deploy", "prepare_sites", "sim"},
+    {"server_app", "commands", "deploy", "prepare_sites", "sim", "ray_cluster"},
     {"cli"},
 ]
 # Third-party packages a group must not import (top-level names).
