@@ -8,7 +8,6 @@ and one node-config ``data-path`` per node. The server side runs through ``run_p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,6 +27,7 @@ from graftfl.server_app.app import phase_plan, run_phases
 from graftfl.strategies.utils import ServerRun
 from tests.conftest import flower_task_identity
 from tests.helpers.grid import FakeGrid
+from tests.helpers.leaks import identifier_needles
 
 SALT = "dedup-phase-test-salt-0123456789abcdef"
 NUM_SITES = 3
@@ -150,14 +150,6 @@ def _serialized(message) -> bytes:
     return b"".join(obj.deflate() for obj in get_all_nested_objects(message).values())
 
 
-def _digests(value: str) -> list[bytes]:
-    out = []
-    for algorithm in ("sha256", "md5", "sha1", "sha512"):
-        digest = hashlib.new(algorithm, value.encode()).digest()
-        out += [digest, digest.hex().encode(), digest.hex().upper().encode()]
-    return out
-
-
 def test_messages_the_server_relayed_hold_no_identifier_nor_unsalted_hash(sites, tmp_path):
     grid = site_grid(sites)
     run_dedup(site_config(tmp_path), grid)
@@ -168,11 +160,7 @@ def test_messages_the_server_relayed_hold_no_identifier_nor_unsalted_hash(sites,
     assert len(patients) > 100
     needles = [SALT.encode(), salted.mac_key, salted.element_key]
     for patient in patients:
-        normalized = spec.key({"patient_id": patient})
-        element = salted.element("patient", spec.domain, normalized)
-        needles += [patient.encode(), patient.lower().encode(), patient[1:].encode(), normalized.encode()]
-        needles += _digests(patient) + _digests(patient.lower()) + _digests(normalized)
-        needles += [element.encode(), bytes.fromhex(element)]  # even the salted, unblinded element stays home
+        needles += [*identifier_needles(patient, spec, salted), patient[1:].encode()]
     found = [needle for needle in needles if needle in transcript]
     assert not found, f"the relayed messages leak {found[:3]}"
     # nor the rows dropped: only counts go up (each site's dropped-rows stay in its context.state)
