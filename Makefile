@@ -24,8 +24,8 @@ demo: install data
 	$(VENV)/bin/graftfl sim protocol=fedavg dataset=fashion_mnist num_clients=5 rounds=3
 
 # One pytest worker per core (at most 4), whole test files per worker, the files with slow tests first
-# (tests/conftest.py orders them). The slow tests mostly wait on Flower's polling (deployments, Ray start),
-# so two workers nearly halve the suite's time even on a 2-core CI machine. Serially: $(PY) -m pytest -q
+# (tests/conftest.py orders them). The slow tests partly wait on Flower's polling (deployments, Ray start),
+# so two workers help even on a 2-core machine (measured there: ~13 min serially, 9.5 min). Serially: $(PY) -m pytest -q
 test: install
 	$(VENV)/bin/ruff check graftfl tests benchmarks
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
