@@ -67,3 +67,16 @@ def flower_task_identity(run_id: int = 1):
     finally:
         for name, value in saved.items():
             setattr(TaskIdentity, name, value)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with the most slow tests first (each keeps its order; the rest follow as collected).
+
+    ``make test`` hands whole files to parallel workers in this order (``--dist loadfile
+    --no-loadscope-reorder``): the long files (deployments, simulations) start at once and the
+    many quick files fill the gaps, instead of one long file starting last and running alone.
+    """
+    slow_per_module: dict[str, int] = {}
+    for item in items:
+        slow_per_module[item.nodeid.split("::")[0]] = slow_per_module.get(item.nodeid.split("::")[0], 0) + ("slow" in item.keywords)
+    items.sort(key=lambda item: -slow_per_module[item.nodeid.split("::")[0]])  # stable: file and test order kept otherwise

@@ -7,10 +7,13 @@ or tamper with replies to exercise the server's checks.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from flwr.app import Message
 
+from graftfl.config import compose_config
+from graftfl.server_app.app import run_protocol
 from tests.conftest import flower_task_identity
 from tests.helpers import FakeGrid
 
@@ -23,3 +26,10 @@ def LocalGrid(num_nodes: int, tamper: Callable[[int, Message], Message] | None =
     ``tamper(node, reply) -> reply`` breaks uploads; ``silent`` nodes never reply.
     """
     return FakeGrid(num_nodes, first_node_id=101, tamper=tamper, silent=silent)
+
+
+def run_local(tmp_path: Path, overrides: list[str], grid: FakeGrid, base: list[str]) -> Path:
+    """The real DSSGD ServerApp pipeline over ``grid`` with ``base + overrides``, writing under ``tmp_path``; its run dir."""
+    cfg = compose_config([*base, f"output_dir={tmp_path}", *overrides])
+    with server_identity():
+        return run_protocol(grid, cfg)

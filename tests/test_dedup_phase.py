@@ -8,7 +8,6 @@ and one node-config ``data-path`` per node. The server side runs through ``run_p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,6 +27,7 @@ from graftfl.server_app.app import phase_plan, run_phases
 from graftfl.strategies.utils import ServerRun
 from tests.conftest import flower_task_identity
 from tests.helpers.grid import FakeGrid
+from tests.helpers.leaks import identifier_needles
 
 SALT = "dedup-phase-test-salt-0123456789abcdef"
 NUM_SITES = 3
@@ -150,14 +150,6 @@ def _serialized(message) -> bytes:
     return b"".join(obj.deflate() for obj in get_all_nested_objects(message).values())
 
 
-def _digests(value: str) -> list[bytes]:
-    out = []
-    for algorithm in ("sha256", "md5", "sha1", "sha512"):
-        digest = hashlib.new(algorithm, value.encode()).digest()
-        out += [digest, digest.hex().encode(), digest.hex().upper().encode()]
-    return out
-
-
 def test_messages_the_server_relayed_hold_no_identifier_nor_unsalted_hash(sites, tmp_path):
     grid = site_grid(sites)
     run_dedup(site_config(tmp_path), grid)
@@ -168,11 +160,7 @@ def test_messages_the_server_relayed_hold_no_identifier_nor_unsalted_hash(sites,
     assert len(patients) > 100
     needles = [SALT.encode(), salted.mac_key, salted.element_key]
     for patient in patients:
-        normalized = spec.key({"patient_id": patient})
-        element = salted.element("patient", spec.domain, normalized)
-        needles += [patient.encode(), patient.lower().encode(), patient[1:].encode(), normalized.encode()]
-        needles += _digests(patient) + _digests(patient.lower()) + _digests(normalized)
-        needles += [element.encode(), bytes.fromhex(element)]  # even the salted, unblinded element stays home
+        needles += [*identifier_needles(patient, spec, salted), patient[1:].encode()]
     found = [needle for needle in needles if needle in transcript]
     assert not found, f"the relayed messages leak {found[:3]}"
     # nor the rows dropped: only counts go up (each site's dropped-rows stay in its context.state)
@@ -316,19 +304,7 @@ def test_deploy_local_gives_the_salt_to_the_supernodes_only(tmp_path, monkeypatc
     assert SALT_ENV_VAR not in os.environ
 
 
-# -- the same phase under `graftfl sim` and `graftfl deploy-local` (needs dataset=site and --data-dir) ---------
-
-
-def _data_dir_missing() -> str | None:
-    """Why the end-to-end runs cannot run on this checkout (None when they can)."""
-    from tests.conftest import ROOT, run_graftfl
-
-    if "site" not in group_options("dataset"):
-        return "no dataset=site config group yet (issue 12 integration, branch site-int)"
-    for command in ("sim", "deploy-local"):
-        if "--data-dir" not in run_graftfl(command, "--help", cwd=ROOT, check=False, timeout=120).stdout:
-            return f"`graftfl {command}` has no --data-dir yet (issue 12 integration, branch site-int)"
-    return None
+# -- the same phase under `graftfl sim` and `graftfl deploy-local` ---------------------------------------------
 
 
 def _pair_counts(run_dir: Path) -> dict:
@@ -340,24 +316,24 @@ def _pair_counts(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="deploy-local's process checks need Linux /proc")
-def test_sim_and_deploy_local_give_the_same_dedup_and_then_train(tmp_path):
-    """``dedup=psi`` under ``graftfl sim --data-dir`` and ``graftfl deploy-local --data-dir``: same counts, right counts, training after."""
-    missing = _data_dir_missing()
-    if missing:
-        pytest.skip(f"needs dataset=site and --data-dir for sim and deploy-local: {missing}")
-    from tests.conftest import run_dir_from, run_graftfl
-    from tests.test_deploy_local import run_deploy_local
+def test_sim_and_deploy_local_give_the_same_dedup_and_then_train(tmp_path, sites):
+    """``dedup=psi`` under ``graftfl sim --data-dir`` and ``graftfl deploy-local --data-dir``: same counts, right counts, training after.
 
-    run_graftfl("prepare-sites", "dataset=digits", f"num_clients={NUM_SITES}", "partition.samples_per_client=200", "out=sites",
-                "--duplicate-fraction", "0.2", cwd=tmp_path)
-    args = ["--data-dir", "sites", "protocol=fedavg", "dataset=site", "dataset.input_shape=[1,8,8]", "dataset.num_classes=10",
+    The deployment is also the suite's fedavg deployment on site folders (one deployment proving both): insecure,
+    every SuperNode trains on its own folder, the ServerApp's config names no data location, evaluation at the sites.
+    """
+    from tests.conftest import run_dir_from, run_graftfl
+    from tests.test_deploy_local import assert_deployment, assert_run_directory, run_deploy_local
+    from tests.test_site_sim_deploy import assert_site_run
+
+    args = ["--data-dir", str(sites), "protocol=fedavg", "dataset=site", "dataset.input_shape=[1,8,8]", "dataset.num_classes=10",
             f"num_clients={NUM_SITES}", "rounds=1", "dedup=psi"]
     simulated = run_dir_from(run_graftfl("sim", *args, cwd=tmp_path, timeout=600), tmp_path)
-    deployed, _ = run_deploy_local(args, tmp_path, timeout=600)
+    deployed, stderr = run_deploy_local(args, tmp_path, timeout=600)
     assert _pair_counts(simulated) == _pair_counts(deployed)  # consistency: the same phase, two runtimes
-    holders = holders_of(tmp_path / "sites")
-    truth_pairs = json.loads((tmp_path / "sites" / TRUTH_NAME).read_text())["pairs"]
-    patients = site_patients(tmp_path / "sites")
+    holders = holders_of(sites)
+    truth_pairs = json.loads((sites / TRUTH_NAME).read_text())["pairs"]
+    patients = site_patients(sites)
     expected = expected_drops(patients, holders, live={0, 1, 2})
     for run_dir in (simulated, deployed):
         counts = _pair_counts(run_dir)
@@ -368,3 +344,8 @@ def test_sim_and_deploy_local_give_the_same_dedup_and_then_train(tmp_path):
         assert rows[1]["bytes_up"] > 0
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["phases"]["dedup"]["dropped_records"] == sum(len(e) for e in expected) and summary["rounds"] == 1
+    # fedavg on a real deployment with site folders
+    assert_site_run(deployed, sites, "fedavg", 0.2)
+    assert_deployment(stderr, assert_run_directory(deployed, num_clients=NUM_SITES, rounds=1, dataset="site"), num_nodes=NUM_SITES)
+    trained = [json.loads(line) for line in (deployed / "metrics.jsonl").read_text().splitlines() if line.strip()][1]
+    assert sorted(trained["clients"]) == [0, 1, 2]  # every SuperNode trained, each on its own folder

@@ -94,82 +94,59 @@ def workdir_from(stderr: str) -> Path:
     return Path(match.group(1))
 
 
-def assert_run_directory(run_dir: Path, num_clients: int, rounds: int) -> dict:
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "accuracy.png", "accuracy_vs_bytes.png"):
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "accuracy.png", "accuracy_vs_bytes.png")
+
+
+def assert_run_directory(run_dir: Path, num_clients: int, rounds: int, protocol: str = "fedavg", dataset: str = "digits") -> dict:
+    """The run format a deployed run writes; returns its config.yaml."""
+    for name in RUN_FILES:
         assert (run_dir / name).is_file(), f"{name} missing in {run_dir}"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert [row["round"] for row in rows] == list(range(1, rounds + 1))
-    for row in rows:
+    training = [row for row in rows if row["round"] >= 1]  # a pre-training phase (dedup) writes round 0
+    assert [row["round"] for row in training] == list(range(1, rounds + 1))
+    for row in training:
         assert 0.0 <= row["accuracy"] <= 1.0
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["protocol"] == "fedavg" and summary["dataset"] == "digits"
+    assert summary["protocol"] == protocol and summary["dataset"] == dataset
     assert summary["num_clients"] == num_clients and summary["rounds"] == rounds
     return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
 
 
-# -- end to end --------------------------------------------------------------------------
-@pytest.mark.slow
-@needs_proc
-def test_deploy_local_runs_fedavg_and_leaves_nothing_behind(tmp_path):
-    run_dir, stderr = run_deploy_local(["protocol=fedavg", "dataset=digits", "num_clients=2", "rounds=1"], tmp_path)
-    assert run_dir.parent == tmp_path / "runs"
-    config = assert_run_directory(run_dir, num_clients=2, rounds=1)
-    assert config["tls"]["ca_cert"] is None
-    assert "2 SuperNodes online" in stderr and "(insecure)" in stderr
+def assert_deployment(stderr: str, config: dict, num_nodes: int, tls: bool = False, auth: bool = False) -> None:
+    """What deploy-local said it started (security included), what the ServerApp got, and that its workdir is gone."""
+    assert f"{num_nodes} SuperNodes online" in stderr
+    if auth:
+        assert "(TLS, SuperNode auth)" in stderr and f"registered {num_nodes} SuperNode public keys" in stderr
+    else:
+        assert ("(TLS)" if tls else "(insecure)") in stderr and "public keys" not in stderr
+    if tls or auth:
+        # The ServerApp got the generated files through the overrides (absolute paths, for the split data plane).
+        for key in ("ca_cert", "server_cert", "server_key"):
+            assert Path(config["tls"][key]).is_absolute()
+    else:
+        assert config["tls"]["ca_cert"] is None
     assert not workdir_from(stderr).exists()  # logs and FLWR_HOME are removed after a successful run
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(rows[0]["clients"]) == [0, 1]  # both SuperNodes trained, each on its node-config partition
 
 
+# -- end to end --------------------------------------------------------------------------
+# Each deployment costs a minute of a 2-core CI machine, so each one proves several things. The site-folder
+# deployments (tests/test_site_sim_deploy.py) cover fedavg (insecure), split with the relay key (--tls), dssgd
+# and features (the feature store); this one covers a registry dataset partitioned by node config, with --auth.
 @pytest.mark.slow
 @needs_proc
-def test_deploy_local_with_tls_and_supernode_auth(tmp_path):
-    """``--auth`` (implies ``--tls``): throwaway CA, registered SuperNode keys, a full round over TLS."""
-    run_dir, stderr = run_deploy_local(["--auth", "protocol=fedavg", "dataset=digits", "num_clients=2", "rounds=1"], tmp_path)
-    config = assert_run_directory(run_dir, num_clients=2, rounds=1)
-    assert "(TLS, SuperNode auth)" in stderr and "registered 2 SuperNode public keys" in stderr
-    # The ServerApp got the generated files through the overrides (absolute paths, for the split data plane).
-    for key in ("ca_cert", "server_cert", "server_key"):
-        assert Path(config["tls"][key]).is_absolute()
-
-
-@pytest.mark.slow
-@needs_proc
-def test_deploy_local_split_relay_gets_a_client_only_key(tmp_path, monkeypatch):
-    """Relay hand-off needs a key only the SuperNodes hold; deploy-local makes one per run."""
-    monkeypatch.delenv("GRAFTFL_SPLIT_KEY", raising=False)
-    run_dir, _ = run_deploy_local(["protocol=split", "protocol.handoff=relay", "protocol.turn_batches=3",
-                                   "dataset=digits", "num_clients=2", "rounds=1"], tmp_path, timeout=400)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["protocol"] == "split" and summary["failed_turns"] == []
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert len(rows) == 1 and rows[0]["accuracy"] > 0.0
-
-
-@pytest.mark.slow
 def test_deploy_local_ushaped_over_a_tls_data_plane(tmp_path):
-    """With --tls the split data plane serves TLS with deploy-local's certificates; labels stay at the sites."""
-    run_dir, _ = run_deploy_local(["--tls", "protocol=ushaped", "protocol.handoff=local", "protocol.turn_batches=3",
-                                   "dataset=digits", "num_clients=2", "rounds=1"], tmp_path, timeout=400)
+    """``--auth`` (implies ``--tls``): throwaway CA, registered SuperNode keys, and the split data plane serves TLS
+    with deploy-local's certificates; labels stay at the sites; each SuperNode trains on its node-config partition."""
+    run_dir, stderr = run_deploy_local(["--auth", "protocol=ushaped", "protocol.handoff=local", "protocol.turn_batches=3",
+                                        "dataset=digits", "num_clients=2", "rounds=1"], tmp_path, timeout=400)
+    assert run_dir.parent == tmp_path / "runs"
+    config = assert_run_directory(run_dir, num_clients=2, rounds=1, protocol="ushaped")
+    assert_deployment(stderr, config, num_nodes=2, auth=True)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["protocol"] == "ushaped" and summary["data_plane_tls"] is True and summary["failed_turns"] == []
+    assert summary["data_plane_tls"] is True and summary["failed_turns"] == []
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert len(rows) == 1 and rows[0]["accuracy"] > 0.0 and rows[0]["clients"] == [0, 1]
-
-
-@pytest.mark.slow
-def test_deploy_local_features_fills_the_store_and_serves_the_sites(tmp_path):
-    """Feature upload on a real deployment: autoencoders, chunked uploads into the store, service mode."""
-    run_dir, _ = run_deploy_local(["protocol=features", "dataset=digits", "num_clients=2", "partition.samples_per_client=200",
-                                   "dataset.test_size=100", "protocol.latent_dim=16", "protocol.chunk_size=100"], tmp_path, timeout=400)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["protocol"] == "features" and summary["rejected_chunks"] == 0
-    assert summary["accuracy"] > 0.5  # chance is 0.1
-    for name in ("features.db", "classifier.pt", "tables.json", "table_accuracy.md"):
-        assert (run_dir / name).exists(), name
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert sum(row.get("new_records", 0) for row in rows if row["phase"] == "upload") == 400  # 2 sites x 200, each once
+    assert len(rows) == 1 and rows[0]["accuracy"] > 0.0 and rows[0]["clients"] == [0, 1]  # both SuperNodes trained
 
 
 def test_split_key_reaches_the_supernodes_only(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
@@ -19,24 +19,17 @@ from flwr.app import Array, ArrayRecord, Message
 from graftfl.config import ConfigError, compose_config
 from graftfl.core.codec import flatten_parameters
 from graftfl.core.selective import SparseVectorScales, coordinate_budget, decode_sparse, make_upload
-from graftfl.server_app.app import run_protocol
 from graftfl.core.models import model_from_config
 from graftfl.strategies.checkpoint import load_checkpoint
 from graftfl.strategies.utils import ServerRun
+from tests.conftest import read_metrics as rows_of
 from tests.dssgd_helpers import LocalGrid, server_identity
+from tests.dssgd_helpers import run_local as run_dssgd_locally
 
 BASE = ["protocol=dssgd", "dataset=digits", "progress=false", "train.local_steps=3"]
 PRIVATE = ["protocol.selection=sparse_vector", "protocol.threshold=0.001", "protocol.clip=0.05", "protocol.upload_epsilon=0.5"]
 
-
-def run_local(tmp_path: Path, overrides: list[str], grid: LocalGrid) -> Path:
-    cfg = compose_config([*BASE, f"output_dir={tmp_path}", *overrides])
-    with server_identity():
-        return run_protocol(grid, cfg)
-
-
-def rows_of(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+run_local = partial(run_dssgd_locally, base=BASE)
 
 
 # ------------------------------------------------------------- the mechanism ---

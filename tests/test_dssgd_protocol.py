@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
@@ -15,22 +15,15 @@ from graftfl.config import ConfigError, compose_config, to_container
 from graftfl.core.codec import flatten_parameters
 from graftfl.core.models import model_from_config
 from graftfl.core.selective import coordinate_budget, decode_sparse, encode_sparse, sparse_nbytes
-from graftfl.server_app.app import run_protocol
 from graftfl.strategies.checkpoint import load_checkpoint
 from graftfl.strategies.utils import CONFIG_KEY, ServerRun, message_nbytes
+from tests.conftest import read_metrics as rows_of
 from tests.dssgd_helpers import LocalGrid, server_identity
+from tests.dssgd_helpers import run_local as run_dssgd_locally
 
 BASE = ["protocol=dssgd", "dataset=digits", "progress=false", "train.local_steps=5"]
 
-
-def run_local(tmp_path: Path, overrides: list[str], grid: LocalGrid) -> Path:
-    cfg = compose_config([*BASE, f"output_dir={tmp_path}", *overrides])
-    with server_identity():
-        return run_protocol(grid, cfg)
-
-
-def rows_of(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+run_local = partial(run_dssgd_locally, base=BASE)
 
 
 def with_upload(reply: Message, indices: np.ndarray, values: np.ndarray) -> Message:
