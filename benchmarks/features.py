@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from graftfl.core.autoencoder import train_classifier  # noqa: E402
-from graftfl.core.data import DatasetUnavailable, load_dataset, partition_indices  # noqa: E402
+from graftfl.core.data import DatasetUnavailable, load_dataset  # noqa: E402
+from graftfl.core.partition import partition_indices  # noqa: E402
 from graftfl.core.train import evaluate  # noqa: E402
 from graftfl.strategies.features.store import Chunk, FeatureStore  # noqa: E402
 

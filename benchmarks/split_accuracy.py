@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from graftfl.config import compose_config  # noqa: E402
-from graftfl.core.data import dataset_from_config, make_loader, partition_indices  # noqa: E402
+from graftfl.core.data import dataset_from_config, make_loader  # noqa: E402
+from graftfl.core.partition import partition_indices  # noqa: E402
 from graftfl.core.models import build_model  # noqa: E402
 from graftfl.core.train import evaluate, make_optimizer, seed_everything, train  # noqa: E402
 

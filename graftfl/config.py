@@ -180,7 +180,7 @@ def validate(cfg: DictConfig) -> None:
             "privacy=dpsgd needs privacy.noise_multiplier > 0 or privacy.target_epsilon",
         )
     import graftfl.core.autoencoder  # noqa: F401  registers conv_ae in MODELS
-    from graftfl.core.data import PARTITIONERS
+    from graftfl.core.partition import PARTITIONERS
     from graftfl.core.models import MODELS
 
     _require(cfg.partition.name in PARTITIONERS, f"unknown partition '{cfg.partition.name}'; valid: {list(PARTITIONERS)}")

@@ -149,7 +149,8 @@ def _clear(out: Path, force: bool) -> None:
 def prepare_sites(overrides: list[str], out: Path, test_fraction: float = 0.2, images_per_patient: int = 4, duplicate_fraction: float = 0.0, force: bool = False) -> dict:
     """Compose the config from ``overrides`` (dataset, num_clients, partition, seed) and write the site folders."""
     from graftfl.config import compose_config
-    from graftfl.core.data import partition_indices, raw_arrays_from_config
+    from graftfl.core.data import raw_arrays_from_config
+    from graftfl.core.partition import partition_indices
 
     cfg = compose_config(overrides)
     train_x, train_y, _test_x, _test_y = raw_arrays_from_config(cfg.dataset)

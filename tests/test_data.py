@@ -4,7 +4,8 @@ import torch
 from omegaconf import OmegaConf
 
 from graftfl.core import data as data_module
-from graftfl.core.data import DatasetUnavailable, load_dataset, partition_indices
+from graftfl.core.data import DatasetUnavailable, load_dataset
+from graftfl.core.partition import partition_indices
 
 
 def partition_cfg(**values):

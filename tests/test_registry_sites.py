@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from graftfl.clients.site_data import hold_out, site_rows
 from graftfl.config import ConfigError, compose_config, conf_dir
 from graftfl.core import data as data_module
-from graftfl.core.data import load_raw, partition_indices
+from graftfl.core.data import load_raw
+from graftfl.core.partition import partition_indices
 from graftfl.core.normalization import PUBLISHED
 from graftfl.server_app.app import phase_plan, run_protocol
 from graftfl.strategies.checkpoint import load_checkpoint

@@ -194,7 +194,7 @@ def test_run_inprocess_raises_what_the_server_app_raises():
 def test_cached_partitions_and_model_shapes_equal_fresh_ones(monkeypatch):
     from omegaconf import OmegaConf
 
-    from graftfl.core import data, models
+    from graftfl.core import models, partition as data
 
     labels = torch.from_numpy(np.random.default_rng(0).integers(0, 10, 2_000))
     cfg = OmegaConf.create({"name": "dirichlet", "alpha": 0.5, "samples_per_client": 300})

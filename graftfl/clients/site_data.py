@@ -30,7 +30,8 @@ from flwr.app import Context
 from omegaconf import DictConfig
 
 from graftfl.config import eval_where, from_container, is_site_dataset, normalization_of
-from graftfl.core.data import RawDataset, partition_indices, raw_from_config
+from graftfl.core.data import RawDataset, raw_from_config
+from graftfl.core.partition import partition_indices
 from graftfl.core.normalization import Statistics, fixed_statistics, standardized, to_unit
 from graftfl.core.site_stats import standardize
 from graftfl.core.sitedata import (

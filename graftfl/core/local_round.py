@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from graftfl.core.data import DatasetSplits, make_loader, partition_indices
+from graftfl.core.data import DatasetSplits, make_loader
+from graftfl.core.partition import partition_indices
 from graftfl.core.privacy import History, PrivateTraining, dpsgd_config_from
 from graftfl.core.train import optimizer_from_config, train
 
