@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
-
 from graftfl.core.split import SemisupClient, build_decoder, split_at_cut
-from graftfl.clients.split_turns import evaluate_turn, train_turn
-from graftfl.protocols import ClientProtocol
+from graftfl.clients.split_turns import split_client_protocol
 
 PROTOCOL = "semisup"
 
@@ -19,14 +16,5 @@ def build_role(cfg, model, input_shape, num_classes: int, device) -> SemisupClie
     return role
 
 
-def train(message: Message, context: Context) -> Message:
-    """Answer a ``semisup`` training turn over the data plane."""
-    return train_turn(message, context, build_role)
-
-
-def evaluate(message: Message, context: Context) -> Message:
-    """Answer a ``semisup`` evaluation turn over the data plane."""
-    return evaluate_turn(message, context, build_role)
-
-
-CLIENT_PROTOCOL = ClientProtocol(name=PROTOCOL, train=train, evaluate=evaluate)
+CLIENT_PROTOCOL = split_client_protocol(PROTOCOL, build_role)
+train, evaluate = CLIENT_PROTOCOL.train, CLIENT_PROTOCOL.evaluate  # the handlers, by name (tests call them)

@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import io
 import os
+from functools import partial
 from typing import Callable
 
 import torch
@@ -40,6 +41,7 @@ from graftfl.core.models import model_from_config
 from graftfl.core.split import SemisupClient, hidden_label_mask, test_subset
 from graftfl.core.train import optimizer_from_config, seed_everything
 from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, NODE_CA_CERT, max_frame_bytes
+from graftfl.protocols import ClientProtocol
 from graftfl.transport.client import DataPlaneClient
 
 STATE_KEY = "split-client"
@@ -294,3 +296,16 @@ def evaluate_turn(message: Message, context: Context, build_role: RoleBuilder) -
                 totals[name] += result[name]
     metrics = {"partition-id": partition_id, **totals}
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+def split_client_protocol(name: str, build_role: RoleBuilder) -> ClientProtocol:
+    """The site side of a split-family protocol: its turns over the data plane, with ``build_role``'s part.
+
+    Parameters
+    ----------
+    name : str
+        The protocol name (``split``, ``ushaped``, ``semisup``).
+    build_role : callable
+        ``build_role(cfg, model, input_shape, num_classes, device)``: the site's part of the model.
+    """
+    return ClientProtocol(name=name, train=partial(train_turn, build_role=build_role), evaluate=partial(evaluate_turn, build_role=build_role))
