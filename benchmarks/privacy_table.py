@@ -158,6 +158,15 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def write_outputs(results: list[dict], setting: str, out: Path, complete: bool) -> None:
+    """Write privacy.{json,md,png} for the rows measured so far (``complete``: all the rows asked for)."""
+    if not complete:
+        setting += f" Partial: {len(results)} rows so far."
+    (out / "privacy.json").write_text(json.dumps({"setting": setting, "complete": complete, "rows": results}, indent=1, default=float))
+    plot(results, out / "privacy.png")
+    (out / "privacy.md").write_text(markdown(results, setting) + "\n![accuracy vs leakage](privacy.png)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, 2 sites, 1 round, the quick rows: a smoke test")
@@ -171,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows:
         wanted = set(args.rows.split(","))
         rows = [row for row in rows if row["name"] in wanted]
+    setting = (f"Setting: `{' '.join(QUICK if args.quick else COMMON)}` for every row, plus the row's own overrides and "
+               f"`audit.record=true`; audit settings `{' '.join(QUICK_AUDIT if args.quick else AUDIT)}` (the rest: conf/config.yaml `audit:`). "
+               f"Measured {time.strftime('%Y-%m-%d')} by `benchmarks/privacy_table.py{' --quick' if args.quick else ''}`.")
     results = []
     for row in rows:
         overrides = row_overrides(row, args.quick)
@@ -181,13 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results.append({**base, **run_row(row, overrides, runs_dir, QUICK_AUDIT if args.quick else AUDIT)})
         print(f"[privacy] {row['name']}: {results[-1]['status']} {results[-1].get('why', '')}"[:400], flush=True)
-    setting = (f"Setting: `{' '.join(QUICK if args.quick else COMMON)}` for every row, plus the row's own overrides and "
-               f"`audit.record=true`; audit settings `{' '.join(QUICK_AUDIT if args.quick else AUDIT)}` (the rest: conf/config.yaml `audit:`). "
-               f"Measured {time.strftime('%Y-%m-%d')} by `benchmarks/privacy_table.py{' --quick' if args.quick else ''}`.")
-    (out / "privacy.json").write_text(json.dumps({"setting": setting, "rows": results}, indent=1, default=float))
-    (out / "privacy.md").write_text(markdown(results, setting))
-    plot(results, out / "privacy.png")
-    (out / "privacy.md").write_text(markdown(results, setting) + "\n![accuracy vs leakage](privacy.png)\n")
+        write_outputs(results, setting, out, complete=len(results) == len(rows))  # after every row: a cut-short run keeps its rows
     print(f"wrote {out / 'privacy.md'}, {out / 'privacy.json'}, {out / 'privacy.png'}")
     return 0 if all(r["status"] != "failed" for r in results) else 1
 
