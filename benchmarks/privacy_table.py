@@ -158,6 +158,19 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def earlier_rows(path: Path, rerun: set[str]) -> list[dict]:
+    """The rows of an earlier table at ``path`` that this run does not measure again (``--rows``)."""
+    if not path.exists():
+        return []
+    return [row for row in json.loads(path.read_text())["rows"] if row["name"] not in rerun]
+
+
+def merged(kept: list[dict], measured: list[dict], order: list[dict]) -> list[dict]:
+    """Earlier rows and this run's, in the order of privacy_rows.yaml."""
+    by_name = {row["name"]: row for row in [*kept, *measured]}
+    return [by_name[row["name"]] for row in order if row["name"] in by_name]
+
+
 def write_outputs(results: list[dict], setting: str, out: Path, complete: bool) -> None:
     """Write privacy.{json,md,png} for the rows measured so far (``complete``: all the rows asked for)."""
     if not complete:
@@ -184,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                f"`audit.record=true`; audit settings `{' '.join(QUICK_AUDIT if args.quick else AUDIT)}` (the rest: conf/config.yaml `audit:`). "
                f"Measured {time.strftime('%Y-%m-%d')} by `benchmarks/privacy_table.py{' --quick' if args.quick else ''}`.")
     results = []
+    kept = earlier_rows(out / "privacy.json", {row["name"] for row in rows}) if args.rows else []
     for row in rows:
         overrides = row_overrides(row, args.quick)
         why = refusal(overrides)
@@ -193,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results.append({**base, **run_row(row, overrides, runs_dir, QUICK_AUDIT if args.quick else AUDIT)})
         print(f"[privacy] {row['name']}: {results[-1]['status']} {results[-1].get('why', '')}"[:400], flush=True)
-        write_outputs(results, setting, out, complete=len(results) == len(rows))  # after every row: a cut-short run keeps its rows
+        # after every row: a cut-short run keeps its rows; --rows replaces only those rows of the table
+        write_outputs(merged(kept, results, load_rows(args.quick)), setting, out, complete=len(results) == len(rows))
     print(f"wrote {out / 'privacy.md'}, {out / 'privacy.json'}, {out / 'privacy.png'}")
     return 0 if all(r["status"] != "failed" for r in results) else 1
 
