@@ -11,7 +11,8 @@ from flwr.serverapp import Grid
 
 from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun
-from graftfl.strategies.split_turns import SplitRunner, middle_stage, validate_split_config
+from graftfl.strategies.split_config import validate_split_config
+from graftfl.strategies.split_turns import SplitRunner, middle_stage
 
 PROTOCOL = "ushaped"
 
