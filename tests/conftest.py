@@ -37,6 +37,31 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and the machine's cores are shared (attack and defence tests)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Standardised digits for the attack and defence tests: site records, the attacker's disjoint auxiliary data, held-out records."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(bunch.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return {"x": x, "y": y, "site": order[:600], "aux": order[600:1200], "held": order[1200:], "range": float(x.max() - x.min())}
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 from graftfl.audit import (
     features_inversion,
@@ -28,25 +27,7 @@ from graftfl.core.selective import make_upload
 MARGIN = 0.2  # an attack must beat its measured baseline by at least this much (SSIM or AUC units)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    """Standardised digits split into site records, disjoint auxiliary data, and held-out records."""
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(bunch.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    site, aux, held = order[:600], order[600:1200], order[1200:]
-    return {"x": x, "y": y, "site": site, "aux": aux, "held": held, "range": float(x.max() - x.min())}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # this fixture and `digits`: tests/conftest.py
 
 
 def _train(model, x, y, epochs, lr=1e-3, batch_size=32, seed=0):

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from sklearn.datasets import load_digits
 
 from graftfl.audit import membership, metrics, split_inversion
 from graftfl.config import ConfigError, compose_config
@@ -31,24 +30,7 @@ from graftfl.core.split_private import PrivateRole
 MARGIN = 0.1  # a defence must move its attack's figure by at least this much against the undefended run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    """Standardised digits: site records, the attacker's disjoint auxiliary data, held-out records."""
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(bunch.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return {"x": x, "y": y, "site": order[:600], "aux": order[600:1200], "held": order[1200:], "range": float(x.max() - x.min())}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # this fixture and `digits`: tests/conftest.py
 
 
 def split_run(digits, defences: DefenceConfig, *, epochs: int = 4, lr: float = 0.01, seed: int = 5) -> dict:
