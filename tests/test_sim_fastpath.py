@@ -208,6 +208,8 @@ def test_cached_partitions_and_model_shapes_equal_fresh_ones(monkeypatch):
     other = labels.clone()
     other[:1000] = (other[:1000] + 1) % 10  # same length and seed, other labels: another partitioning
     assert data.partition_indices(other, cfg, 5, 0, seed=4).tolist() != fresh[0].tolist()
+    labels[:1000] = other[:1000]  # the same tensor changed in place: its cached digest must not be reused
+    assert data.partition_indices(labels, cfg, 5, 0, seed=4).tolist() == data.partition_indices(other, cfg, 5, 0, seed=4).tolist()
     for shape in ((1, 28, 28), (3, 32, 32), (1, 28, 28)):
         built = models.build_model("lenet", shape, 10)
         assert built(torch.zeros(2, *shape)).shape == (2, 10)

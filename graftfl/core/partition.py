@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -47,9 +48,26 @@ _PARTITIONS_KEPT = 4
 _PARTITIONS_LOCK = threading.Lock()
 
 
+_DIGESTS: dict[int, tuple] = {}  # id(labels) -> (weak reference, version counter, digest) of the last labels hashed
+
+
+def _labels_digest(labels: torch.Tensor) -> str:
+    """A digest of ``labels``' contents, hashed again only for another tensor or one changed in place since.
+
+    Hashing 60,000 labels costs about a millisecond, which every message of every site would pay.
+    """
+    seen = _DIGESTS.get(id(labels))
+    if seen is not None and seen[0]() is labels and seen[1] == labels._version:
+        return seen[2]
+    digest = hashlib.blake2b(labels.numpy().tobytes(), digest_size=16).hexdigest()
+    _DIGESTS.clear()  # one dataset's labels at a time: ids of freed tensors are reused
+    _DIGESTS[id(labels)] = (weakref.ref(labels), labels._version, digest)
+    return digest
+
+
 def _partition_key(labels: torch.Tensor, partition_cfg, num_partitions: int, seed: int) -> tuple:
     """What a partitioning depends on: the labels' contents, the partition config, the count and the seed."""
-    digest = hashlib.blake2b(labels.numpy().tobytes(), digest_size=16).hexdigest()
+    digest = _labels_digest(labels)
     settings = json.dumps({str(key): partition_cfg[key] for key in partition_cfg}, sort_keys=True, default=str)
     return digest, len(labels), settings, int(num_partitions), int(seed)
 

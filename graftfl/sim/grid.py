@@ -2,10 +2,16 @@
 
 Flower's simulation (``run_simulation``) moves every message from the ServerApp to a
 Ray actor and back, serializing it both ways. :class:`InProcessGrid` keeps Flower's
-message semantics and drops the rest (the design of pfl-research): one worker thread
-takes pushed messages in order and calls the *same* ClientApp object the deployment
-runs, with the node's own :class:`~flwr.app.Context`, and stores the reply for
-``pull_messages``. What Flower's simulation does, this grid does too:
+message semantics and drops the rest (the design of pfl-research): pushed messages
+are queued, and the thread that asks for replies (``send_and_receive``,
+``pull_messages``: the ServerApp's) runs them in order, calling the *same* ClientApp
+object the deployment runs with the node's own :class:`~flwr.app.Context`.
+
+Why not a worker thread: torch's OpenMP runtime (libgomp) gives every thread that runs a
+parallel region a pool of its own, and once the process holds more OpenMP threads than
+CPUs it stops spin-waiting between regions. A second torch thread made a LeNet SGD step of
+batch 10 2.5x slower on 2 cores (4.9 ms instead of 1.9 ms), far more than all of the
+message handling. What Flower's simulation does, this grid does too:
 
 - node ids are drawn as Flower draws them (random 64-bit integers); node ``i`` has node
   config ``partition-id=i``, ``num-partitions=N`` and a ``state`` RecordDict that persists
@@ -19,7 +25,9 @@ runs, with the node's own :class:`~flwr.app.Context`, and stores the reply for
 - an exception in the ClientApp becomes an error reply (code
   ``CLIENT_APP_RAISED_EXCEPTION``) and the node's context keeps its state from before
   that message, as when a Ray actor fails;
-- ``send_and_receive`` waits at most ``timeout`` seconds and returns the replies it has.
+- ``send_and_receive`` returns the replies that arrived within ``timeout`` seconds. A
+  client is never interrupted (nor is a Ray actor): after the timeout no further
+  message is started, and a client that hangs holds up the run.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
+from contextlib import contextmanager
 from uuid import uuid4
 
 import torch
@@ -49,6 +58,20 @@ def new_node_id(taken: set[int]) -> int:
     return generate_rand_int_from_bytes(NODE_ID_NUM_BYTES, exclude={SUPERLINK_NODE_ID, 0, *taken})
 
 
+@contextmanager
+def client_thread_count(threads: int | None):
+    """Torch threads ``threads`` while a client runs (as a Ray actor with ``client_resources.num_cpus`` has them)."""
+    if not threads:
+        yield
+        return
+    process_threads = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(process_threads)
+
+
 class InProcessGrid(Grid):
     """A Grid whose SuperNodes are virtual clients in this process, served one message at a time.
 
@@ -59,9 +82,9 @@ class InProcessGrid(Grid):
     num_supernodes : int
         How many virtual SuperNodes to register (partition ids ``0 .. N-1``).
     client_threads : int, optional
-        Torch threads of the worker thread that runs the clients (as a Ray actor with
-        ``client_resources.num_cpus`` has them); the rest of the process keeps its count.
-        None: the process's count.
+        Torch threads while a client runs (as a Ray actor with ``client_resources.num_cpus``
+        has them); the process's count is restored after each message. None: the
+        process's count.
     """
 
     def __init__(self, client_app: ClientApp, num_supernodes: int, client_threads: int | None = None):
@@ -90,18 +113,11 @@ class InProcessGrid(Grid):
         }
         self._pending: deque[Message] = deque()
         self._replies: dict[str, Message] = {}  # instruction message id -> reply not yet pulled
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()  # guards the queue and the replies
+        self._serving = threading.Lock()  # one message at a time, whichever thread asks for replies
         self._stopped = False
         self.messages_handled = 0
         self.client_seconds = 0.0  # time spent inside the ClientApp (a Flower simulation reports the same)
-        self._worker = threading.Thread(target=self._serve, name="graftfl-inprocess-clients", daemon=True)
-        process_threads = torch.get_num_threads()
-        self._threads_set = threading.Event()
-        self._worker.start()
-        self._threads_set.wait()
-        # torch.set_num_threads also sets the count new threads start with: give that back to the rest of the
-        # process (the ServerApp, the split data plane's gRPC threads), which runs as Flower's simulation driver does.
-        torch.set_num_threads(process_threads)
 
     # ----------------------------------------------------------------- Grid API
     def set_run(self, run: Run) -> None:
@@ -136,67 +152,60 @@ class InProcessGrid(Grid):
                 log.error("message to node %s refused: %s", message.metadata.dst_node_id, "; ".join(problems))
                 continue
             accepted.append(message)
-        with self._changed:
+        with self._lock:
             if self._stopped:
                 raise RuntimeError("the in-process grid is closed")
             self._pending.extend(copy_message(message) for message in accepted)  # the server keeps its own object
-            self._changed.notify_all()
         return [message.metadata.message_id for message in accepted]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """The replies that have arrived for ``message_ids`` (each is returned once)."""
-        with self._changed:
+        """The replies for ``message_ids``, after every queued message has been run (each reply is returned once)."""
+        while self._run_next():
+            pass
+        with self._lock:
             found = [self._replies.pop(message_id) for message_id in list(message_ids) if message_id in self._replies]
         return [mark_delivered(reply) for reply in found]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push ``messages`` and wait for their replies, at most ``timeout`` seconds (None: until all arrive)."""
+        """Push ``messages``, run the queue and return the replies that arrived within ``timeout`` seconds (None: all).
+
+        Clients run in the calling thread, so a client is never interrupted: once the timeout has
+        passed no further message is started, and a reply that came in after it stays for
+        :meth:`pull_messages` (as a late reply stays in Flower's link state).
+        """
         waiting = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        with self._changed:
-            while waiting:
+        in_time = lambda: deadline is None or time.monotonic() < deadline  # noqa: E731
+        while waiting and in_time():
+            with self._lock:
                 arrived = [message_id for message_id in waiting if message_id in self._replies]
-                for message_id in arrived:
-                    replies.append(self._replies.pop(message_id))
-                    waiting.discard(message_id)
-                if not waiting:
-                    break
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                self._changed.wait(remaining)
+                replies.extend(self._replies.pop(message_id) for message_id in arrived)
+            waiting.difference_update(arrived)
+            if not waiting or not self._run_next():
+                break
         return [mark_delivered(reply) for reply in replies]
 
     # ------------------------------------------------------------------ clients
     def close(self) -> None:
-        """Stop the worker after the message it is handling (messages still queued get no reply)."""
-        with self._changed:
+        """Refuse new messages; those still queued get no reply."""
+        with self._lock:
             self._stopped = True
             self._pending.clear()
-            self._changed.notify_all()
-        self._worker.join(timeout=5)
 
-    def _serve(self) -> None:
-        if self.client_threads:
-            # This thread's own count (OpenMP and MKL keep it per thread once the thread has initialised its count),
-            # as a Ray actor with client_resources.num_cpus has it; see __init__ for the rest of the process.
-            torch.get_num_threads()
-            torch.set_num_threads(int(self.client_threads))
-        self._threads_set.set()
-        while True:
-            with self._changed:
-                while not self._pending and not self._stopped:
-                    self._changed.wait()
-                if self._stopped:
-                    return
+    def _run_next(self) -> bool:
+        """Run the oldest queued message in this thread and store its reply; False when the queue was empty."""
+        with self._serving:
+            with self._lock:
+                if not self._pending:
+                    return False
                 message = self._pending.popleft()
-            reply = self.handle(mark_delivered(message))
-            if reply is None:
-                continue
-            with self._changed:
-                self._replies[message.metadata.message_id] = reply
-                self._changed.notify_all()
+            with client_thread_count(self.client_threads):
+                reply = self.handle(mark_delivered(message))
+            if reply is not None:
+                with self._lock:
+                    self._replies[message.metadata.message_id] = reply
+            return True
 
     def handle(self, message: Message) -> Message | None:
         """Run the ClientApp on ``message`` with its node's context; the reply to store (None when Flower would drop it)."""

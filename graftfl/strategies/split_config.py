@@ -25,6 +25,8 @@ def validate_split_config(cfg) -> None:
         raise ValueError("protocol.turn_timeout_s and protocol.max_frame_mb must be > 0")
     if float(protocol.idle_timeout_s) <= 0 or int(protocol.max_pending_streams) < 1:
         raise ValueError("protocol.idle_timeout_s must be > 0 and protocol.max_pending_streams >= 1")
+    if isinstance(protocol.plane_threads, bool) or not float(protocol.plane_threads).is_integer() or int(protocol.plane_threads) < 1:
+        raise ValueError(f"protocol.plane_threads must be a whole number >= 1, got {protocol.plane_threads!r}")
     tls = cfg.get("tls") or {}
     if bool(tls.get("server_cert")) != bool(tls.get("server_key")):
         # one without the other would silently serve the data plane in plaintext

@@ -66,6 +66,7 @@ def start_data_plane(cfg, stage) -> DataPlaneServer:
         server_key=tls.get("server_key"),
         idle_timeout_s=float(cfg.protocol.idle_timeout_s),
         max_pending_streams=int(cfg.protocol.max_pending_streams),
+        compute_threads=int(cfg.protocol.plane_threads),
     ).start()
 
 

@@ -119,17 +119,25 @@ class DataPlaneServer:
         A stream with no frame for this long is cancelled (its turn fails).
     max_pending_streams : int
         Streams that may wait for their first frame at once; one more evicts the oldest.
+    compute_threads : int
+        Torch threads the stage computes with, set in every handler thread. Frames are
+        served one at a time (under the server's lock), so more threads only speed up one
+        batch's ops; a fixed count keeps a seeded run's numbers the same whichever thread
+        (or simulation backend) serves a frame, and 1 adds no OpenMP pool to the process.
     """
 
     def __init__(self, stage, bind_address: str = "127.0.0.1:0", advertise_address: str | None = None, *, wire_dtype: str = "float32",
                  max_batch: int = 1024, max_frame_bytes: int = 64 << 20, server_cert: str | None = None, server_key: str | None = None, workers: int = 8,
-                 idle_timeout_s: float = 60.0, max_pending_streams: int = 32):
+                 idle_timeout_s: float = 60.0, max_pending_streams: int = 32, compute_threads: int = 1):
         if wire_dtype not in FLOAT_WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {list(FLOAT_WIRE_DTYPES)}, got '{wire_dtype}'")
         if bool(server_cert) != bool(server_key):
             raise ValueError("data-plane TLS needs both a server certificate and its key (tls.server_cert and tls.server_key); "
                              f"got only the {'certificate' if server_cert else 'key'}")
         self.stage, self.wire_dtype, self.max_batch, self.max_frame_bytes = stage, wire_dtype, int(max_batch), int(max_frame_bytes)
+        if int(compute_threads) < 1:
+            raise ValueError(f"compute threads must be >= 1, got {compute_threads}")
+        self.compute_threads = int(compute_threads)
         self.guard = StreamGuard(idle_timeout_s, max_pending_streams)
         self.lock = threading.Lock()
         self.turns: dict[str, Turn] = {}
@@ -278,6 +286,8 @@ class DataPlaneServer:
             if specs is None:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected frame kind '{kind}' at this point of the turn")
             tensors = self._validated(header, raw, offset, specs)
+            if torch.get_num_threads() != self.compute_threads:  # a handler thread starts with the process's count
+                torch.set_num_threads(self.compute_threads)
             reply_kind, reply_tensors, meta = self.stage.handle(kind, tensors, turn.state)
             encoded = encode_frame(Frame(reply_kind, reply_tensors, meta), self.wire_dtype)
             turn.bytes_down += len(encoded)
