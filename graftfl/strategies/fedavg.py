@@ -156,7 +156,7 @@ class FedAvgWithMetrics(FedAvg):
             # Flower would keep the old model and go on: a run in which nobody trains must stop, and say why.
             raise RuntimeError(f"round {server_round}: no client finished training ({'; '.join(self.client_errors + self.rejected)})")
         self.client_rows = [{**dict(reply.content["metrics"]), "bytes_up": message_nbytes(reply)} for reply in accepted]
-        for reply in accepted:  # audit.record: each site's update
+        for reply in accepted if self.run.audit.enabled else ():  # audit.record: each site's update
             self.run.audit.fedavg_update(server_round, int(reply.content["metrics"].get("partition-id", -1)), {k: a.numpy() for k, a in reply.content["arrays"].items()}, self.reference)
         self.failed_bytes_up = sum(message_nbytes(reply) for reply in replies if reply.has_error()) + rejected_bytes  # error replies travel too
         for reply in accepted:
