@@ -37,6 +37,7 @@ import torch
 
 from common import write_results
 from graftfl import cli
+from graftfl.clients import dssgd as dssgd_client
 from graftfl.config import resolve_job_config
 from graftfl.core.autoencoder import conv_ae, train_autoencoder
 from graftfl.core.data import dataset_from_config
@@ -60,7 +61,7 @@ GPU_SYNTHETIC = "synthetic_cifar10"  # <root>/<name>.npz read through the medmni
 
 
 class EvaluationClock:
-    """Seconds the server spends evaluating (wrapped around the strategies' evaluation functions)."""
+    """Seconds spent evaluating (wrapped around the strategies' evaluation functions and DSSGD's local scoring)."""
 
     def __init__(self):
         self.seconds = 0.0
@@ -80,7 +81,9 @@ class EvaluationClock:
 
     @contextlib.contextmanager
     def installed(self):
-        patched = [self.wrap(utils.ServerRun, "evaluate"), self.wrap(split_turns.SplitRunner, "evaluate")]
+        # DSSGD's sites also score their local model every round: timed where it runs in this process (in-process backend)
+        patched = [self.wrap(utils.ServerRun, "evaluate"), self.wrap(split_turns.SplitRunner, "evaluate"),
+                   self.wrap(dssgd_client, "local_test_metrics")]
         try:
             yield self
         finally:

@@ -177,3 +177,15 @@ def test_normalization_config_errors_name_what_is_valid(capsys):
 
     assert main(["sim", *DIGITS, "dataset.mean=[0.1,0.2]", "dataset.std=[0.3,0.3]"]) == 2
     assert "one value or one per channel (1)" in capsys.readouterr().err
+
+
+def test_a_sites_test_selection_is_the_servers_and_only_it_is_standardized():
+    from graftfl.clients.site_data import registry_test_set
+    from graftfl.core.split import test_subset
+
+    cfg = compose_config([*DIGITS, "dataset.test_size=50", "seed=5"])
+    whole_x, whole_y = registry_test_set(cfg, site_context(0))
+    x, y = registry_test_set(cfg, site_context(0), size=50)
+    server_x, server_y = test_subset(whole_x, whole_y, 50, 5)
+    assert len(y) == 50 < len(whole_y) and torch.equal(x, server_x) and torch.equal(y, server_y)
+    assert not torch.equal(y, whole_y[:50])  # a seeded draw, not the first rows

@@ -19,6 +19,7 @@ from graftfl.core.data import dataset_from_config
 from graftfl.core.models import model_from_config
 from graftfl.core.privacy import secret_generator
 from graftfl.core.selective import decode_sparse, encode_sparse, make_upload, overwrite
+from graftfl.core.split import test_subset
 from graftfl.core.train import evaluate, round_seed
 from graftfl.protocols import ClientProtocol
 
@@ -50,15 +51,11 @@ def local_test_metrics(model: torch.nn.Module, cfg, device: torch.device, contex
         _, _, x, y = site_rows(cfg, context)
         evaluation = evaluate(model, x, y, device=device, batch_size=cfg.eval.batch_size)
         return {"local_accuracy": evaluation["accuracy"], "local_loss": evaluation["loss"]}
-    if context is not None:
-        x, y = registry_test_set(cfg, context)  # standardized as this site standardizes its own rows
+    if context is not None:  # standardized as this site standardizes its own rows
+        x, y = registry_test_set(cfg, context, cfg.dataset.get("test_size"))
     else:
         data = dataset_from_config(cfg.dataset)
-        x, y = data.test_x, data.test_y
-    size = cfg.dataset.get("test_size")
-    if size:
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(cfg.seed)))[: int(size)]
-        x, y = x[order], y[order]
+        x, y = test_subset(data.test_x, data.test_y, cfg.dataset.get("test_size"), int(cfg.seed))
     evaluation = evaluate(model, x, y, device=device, batch_size=cfg.eval.batch_size)
     return {"local_accuracy": evaluation["accuracy"], "local_loss": evaluation["loss"]}
 

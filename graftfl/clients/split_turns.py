@@ -38,7 +38,7 @@ from graftfl.config import eval_where
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY, client_key, decrypt_state, encrypt_state
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import model_from_config
-from graftfl.core.split import SemisupClient, hidden_label_mask, test_subset
+from graftfl.core.split import SemisupClient, hidden_label_mask
 from graftfl.core.train import optimizer_from_config, seed_everything
 from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, NODE_CA_CERT, max_frame_bytes
 from graftfl.protocols import ClientProtocol
@@ -279,7 +279,7 @@ def evaluate_turn(message: Message, context: Context, build_role: RoleBuilder) -
                 f"server; this site refuses (allow it with node config {ALLOW_SERVER_EVAL_NODE_CONFIG}=true or {ALLOW_SERVER_EVAL_ENV}=1)"
             )
         raw = registry_raw(cfg, context)
-        x, y = test_subset(*registry_test_set(cfg, context), cfg.dataset.get("test_size"), cfg.seed)
+        x, y = registry_test_set(cfg, context, cfg.dataset.get("test_size"))
         input_shape, num_classes = raw.input_shape, raw.num_classes
     else:
         raise ValueError(f"eval.where must be one of ['site', 'server'], got '{where}'")

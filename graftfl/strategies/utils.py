@@ -184,8 +184,19 @@ def message_nbytes(message_or_recorddict: Message | RecordDict) -> int:
     sum of those serialized objects: payload, config and metrics records, protobuf framing
     and metadata included; the transport's own framing (HTTP/gRPC headers, TLS) is not.
     """
-    objects = get_all_nested_objects(message_or_recorddict)
-    return int(sum(len(obj.deflate()) for obj in objects.values()))
+    total = 0
+    for object_id, obj in get_all_nested_objects(message_or_recorddict).items():
+        size = _DEFLATED_SIZES.get(object_id)
+        if size is None:  # an object id is the hash of the deflated bytes: the same id, the same size
+            if len(_DEFLATED_SIZES) >= _SIZES_KEPT:
+                _DEFLATED_SIZES.clear()
+            size = _DEFLATED_SIZES[object_id] = len(obj.deflate())
+        total += size
+    return int(total)
+
+
+_DEFLATED_SIZES: dict[str, int] = {}  # object id -> deflated bytes: the N messages of a round share their arrays
+_SIZES_KEPT = 100_000
 
 
 def arrays_nbytes(record: ArrayRecord) -> int:
