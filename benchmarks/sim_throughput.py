@@ -208,7 +208,8 @@ def table(results: list[dict], args, commands: list[str], load: list[float]) -> 
         "",
         f"R = federated training samples/s ÷ centralized training samples/s; torch threads {args.threads} on both sides "
         f"(Ray: `client_resources.num_cpus={args.threads}`, in-process: the same count while a client runs). "
-        f"{args.samples_per_client} images per client, batch {args.batch_size}, {args.rounds} round(s), SGD (features: Adam, its autoencoder settings).",
+        f"{' and '.join(map(str, args.samples_per_client))} images per client, batch {args.batch_size}, {args.rounds} round(s), "
+        "SGD (features: Adam, its autoencoder settings).",
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in commands),
         "",
@@ -221,12 +222,12 @@ def table(results: list[dict], args, commands: list[str], load: list[float]) -> 
         "centrally (median fit), in ms and in centralized SGD steps of one batch (the issue's client switch cost; "
         "features: autoencoder steps).",
         "",
-        "| workload | protocol | N | backend | fed samples/s (last round) | central samples/s median / best | R | R last round | "
+        "| workload | images/client | protocol | N | backend | fed samples/s (last round) | central samples/s median / best | R | R last round | "
         "R_best | R_best last round | switch ms (SGD steps) | fit s | command s |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in map(with_best_central, results):
-        lines.append(f"| {r['workload']} | {r['protocol']} | {r['clients_per_round']} | {r['backend']} | {r['samples_per_s']:.0f} "
+        lines.append(f"| {r['workload']} | {r.get('samples_per_client', 60)} | {r['protocol']} | {r['clients_per_round']} | {r['backend']} | {r['samples_per_s']:.0f} "
                      f"({r['last_round_samples_per_s']:.0f}) | {r['central_samples_per_s']:.0f} / {r['central_best_samples_per_s']:.0f} | "
                      f"{r['R']:.2f} | {r['R_last_round']:.2f} | {r['R_best_central']:.2f} | {r['R_last_round_best_central']:.2f} | "
                      f"{r['switch_ms']:.1f} ({r['switch_steps']:.1f}) | {r['fit_s']:.1f} | {r['command_s']:.1f} |")
@@ -241,7 +242,8 @@ def render_existing(args) -> int:
     payload = json.loads(path.read_text())
     payload["results"] = [with_best_central(row) for row in payload["results"]]
     saved = argparse.Namespace(**{**vars(args), "threads": payload["torch_threads"]})
-    for flag in ("rounds", "samples_per_client", "batch_size", "repeats"):
+    saved.samples_per_client = sorted({int(row.get("samples_per_client", 60)) for row in payload["results"]})
+    for flag in ("rounds", "batch_size", "repeats"):
         value = payload["command"].split(f"--{flag.replace('_', '-')} ")[1].split()[0] if f"--{flag.replace('_', '-')} " in payload["command"] else None
         if value is not None:
             setattr(saved, flag, int(value))
@@ -259,7 +261,8 @@ def main() -> int:
     parser.add_argument("--clients", nargs="+", type=int, default=[10, 100])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--samples-per-client", type=int, default=60)
+    parser.add_argument("--samples-per-client", type=int, nargs="+", default=[60, 600],
+                        help="images per client, one workload each (600: Fashion-MNIST's 60,000 over 100 clients)")
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--ae-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -275,24 +278,24 @@ def main() -> int:
     if args.render:
         return render_existing(args)
     if args.gpu:  # pfl-research's workload: 50 images per client, local batch 10; one CPU thread per client (Ray: num_cpus=1)
-        args.samples_per_client, args.batch_size, args.threads = 50, 10, 1
+        args.samples_per_client, args.batch_size, args.threads = [50], 10, 1
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)  # as every seeded run sets it: the same kernels on both sides
     load_before = os.getloadavg()
     command = "python benchmarks/sim_throughput.py " + " ".join(sys.argv[1:])
     results, failures, gpu = [], [], {"run": False, "reason": "no --gpu flag"}
-    workloads = [("cpu", args.protocols, args.clients)]
+    workloads = [("cpu", args.protocols, args.clients, per_client) for per_client in args.samples_per_client]
     if args.gpu:
         if not torch.cuda.is_available():
             raise SystemExit("--gpu: CUDA is not available on this machine")
-        workloads = [("gpu", ["fedavg"], [args.gpu_clients_per_round])]
+        workloads = [("gpu", ["fedavg"], [args.gpu_clients_per_round], args.samples_per_client[0])]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for workload, protocols, client_counts in workloads:
-            run_args = argparse.Namespace(**vars(args), workload=workload)
+        for workload, protocols, client_counts, per_client in workloads:
+            run_args = argparse.Namespace(**{**vars(args), "samples_per_client": per_client}, workload=workload)
             if workload == "gpu":
-                write_synthetic_cifar(workdir, args.population, args.samples_per_client)
+                write_synthetic_cifar(workdir, args.population, per_client)
             centrals: dict[tuple, dict] = {}  # fedavg, split and dssgd share one centralized model (the unsplit one)
             for protocol in protocols:
                 for clients in client_counts:
@@ -308,11 +311,11 @@ def main() -> int:
                             failures.append({"workload": workload, "protocol": protocol, "clients_per_round": clients, "backend": backend,
                                              "error": f"{type(err).__name__}: {err}"[:2000]})
                             continue
-                        row = with_best_central({"workload": workload, **fed, "central_samples_per_s": central["samples_per_s"], "central": central,
+                        row = with_best_central({"workload": workload, "samples_per_client": per_client, **fed, "central_samples_per_s": central["samples_per_s"], "central": central,
                                                  "R": fed["samples_per_s"] / central["samples_per_s"],
                                                  "R_last_round": fed["last_round_samples_per_s"] / central["samples_per_s"]})
                         results.append(row)
-                        print(json.dumps({k: row[k] for k in ("workload", "protocol", "clients_per_round", "backend", "R", "R_last_round", "fit_s")}), flush=True)
+                        print(json.dumps({k: row[k] for k in ("workload", "samples_per_client", "protocol", "clients_per_round", "backend", "R", "R_last_round", "fit_s")}), flush=True)
             if workload == "gpu":
                 gpu = {"run": True, "device": torch.cuda.get_device_name(0)}
     if not args.gpu:
