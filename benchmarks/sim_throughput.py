@@ -96,7 +96,7 @@ def overrides_for(protocol: str, clients: int, backend: str, args, workdir: Path
         f"protocol={protocol}", f"num_clients={clients}", f"rounds={args.rounds}", "progress=false", "seed=0",
         f"train.batch_size={args.batch_size}", "train.local_epochs=1", f"client_resources.num_cpus={args.threads}",
         "eval.where=server", "dataset.test_size=100", f"sim.backend={backend}", f"output_dir={workdir / backend}",
-    ]
+    ] + ([f"train.lr={args.lr}"] if args.lr is not None else [])
     if args.workload == "gpu":
         common += ["dataset=medmnist", f"dataset.subset={GPU_SYNTHETIC}", f"dataset.root={workdir}", "dataset.download=false",
                    "model=cnn", "device=cuda", f"client_resources.num_gpus={args.num_gpus}",
@@ -136,6 +136,7 @@ def federated_run(protocol: str, clients: int, backend: str, args, workdir: Path
         "samples": samples_per_round * len(fit_rows), "fit_s": sum(round_s), "last_round_s": round_s[-1],
         "samples_per_s": samples_per_round * len(fit_rows) / sum(round_s), "last_round_samples_per_s": samples_per_round / round_s[-1],
         "server_eval_s": eval_s, "command_s": total_s, "overrides": overrides, "batch_size": int(cfg.train.batch_size),
+        "lr_override": args.lr,
         "final_accuracy": rows[-1].get("accuracy"),
     }
 
@@ -214,7 +215,7 @@ def table(results: list[dict], args, commands: list[str], load: list[float]) -> 
         "Commands: " + "; ".join(f"`{c}`" for c in commands),
         "",
         f"Centralized: median of {args.repeats} timed fits. 1-minute load average of the machine before / after: "
-        f"{load[0]:.1f} / {load[1]:.1f} ({os.cpu_count()} cores).",
+        " ; ".join(f"{load[i]:.1f} / {load[i + 1]:.1f}" for i in range(0, len(load) - 1, 2)) + f" ({os.cpu_count()} cores; one pair per command).",
         "",
         "R uses the median centralized fit; R_best uses the fastest one (on a shared machine the slower repetitions are "
         "other work's, so R_best is the conservative figure). Last round: the first round of a Ray run also pays for its "
@@ -227,11 +228,33 @@ def table(results: list[dict], args, commands: list[str], load: list[float]) -> 
         "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in map(with_best_central, results):
-        lines.append(f"| {r['workload']} | {r.get('samples_per_client', 60)} | {r['protocol']} | {r['clients_per_round']} | {r['backend']} | {r['samples_per_s']:.0f} "
+        protocol = r["protocol"] + (f" (lr {r['lr_override']:g})" if r.get("lr_override") is not None else "")
+        lines.append(f"| {r['workload']} | {r.get('samples_per_client', 60)} | {protocol} | {r['clients_per_round']} | {r['backend']} | {r['samples_per_s']:.0f} "
                      f"({r['last_round_samples_per_s']:.0f}) | {r['central_samples_per_s']:.0f} / {r['central_best_samples_per_s']:.0f} | "
                      f"{r['R']:.2f} | {r['R_last_round']:.2f} | {r['R_best_central']:.2f} | {r['R_last_round_best_central']:.2f} | "
                      f"{r['switch_ms']:.1f} ({r['switch_steps']:.1f}) | {r['fit_s']:.1f} | {r['command_s']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a measured configuration (a newer measurement of it replaces the older one)."""
+    return row["workload"], int(row.get("samples_per_client", 60)), row["protocol"], row["clients_per_round"], row["backend"]
+
+
+def merged_with_existing(payload: dict, name: str) -> dict:
+    """``payload``'s rows and failures added to the existing file's, replacing the configurations measured again."""
+    from common import RESULTS
+
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return payload
+    old = json.loads(path.read_text())
+    measured = {row_key(row) for row in payload["results"] + payload["failures"]}
+    keep = lambda rows: [row for row in rows if row_key(row) not in measured]  # noqa: E731
+    commands = old.get("commands", [old["command"]] if "command" in old else [])
+    return {**payload, "commands": commands + payload["commands"], "results": keep(old["results"]) + payload["results"],
+            "failures": keep(old["failures"]) + payload["failures"],
+            "load_average_1min_before_after": old["load_average_1min_before_after"] + payload["load_average_1min_before_after"]}
 
 
 def render_existing(args) -> int:
@@ -244,10 +267,11 @@ def render_existing(args) -> int:
     saved = argparse.Namespace(**{**vars(args), "threads": payload["torch_threads"]})
     saved.samples_per_client = sorted({int(row.get("samples_per_client", 60)) for row in payload["results"]})
     for flag in ("rounds", "batch_size", "repeats"):
-        value = payload["command"].split(f"--{flag.replace('_', '-')} ")[1].split()[0] if f"--{flag.replace('_', '-')} " in payload["command"] else None
+        first = payload.get("commands", [payload.get("command", "")])[0]
+        value = first.split(f"--{flag.replace('_', '-')} ")[1].split()[0] if f"--{flag.replace('_', '-')} " in first else None
         if value is not None:
             setattr(saved, flag, int(value))
-    text = table(payload["results"], saved, [payload["command"]], payload["load_average_1min_before_after"])
+    text = table(payload["results"], saved, payload.get("commands", [payload.get("command", "")]), payload["load_average_1min_before_after"])
     text += "".join(f"\nFailed: {f['protocol']} N={f['clients_per_round']} {f['backend']}: {f['error'][:300]}\n" for f in payload["failures"])
     path.write_text(json.dumps(payload, indent=2) + "\n")
     path.with_suffix(".md").write_text(text)
@@ -273,6 +297,8 @@ def main() -> int:
     parser.add_argument("--population", type=int, default=1000, help="--gpu: clients in all (pfl-research: 1,000)")
     parser.add_argument("--gpu-clients-per-round", type=int, default=50, help="--gpu: clients per round (pfl-research: 50)")
     parser.add_argument("--num-gpus", type=float, default=0.1, help="Ray client_resources.num_gpus (pfl-research configured Flower with 0.1)")
+    parser.add_argument("--lr", type=float, default=None, help="train.lr for every run (default: the config's, 0.05)")
+    parser.add_argument("--merge", action="store_true", help="keep the existing file's other rows; replace only those measured again")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md (and derived JSON fields) from the existing JSON")
     args = parser.parse_args()
     if args.render:
@@ -308,7 +334,7 @@ def main() -> int:
                             fed = federated_run(protocol, clients, backend, run_args, workdir)
                         except Exception as err:  # one failed configuration is reported, the others still run
                             logging.exception("%s N=%s %s failed", protocol, clients, backend)
-                            failures.append({"workload": workload, "protocol": protocol, "clients_per_round": clients, "backend": backend,
+                            failures.append({"workload": workload, "samples_per_client": per_client, "protocol": protocol, "clients_per_round": clients, "backend": backend,
                                              "error": f"{type(err).__name__}: {err}"[:2000]})
                             continue
                         row = with_best_central({"workload": workload, "samples_per_client": per_client, **fed, "central_samples_per_s": central["samples_per_s"], "central": central,
@@ -322,10 +348,15 @@ def main() -> int:
         gpu = {"run": False, "reason": "not run: no GPU on the machine that produced this file; run with --gpu where CUDA is available",
                "workload": "pfl-research CIFAR-10 IID: synthetic 3x32x32, 1,000 clients x 50 images, 50 per round, batch 10, "
                            "1 local epoch, model=cnn, Ray client_resources.num_gpus=0.1"}
-    payload = {"command": command, "torch_threads": args.threads, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]], "torch": torch.__version__, "results": results, "failures": failures, "gpu": gpu,
+    payload = {"commands": [command], "torch_threads": args.threads, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]], "torch": torch.__version__, "results": results, "failures": failures, "gpu": gpu,
                "goals": {"fedavg_N100_cpu": 0.9, "others_cpu": 0.8, "gpu_N100": 0.8}}
-    text = table(results, args, [command], payload["load_average_1min_before_after"])
-    text += "".join(f"\nFailed: {f['protocol']} N={f['clients_per_round']} {f['backend']}: {f['error'][:300]}\n" for f in failures)
+    if args.merge:
+        payload = merged_with_existing(payload, "sim_throughput_gpu" if args.gpu else "sim_throughput")
+    results, failures = payload["results"], payload["failures"]
+    args.samples_per_client = sorted({int(row.get("samples_per_client", 60)) for row in results + failures})
+    text = table(results, args, payload["commands"], payload["load_average_1min_before_after"])
+    text += "".join(f"\nFailed: {f.get('samples_per_client', 60)} images/client {f['protocol']} N={f['clients_per_round']} {f['backend']}: "
+                    f"{f['error'][:300]}\n" for f in failures)
     write_results("sim_throughput_gpu" if args.gpu else "sim_throughput", payload, text)
     return 0
 
