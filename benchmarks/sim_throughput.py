@@ -99,7 +99,7 @@ def overrides_for(protocol: str, clients: int, backend: str, args, workdir: Path
     ] + ([f"train.lr={args.lr}"] if args.lr is not None else [])
     if args.workload == "gpu":
         common += ["dataset=medmnist", f"dataset.subset={GPU_SYNTHETIC}", f"dataset.root={workdir}", "dataset.download=false",
-                   "model=cnn", "device=cuda", f"client_resources.num_gpus={args.num_gpus}",
+                   "model=cnn", f"device={args.device}", f"client_resources.num_gpus={args.num_gpus if args.device == 'cuda' else 0}",
                    f"partition.samples_per_client={args.samples_per_client}", f"protocol.fraction_train={clients / args.population}"]
         return common
     common += ["dataset=fashion_mnist", "model=lenet", "device=cpu", f"partition.samples_per_client={args.samples_per_client}"]
@@ -215,7 +215,7 @@ def table(results: list[dict], args, commands: list[str], load: list[float]) -> 
         "Commands: " + "; ".join(f"`{c}`" for c in commands),
         "",
         f"Centralized: median of {args.repeats} timed fits. 1-minute load average of the machine before / after: "
-        " ; ".join(f"{load[i]:.1f} / {load[i + 1]:.1f}" for i in range(0, len(load) - 1, 2)) + f" ({os.cpu_count()} cores; one pair per command).",
+        + "; ".join(f"{load[i]:.1f} / {load[i + 1]:.1f}" for i in range(0, len(load) - 1, 2)) + f" ({os.cpu_count()} cores; one pair per command).",
         "",
         "R uses the median centralized fit; R_best uses the fastest one (on a shared machine the slower repetitions are "
         "other work's, so R_best is the conservative figure). Last round: the first round of a Ray run also pays for its "
@@ -272,7 +272,9 @@ def render_existing(args) -> int:
         if value is not None:
             setattr(saved, flag, int(value))
     text = table(payload["results"], saved, payload.get("commands", [payload.get("command", "")]), payload["load_average_1min_before_after"])
-    text += "".join(f"\nFailed: {f['protocol']} N={f['clients_per_round']} {f['backend']}: {f['error'][:300]}\n" for f in payload["failures"])
+    text += "".join(f"\nFailed: {f.get('samples_per_client', 60)} images/client {f['protocol']} N={f['clients_per_round']} {f['backend']}: "
+                    f"{f['error'][:300]}\n" for f in payload["failures"])
+    text += "".join(f"\nNote: {note}\n" for note in payload.get("notes", []))
     path.write_text(json.dumps(payload, indent=2) + "\n")
     path.with_suffix(".md").write_text(text)
     print(text)
@@ -294,6 +296,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed centralized fits (the median is used)")
     parser.add_argument("--gpu", action="store_true", help="only pfl-research's CIFAR-10 IID workload on CUDA (fedavg, 1,000 clients x 50, "
                         "50 per round); writes sim_throughput_gpu.{json,md}")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="--gpu: where the workload runs (cpu: a check of the "
+                        "script where no GPU is lent; its file is not a GPU result)")
     parser.add_argument("--population", type=int, default=1000, help="--gpu: clients in all (pfl-research: 1,000)")
     parser.add_argument("--gpu-clients-per-round", type=int, default=50, help="--gpu: clients per round (pfl-research: 50)")
     parser.add_argument("--num-gpus", type=float, default=0.1, help="Ray client_resources.num_gpus (pfl-research configured Flower with 0.1)")
@@ -313,8 +317,8 @@ def main() -> int:
     results, failures, gpu = [], [], {"run": False, "reason": "no --gpu flag"}
     workloads = [("cpu", args.protocols, args.clients, per_client) for per_client in args.samples_per_client]
     if args.gpu:
-        if not torch.cuda.is_available():
-            raise SystemExit("--gpu: CUDA is not available on this machine")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--gpu: CUDA is not available on this machine (--device cpu runs the same workload on the CPU)")
         workloads = [("gpu", ["fedavg"], [args.gpu_clients_per_round], args.samples_per_client[0])]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -343,7 +347,7 @@ def main() -> int:
                         results.append(row)
                         print(json.dumps({k: row[k] for k in ("workload", "samples_per_client", "protocol", "clients_per_round", "backend", "R", "R_last_round", "fit_s")}), flush=True)
             if workload == "gpu":
-                gpu = {"run": True, "device": torch.cuda.get_device_name(0)}
+                gpu = {"run": True, "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (not a GPU result)"}
     if not args.gpu:
         gpu = {"run": False, "reason": "not run: no GPU on the machine that produced this file; run with --gpu where CUDA is available",
                "workload": "pfl-research CIFAR-10 IID: synthetic 3x32x32, 1,000 clients x 50 images, 50 per round, batch 10, "
