@@ -42,8 +42,9 @@ def inprocess_threads(cfg) -> int | None:
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, client_threads: int | None = None) -> InProcessGrid:
     """Run ``server_app`` to the end with ``num_supernodes`` virtual SuperNodes running ``client_app`` in this process.
 
-    The ServerApp runs in the calling thread, the clients one message at a time in the
-    grid's worker thread (the split data plane's gRPC server has threads of its own).
+    The ServerApp runs in the calling thread, and so do the clients, one message at a time,
+    when the ServerApp asks the grid for replies (the split data plane's gRPC server has
+    threads of its own).
     What the ServerApp raises is raised here. Returns the (closed) grid, whose
     ``messages_handled`` and ``client_seconds`` say how much client work there was.
     """
