@@ -176,6 +176,31 @@ def test_clients_run_with_client_threads_and_the_rest_of_the_process_keeps_its_o
     assert torch.get_num_threads() == before and seen == [before]
 
 
+def test_clients_run_in_the_thread_that_asks_for_replies():
+    # A second torch thread would give the process a second OpenMP pool, which on a machine with few
+    # cores made every SGD step 2.5x slower (docs/benchmarks.md): clients must run in the asking thread.
+    import threading
+
+    app, asking = ClientApp(), {}
+
+    @app.query("thread")
+    def thread(message, context):
+        return Message(RecordDict({"metrics": MetricRecord({"same": int(threading.get_ident() == asking["id"])})}), reply_to=message)
+
+    def ask(grid) -> list[int]:
+        asking["id"] = threading.get_ident()
+        messages = [Message(RecordDict(), dst_node_id=node, message_type="query.thread") for node in grid.node_ids]
+        return [reply.content["metrics"]["same"] for reply in grid.send_and_receive(messages, timeout=30)]
+
+    with serving(app, 2) as grid:
+        assert ask(grid) == [1, 1]
+        elsewhere: list[int] = []
+        other = threading.Thread(target=lambda: elsewhere.extend(ask(grid)))
+        other.start()
+        other.join()
+        assert elsewhere == [1, 1]
+
+
 def test_run_inprocess_raises_what_the_server_app_raises():
     from flwr.serverapp import ServerApp
 

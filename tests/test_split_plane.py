@@ -143,6 +143,42 @@ def test_abandoned_turn_keeps_completed_steps_and_server_goes_on(top_server):
     assert server.stage.steps == 3
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_stage_computes_with_the_plane_threads_whatever_the_process_count(threads):
+    # a gRPC handler thread starts with the process's count; the stage must run with the configured one
+    # (a fixed count keeps seeded split runs identical on both simulation backends)
+    server, act_shape = make_top_server(compute_threads=threads)
+    seen, handle = [], server.stage.handle
+    server.stage.handle = lambda *args: seen.append(torch.get_num_threads()) or handle(*args)
+    process_threads = torch.get_num_threads()
+    torch.set_num_threads(3 - threads)  # the other count, for the threads gRPC starts from now on
+    try:
+        turn = server.open_turn()
+        with DataPlaneClient(server.address, turn.token) as plane:
+            for _ in range(3):
+                plane.exchange("train", good_frame(act_shape, "").tensors)
+        server.close_turn(turn)
+    finally:
+        torch.set_num_threads(process_threads)
+        server.stop()
+    assert seen == [threads] * 3
+
+
+def test_turns_share_one_channel_each_on_its_own_stream(top_server):
+    from graftfl.transport.client import shared_channel
+
+    server, act_shape = top_server
+    channels, turns = set(), []
+    for _ in range(2):
+        turn = server.open_turn()
+        with DataPlaneClient(server.address, turn.token, max_frame_bytes=1 << 20) as plane:
+            plane.exchange("train", good_frame(act_shape, "").tensors)
+        channels.add(id(shared_channel(server.address, None, 1 << 20)))
+        turns.append(server.close_turn(turn))
+    assert len(channels) == 1 and server.stage.steps == 2
+    assert all(turn.ended_cleanly and turn.frames == 2 for turn in turns)  # one train frame and the end frame each
+
+
 @pytest.mark.parametrize("wire_dtype", ["float16", "bfloat16"])
 def test_half_precision_wire_dtypes(wire_dtype):
     server, act_shape = make_top_server(wire_dtype=wire_dtype)

@@ -197,6 +197,7 @@ def test_protocol_variants_run(tmp_path, overrides):
         (["protocol=split", "protocol.cut_stage=nope"], "unknown cut stage 'nope'"),
         (["protocol=ushaped", "protocol.head_stages=5"], "leaves no middle"),
         (["protocol=split", "protocol.wire_dtype=int8"], "protocol.wire_dtype must be one of"),
+        (["protocol=ushaped", "protocol.plane_threads=0"], "protocol.plane_threads must be a whole number >= 1"),
         (["protocol=semisup", "protocol.unlabeled_fraction=1.0"], "unlabeled_fraction must be in [0, 1)"),
         (["protocol=split", "privacy=dpsgd", "defence.nopeek=0.5"], "defence.nopeek cannot be combined with privacy=dpsgd"),
     ],
