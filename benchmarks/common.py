@@ -68,5 +68,20 @@ def write_results(name: str, payload: dict, table: str) -> None:
     print(table)
 
 
+def merge_with_existing(name: str, payload: dict, key) -> dict:
+    """``payload``'s ``results`` and ``failures`` added to those of RESULTS/<name>.json, replacing the rows
+    measured again (same ``key(row)``); ``commands`` and the load averages are concatenated."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return payload
+    old = json.loads(path.read_text())
+    measured = {key(row) for row in payload["results"] + payload["failures"]}
+    keep = lambda rows: [row for row in rows if key(row) not in measured]  # noqa: E731
+    commands = old.get("commands", [old["command"]] if "command" in old else [])
+    return {**payload, "commands": commands + payload["commands"], "results": keep(old["results"]) + payload["results"],
+            "failures": keep(old["failures"]) + payload["failures"], "notes": old.get("notes", []) + payload.get("notes", []),
+            "load_average_1min_before_after": old["load_average_1min_before_after"] + payload["load_average_1min_before_after"]}
+
+
 def graftfl_command(*overrides: str) -> list[str]:
     return [sys.executable, "-m", "graftfl.cli", "sim", *overrides]

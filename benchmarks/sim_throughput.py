@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import write_results
+from common import merge_with_existing, write_results
 from graftfl import cli
 from graftfl.clients import dssgd as dssgd_client
 from graftfl.config import resolve_job_config
@@ -241,22 +241,6 @@ def row_key(row: dict) -> tuple:
     return row["workload"], int(row.get("samples_per_client", 60)), row["protocol"], row["clients_per_round"], row["backend"]
 
 
-def merged_with_existing(payload: dict, name: str) -> dict:
-    """``payload``'s rows and failures added to the existing file's, replacing the configurations measured again."""
-    from common import RESULTS
-
-    path = RESULTS / f"{name}.json"
-    if not path.exists():
-        return payload
-    old = json.loads(path.read_text())
-    measured = {row_key(row) for row in payload["results"] + payload["failures"]}
-    keep = lambda rows: [row for row in rows if row_key(row) not in measured]  # noqa: E731
-    commands = old.get("commands", [old["command"]] if "command" in old else [])
-    return {**payload, "commands": commands + payload["commands"], "results": keep(old["results"]) + payload["results"],
-            "failures": keep(old["failures"]) + payload["failures"],
-            "load_average_1min_before_after": old["load_average_1min_before_after"] + payload["load_average_1min_before_after"]}
-
-
 def render_existing(args) -> int:
     """Rewrite sim_throughput.md from sim_throughput.json (no new measurement)."""
     from common import RESULTS
@@ -355,7 +339,7 @@ def main() -> int:
     payload = {"commands": [command], "torch_threads": args.threads, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]], "torch": torch.__version__, "results": results, "failures": failures, "gpu": gpu,
                "goals": {"fedavg_N100_cpu": 0.9, "others_cpu": 0.8, "gpu_N100": 0.8}}
     if args.merge:
-        payload = merged_with_existing(payload, "sim_throughput_gpu" if args.gpu else "sim_throughput")
+        payload = merge_with_existing("sim_throughput_gpu" if args.gpu else "sim_throughput", payload, row_key)
     results, failures = payload["results"], payload["failures"]
     args.samples_per_client = sorted({int(row.get("samples_per_client", 60)) for row in results + failures})
     text = table(results, args, payload["commands"], payload["load_average_1min_before_after"])
