@@ -68,6 +68,35 @@ def write_results(name: str, payload: dict, table: str) -> None:
     print(table)
 
 
+class CallClock:
+    """Seconds spent inside the given functions (``(owner, attribute)`` pairs) while the ``with`` block runs."""
+
+    def __init__(self, *targets):
+        self.targets, self.seconds, self._originals = targets, 0.0, []
+
+    def __enter__(self) -> "CallClock":
+        for owner, name in self.targets:
+            original = getattr(owner, name)
+            self._originals.append((owner, name, original))
+            setattr(owner, name, self._timed(original))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in self._originals:
+            setattr(owner, name, original)
+        self._originals.clear()
+
+    def _timed(self, original):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return timed
+
+
 def merge_with_existing(name: str, payload: dict, key) -> dict:
     """``payload``'s ``results`` and ``failures`` added to those of RESULTS/<name>.json, replacing the rows
     measured again (same ``key(row)``); ``commands`` and the load averages are concatenated."""

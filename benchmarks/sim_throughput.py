@@ -21,7 +21,6 @@ Writes docs/benchmarks/sim_throughput.{json,md} (``--gpu``: sim_throughput_gpu.{
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import merge_with_existing, write_results
+from common import CallClock, merge_with_existing, write_results
 from graftfl import cli
 from graftfl.clients import dssgd as dssgd_client
 from graftfl.config import resolve_job_config
@@ -60,35 +59,9 @@ PROTOCOL_ARGS = {
 GPU_SYNTHETIC = "synthetic_cifar10"  # <root>/<name>.npz read through the medmnist loader (no checksum, any subset name)
 
 
-class EvaluationClock:
-    """Seconds spent evaluating (wrapped around the strategies' evaluation functions and DSSGD's local scoring)."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def wrap(self, owner, name: str):
-        original = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - started
-
-        setattr(owner, name, timed)
-        return owner, name, original
-
-    @contextlib.contextmanager
-    def installed(self):
-        # DSSGD's sites also score their local model every round: timed where it runs in this process (in-process backend)
-        patched = [self.wrap(utils.ServerRun, "evaluate"), self.wrap(split_turns.SplitRunner, "evaluate"),
-                   self.wrap(dssgd_client, "local_test_metrics")]
-        try:
-            yield self
-        finally:
-            for owner, name, original in patched:
-                setattr(owner, name, original)
+def evaluation_clock() -> CallClock:
+    """Times the server's evaluation and DSSGD's local scoring (timed where it runs in this process: in-process backend)."""
+    return CallClock((utils.ServerRun, "evaluate"), (split_turns.SplitRunner, "evaluate"), (dssgd_client, "local_test_metrics"))
 
 
 def overrides_for(protocol: str, clients: int, backend: str, args, workdir: Path) -> list[str]:
@@ -115,7 +88,7 @@ def federated_run(protocol: str, clients: int, backend: str, args, workdir: Path
         overrides = [o for o in overrides if not o.startswith("num_clients=")] + [f"num_clients={args.population}"]
     cfg = resolve_job_config(overrides)
     started = time.perf_counter()
-    with EvaluationClock().installed() as clock:
+    with evaluation_clock() as clock:
         run_dir = cli.simulate(cfg)
     total_s = time.perf_counter() - started
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -236,29 +209,39 @@ def table(results: list[dict], args, commands: list[str], load: list[float]) -> 
     return "\n".join(lines) + "\n"
 
 
+def output_name(args) -> str:
+    """The results file's name (without suffix) in docs/benchmarks."""
+    return args.output or ("sim_throughput_gpu" if args.gpu else "sim_throughput")
+
+
 def row_key(row: dict) -> tuple:
     """What identifies a measured configuration (a newer measurement of it replaces the older one)."""
     return row["workload"], int(row.get("samples_per_client", 60)), row["protocol"], row["clients_per_round"], row["backend"]
 
 
+def report(payload: dict, args) -> str:
+    """The .md text of a results payload: the table, then its failures and notes."""
+    text = table(payload["results"], args, payload["commands"], payload["load_average_1min_before_after"])
+    text += "".join(f"\nFailed: {f.get('samples_per_client', 60)} images/client {f['protocol']} N={f['clients_per_round']} {f['backend']}: "
+                    f"{f['error'][:300]}\n" for f in payload["failures"])
+    return text + "".join(f"\nNote: {note}\n" for note in payload.get("notes", []))
+
+
 def render_existing(args) -> int:
-    """Rewrite sim_throughput.md from sim_throughput.json (no new measurement)."""
+    """Rewrite the .md from the .json (no new measurement)."""
     from common import RESULTS
 
-    path = RESULTS / ("sim_throughput_gpu.json" if args.gpu else "sim_throughput.json")
+    path = RESULTS / f"{output_name(args)}.json"
     payload = json.loads(path.read_text())
+    payload.setdefault("commands", [payload.pop("command", "")])
     payload["results"] = [with_best_central(row) for row in payload["results"]]
     saved = argparse.Namespace(**{**vars(args), "threads": payload["torch_threads"]})
     saved.samples_per_client = sorted({int(row.get("samples_per_client", 60)) for row in payload["results"]})
-    for flag in ("rounds", "batch_size", "repeats"):
-        first = payload.get("commands", [payload.get("command", "")])[0]
-        value = first.split(f"--{flag.replace('_', '-')} ")[1].split()[0] if f"--{flag.replace('_', '-')} " in first else None
-        if value is not None:
-            setattr(saved, flag, int(value))
-    text = table(payload["results"], saved, payload.get("commands", [payload.get("command", "")]), payload["load_average_1min_before_after"])
-    text += "".join(f"\nFailed: {f.get('samples_per_client', 60)} images/client {f['protocol']} N={f['clients_per_round']} {f['backend']}: "
-                    f"{f['error'][:300]}\n" for f in payload["failures"])
-    text += "".join(f"\nNote: {note}\n" for note in payload.get("notes", []))
+    for flag in ("rounds", "batch_size", "repeats"):  # what the first command set, else the defaults
+        first = payload["commands"][0]
+        if f"--{flag.replace('_', '-')} " in first:
+            setattr(saved, flag, int(first.split(f"--{flag.replace('_', '-')} ")[1].split()[0]))
+    text = report(payload, saved)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     path.with_suffix(".md").write_text(text)
     print(text)
@@ -286,6 +269,7 @@ def main() -> int:
     parser.add_argument("--gpu-clients-per-round", type=int, default=50, help="--gpu: clients per round (pfl-research: 50)")
     parser.add_argument("--num-gpus", type=float, default=0.1, help="Ray client_resources.num_gpus (pfl-research configured Flower with 0.1)")
     parser.add_argument("--lr", type=float, default=None, help="train.lr for every run (default: the config's, 0.05)")
+    parser.add_argument("--output", default=None, help="results file name in docs/benchmarks (default: sim_throughput, --gpu: sim_throughput_gpu)")
     parser.add_argument("--merge", action="store_true", help="keep the existing file's other rows; replace only those measured again")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md (and derived JSON fields) from the existing JSON")
     args = parser.parse_args()
@@ -339,13 +323,9 @@ def main() -> int:
     payload = {"commands": [command], "torch_threads": args.threads, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]], "torch": torch.__version__, "results": results, "failures": failures, "gpu": gpu,
                "goals": {"fedavg_N100_cpu": 0.9, "others_cpu": 0.8, "gpu_N100": 0.8}}
     if args.merge:
-        payload = merge_with_existing("sim_throughput_gpu" if args.gpu else "sim_throughput", payload, row_key)
-    results, failures = payload["results"], payload["failures"]
-    args.samples_per_client = sorted({int(row.get("samples_per_client", 60)) for row in results + failures})
-    text = table(results, args, payload["commands"], payload["load_average_1min_before_after"])
-    text += "".join(f"\nFailed: {f.get('samples_per_client', 60)} images/client {f['protocol']} N={f['clients_per_round']} {f['backend']}: "
-                    f"{f['error'][:300]}\n" for f in failures)
-    write_results("sim_throughput_gpu" if args.gpu else "sim_throughput", payload, text)
+        payload = merge_with_existing(output_name(args), payload, row_key)
+    args.samples_per_client = sorted({int(row.get("samples_per_client", 60)) for row in payload["results"] + payload["failures"]})
+    write_results(output_name(args), payload, report(payload, args))
     return 0
 
 
