@@ -44,6 +44,7 @@ from graftfl.core.autoencoder import class_grid_figure, encode, reconstruction_e
 from graftfl.core.defences import DefenceConfig, SiteDefences
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import StagedModel, build_model
+from graftfl.core.split import test_selection
 from graftfl.core.train import round_seed
 from graftfl.protocols import ClientProtocol
 
@@ -101,8 +102,8 @@ def stored_autoencoder(cfg: DictConfig, context: Context, input_shape) -> Staged
 
 def site_test_indices(cfg: DictConfig, num_test: int, partition_id: int, num_partitions: int) -> np.ndarray:
     """This site's share of the server's test selection (same draw as ``ServerRun.test_set``)."""
-    size = cfg.dataset.get("test_size")
-    order = torch.randperm(num_test, generator=torch.Generator().manual_seed(cfg.seed))[: int(size)] if size else torch.arange(num_test)
+    order = test_selection(num_test, cfg.dataset.get("test_size"), cfg.seed)
+    order = torch.arange(num_test) if order is None else order
     return np.array_split(order.numpy(), num_partitions)[partition_id]
 
 

@@ -34,6 +34,7 @@ from graftfl.core.data import RawDataset, raw_from_config
 from graftfl.core.partition import partition_indices
 from graftfl.core.normalization import Statistics, fixed_statistics, standardized, to_unit
 from graftfl.core.site_stats import standardize
+from graftfl.core.split import test_selection
 from graftfl.core.sitedata import (
     DATA_PATH_KEY,
     SiteData,
@@ -127,14 +128,15 @@ def site_channels(cfg: DictConfig, context: Context) -> int:
 def registry_test_set(cfg: DictConfig, context: Context, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The registry dataset's public test split, standardized as this site standardizes its own rows.
 
-    ``size``: only the server's seeded selection of that many rows (the draw of
-    :func:`graftfl.core.split.test_subset`), and only those rows are standardized: the whole
+    ``size``: only the server's seeded selection of that many rows, and only those rows
+    are standardized: the whole
     split is 10,000 images, which cost a DSSGD site 19 ms per message to keep 100 of them.
+    (:func:`graftfl.core.split.test_selection`, the server's draw.)
     """
     raw = registry_raw(cfg, context)
     x, y = raw.test_x, raw.test_y
-    if size:
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(cfg.seed)))[: int(size)]
+    order = test_selection(len(y), size, int(cfg.seed))
+    if order is not None:
         x, y = x[order.numpy()], y[order]
     return standardized(x, standardization_of(cfg, context)), y
 

@@ -91,12 +91,20 @@ def build_decoder(act_shape: Sequence[int], input_shape: Sequence[int]) -> nn.Mo
     return nn.Sequential(nn.Flatten(), nn.Linear(flat_in, flat_out), nn.Unflatten(1, tuple(input_shape)))
 
 
+def test_selection(num_rows: int, size: int | None, seed: int) -> torch.Tensor | None:
+    """Rows of the server's test selection: ``size`` of ``num_rows`` drawn with ``seed`` (None: all rows).
+
+    The one draw the server (``ServerRun.test_set``) and every site that scores on that selection use.
+    """
+    if not size:
+        return None
+    return torch.randperm(int(num_rows), generator=torch.Generator().manual_seed(int(seed)))[: int(size)]
+
+
 def test_subset(x: torch.Tensor, y: torch.Tensor, size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The server test set selection (the same draw as ``ServerRun.test_set``)."""
-    if size:
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[: int(size)]
-        x, y = x[order], y[order]
-    return x, y
+    """The server test set selection of ``(x, y)`` (:func:`test_selection`)."""
+    order = test_selection(len(y), size, seed)
+    return (x, y) if order is None else (x[order], y[order])
 
 
 # ------------------------------------------------------------ server stages ---

@@ -17,6 +17,7 @@ from graftfl.core.data import DatasetSplits, RawDataset, raw_from_config, standa
 from graftfl.core.normalization import Statistics, checked_statistics, fixed_statistics, standardized
 from graftfl.core.meter import RunRecorder
 from graftfl.core.sitedata import SiteDeclaration
+from graftfl.core.split import test_selection
 from graftfl.core.models import StagedModel, model_from_config
 from graftfl.core.train import evaluate, resolve_device, seed_everything
 from graftfl.core.wire import CONFIG_KEY
@@ -130,9 +131,8 @@ class ServerRun:
         """The server's test set, subsampled reproducibly to ``dataset.test_size`` when set, standardized
         with the sites' statistics (:meth:`statistics`)."""
         x, y = self.raw.test_x, self.raw.test_y
-        size = self.cfg.dataset.get("test_size")
-        if size:
-            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.cfg.seed))[: int(size)]
+        order = test_selection(len(y), self.cfg.dataset.get("test_size"), self.cfg.seed)
+        if order is not None:
             x, y = x[order.numpy()], y[order]
         return standardized(x, self.statistics()), y
 
