@@ -92,9 +92,11 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None, ray_address: str | 
         else:
             if ray_address:  # after the GRAFTFL_* variables above are set: the cluster's workers get them from here
                 ray_cluster.attach(ray_address)
+            else:  # as Flower would, but a start that timed out on a loaded machine is retried
+                ray_cluster.start_local(backend_config)
             run_simulation(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, backend_config=backend_config)
     finally:
-        if ray_address and backend != "inprocess":
+        if backend != "inprocess":  # Flower shuts Ray down when the simulation ends; a run that failed before may not have
             ray_cluster.detach()
         if own_key:
             os.environ.pop(SPLIT_KEY_ENV, None)

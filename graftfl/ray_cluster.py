@@ -115,6 +115,31 @@ def attach(address: str, environ: dict[str, str] | None = None) -> None:
                 resources.get("CPU", 0), resources.get("GPU", 0))
 
 
+def start_local(backend_config: dict, attempts: int = 3) -> None:
+    """Start this run's local Ray instance as Flower's Ray backend would, retrying a start that timed out.
+
+    On a loaded machine Ray's own start sometimes times out waiting for its GCS server
+    ("Timed out waiting for file ... gcs_server_port"), which ended the whole simulation.
+    Flower's backend initialises Ray only when it is not yet running, so starting it here,
+    with the same arguments and the same ``PYTHONPATH`` for the workers, changes nothing else.
+    """
+    import ray
+
+    init_args = {"include_dashboard": False, **backend_config.get("init_args", {})}
+    # what Flower's RayBackend.init_ray does: the workers get this driver's sys.path too
+    pythonpath = os.pathsep.join(filter(None, [os.pathsep.join(sys.path), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = pythonpath
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            return
+        except RuntimeError as err:
+            if "Timed out" not in str(err) or attempt == attempts:
+                raise
+            logger.warning("Ray did not start (%s); retrying (%d of %d)", err, attempt + 1, attempts)
+            ray.shutdown()
+
+
 def detach() -> None:
     """Disconnect from the cluster if still connected (the cluster itself keeps running)."""
     import ray

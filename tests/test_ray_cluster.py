@@ -46,6 +46,29 @@ def test_workers_get_this_checkout_first_and_every_graftfl_variable_but_nothing_
     assert str(Path(ray_cluster.__file__).parents[1]) in paths  # the checkout graftfl is imported from
 
 
+def test_a_local_ray_start_that_timed_out_is_retried_and_other_errors_are_not(monkeypatch):
+    import ray
+
+    calls, shutdowns = [], []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_0")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # start_local sets it, as Flower's backend does
+    ray_cluster.start_local({"init_args": {"include_dashboard": False, "log_to_driver": True}})
+    assert len(calls) == 2 and shutdowns == [1]
+    assert calls[1]["runtime_env"]["env_vars"]["PYTHONPATH"].startswith(os.pathsep.join(sys.path)) and calls[1]["log_to_driver"]
+
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("no permission")))
+    with pytest.raises(RuntimeError, match="no permission"):
+        ray_cluster.start_local({"init_args": {}})
+
+
 def test_an_address_where_no_cluster_listens_is_a_config_error_at_once(tmp_path, monkeypatch, capsys):
     (port,) = free_loopback_ports(1)  # nothing listens there
     monkeypatch.chdir(tmp_path)
