@@ -23,7 +23,7 @@ from graftfl.core.split import (
     model_parts,
     split_at_cut,
 )
-from graftfl.core.train import optimizer_from_config, round_seed
+from graftfl.core.train import optimizer_from_config, round_seed, seed_torch
 
 CE = nn.functional.cross_entropy
 
@@ -120,6 +120,19 @@ def test_round_seeds_differ_per_run_round_and_participant():
     seeds = {round_seed(seed, r, p) for seed in range(3) for r in range(1, 21) for p in range(50)}
     assert len(seeds) == 3 * 20 * 50
     assert round_seed(7, 2, 1) == round_seed(7, 2, 1)
+
+
+def test_cpu_seeding_draws_as_torch_manual_seed_without_queueing_an_accelerator_seed(monkeypatch):
+    torch.manual_seed(7)
+    expected = torch.rand(5)
+    queued = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: queued.append(seed))
+    torch.manual_seed(123)  # torch's own seeding queues the CUDA seed ...
+    assert queued == [123]
+    seed_torch(7, torch.device("cpu"))  # ... the CPU path does not, and draws the same numbers
+    assert queued == [123] and torch.equal(torch.rand(5), expected)
+    seed_torch(8, None)  # device unknown: torch's full seeding
+    assert queued == [123, 8]
 
 
 def test_model_and_optimizer_come_from_the_config():

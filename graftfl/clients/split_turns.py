@@ -39,7 +39,7 @@ from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY, client_key, decrypt_sta
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import model_from_config
 from graftfl.core.split import SemisupClient, hidden_label_mask
-from graftfl.core.train import optimizer_from_config, seed_everything
+from graftfl.core.train import optimizer_from_config, seed_everything, seed_torch
 from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, NODE_CA_CERT, max_frame_bytes
 from graftfl.protocols import ClientProtocol
 from graftfl.transport.client import DataPlaneClient
@@ -134,10 +134,10 @@ def prepare_role(cfg, message: Message, context: Context, build_role: RoleBuilde
     """The client's role, restored according to ``protocol.handoff`` (``key``: the relay key, when known)."""
     device = client_device(cfg, context)
     handoff = cfg.protocol.handoff
-    seed_everything(cfg.seed, cfg.deterministic)  # the shared seed: same initial model as the server's
+    seed_everything(cfg.seed, cfg.deterministic, device)  # the shared seed: same initial model as the server's
     if handoff == "relay":  # ... but the parts only the sites hold start from the sites' secret
         key = key if key is not None else relay_key(context)
-        torch.manual_seed(relay_init_seed(key, cfg))
+        seed_torch(relay_init_seed(key, cfg), device)
     model = model_from_config(cfg, input_shape, num_classes)
     role = build_role(cfg, model, input_shape, num_classes, device)
     role.optimizer = role_optimizer(cfg, role)

@@ -29,7 +29,7 @@ from torch import nn
 
 from graftfl.core.data import make_loader
 from graftfl.core.models import StagedModel, mlp, register_model
-from graftfl.core.train import evaluate, make_optimizer, train
+from graftfl.core.train import evaluate, make_optimizer, seed_torch, train
 from graftfl.core.weights_file import load_weights_file
 
 CLASSIFIER_HIDDEN = (256, 128, 64)  # the paper's MLP: 256-128-64-P
@@ -103,7 +103,7 @@ def train_autoencoder(
     seed: int = 0,
 ) -> dict[str, float]:
     """Train ``model`` to reconstruct ``x`` with Adam and MSE (the paper's setting)."""
-    torch.manual_seed(seed)
+    seed_torch(seed, device)
     loader = make_loader(x, x, batch_size, shuffle=True, seed=seed)
     optimizer = make_optimizer("adam", model.parameters(), lr)
     result = train(model, loader, optimizer, device=device, epochs=epochs, loss_fn=_reconstruction_loss)
@@ -160,7 +160,7 @@ def train_classifier(
     device: torch.device = torch.device("cpu"),
 ) -> tuple[StagedModel, dict[str, float]]:
     """A fresh MLP trained on ``(latents, labels)`` with Adam in mini-batches (paper: 64)."""
-    torch.manual_seed(seed)
+    seed_torch(seed, device)
     model = feature_classifier(latents.shape[1], num_classes, hidden)
     loader = make_loader(latents, labels, batch_size, shuffle=True, seed=seed)
     result = train(model, loader, make_optimizer("adam", model.parameters(), lr), device=device, epochs=epochs)

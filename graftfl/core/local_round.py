@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from graftfl.core.data import DatasetSplits, make_loader
 from graftfl.core.partition import partition_indices
 from graftfl.core.privacy import History, PrivateTraining, dpsgd_config_from
-from graftfl.core.train import optimizer_from_config, train
+from graftfl.core.train import optimizer_from_config, seed_torch, train
 
 
 def train_round(
@@ -33,7 +33,7 @@ def train_round(
     Returns the metrics (``train_loss``, ``steps``, ``samples`` and, with DP-SGD,
     the cumulative ``epsilon``) and the updated accountant history.
     """
-    torch.manual_seed(seed)
+    seed_torch(seed, device)
     loader = make_loader(x, y, cfg.train.batch_size, shuffle=True, seed=seed)
     optimizer = optimizer_from_config(cfg.train, model.parameters())
     dp_config = dpsgd_config_from(cfg.privacy, planned_epochs=cfg.rounds * cfg.train.local_epochs)
