@@ -240,6 +240,33 @@ def test_cached_partitions_and_model_shapes_equal_fresh_ones(monkeypatch):
         assert built(torch.zeros(2, *shape)).shape == (2, 10)
 
 
+def test_a_reused_model_trains_to_the_same_weights_as_a_fresh_one_and_keeps_no_gradient():
+    from graftfl.clients.utils import model_holding
+    from graftfl.core.local_round import train_round
+    from graftfl.core.models import model_from_config
+
+    cfg = compose_config(["model=lenet", "train.batch_size=10"])
+    shape, x, y = (1, 28, 28), torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
+    states = [model_from_config(cfg, shape, 10).state_dict() for _ in range(2)]
+    first = model_holding(cfg, shape, 10, states[0])
+    train_round(first, x, y, cfg, seed=3, device=torch.device("cpu"))
+    assert any(p.grad is not None for p in first.parameters())
+    again = model_holding(cfg, shape, 10, states[1])  # the next site's message in this thread
+    assert again is first and all(p.grad is None for p in again.parameters())
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in states[1].items())
+    fresh = model_from_config(cfg, shape, 10)
+    fresh.load_state_dict(states[1])
+    for model in (again, fresh):
+        train_round(model, x, y, cfg, seed=5, device=torch.device("cpu"))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in fresh.state_dict().items())
+    assert model_holding(compose_config(["model=cnn"]), (3, 32, 32), 10,
+                         model_from_config(compose_config(["model=cnn"]), (3, 32, 32), 10).state_dict()) is not again
+    private = compose_config(["model=lenet", "privacy=dpsgd"])  # Opacus attaches to the module: never shared
+    assert model_holding(private, shape, 10, states[0]) is not model_holding(private, shape, 10, states[0])
+    with pytest.raises(RuntimeError, match="Missing key"):  # a state that does not cover the model is refused
+        model_holding(cfg, shape, 10, dict(list(states[0].items())[1:]))
+
+
 def test_a_site_parses_a_config_text_once_read_only_and_still_refuses_interpolations():
     from omegaconf.errors import ReadonlyConfigError
 

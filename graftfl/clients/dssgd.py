@@ -20,7 +20,7 @@ from graftfl.core.models import model_from_config
 from graftfl.core.privacy import secret_generator
 from graftfl.core.selective import decode_sparse, encode_sparse, make_upload, overwrite
 from graftfl.core.split import test_subset
-from graftfl.core.train import evaluate, round_seed
+from graftfl.core.train import evaluate, round_seed, seed_torch
 from graftfl.protocols import ClientProtocol
 
 PROTOCOL = "dssgd"
@@ -30,7 +30,7 @@ PRIVATE_WITHHELD = ("train_loss", "local_accuracy", "local_loss")  # not sent wi
 
 def local_model(cfg, context: Context, input_shape, num_classes: int) -> torch.nn.Module:
     """The participant's own model: from ``context.state``, or the run's seeded initial model."""
-    torch.manual_seed(int(cfg.seed))  # the same initial weights as the server's global model
+    seed_torch(int(cfg.seed), torch.device("cpu"))  # the same initial weights as the server's global model (built on the CPU)
     model = model_from_config(cfg, input_shape, num_classes)
     if LOCAL_MODEL_KEY in context.state:
         model.load_state_dict(context.state[LOCAL_MODEL_KEY].to_torch_state_dict())

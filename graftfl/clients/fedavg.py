@@ -9,6 +9,7 @@ from graftfl.clients.utils import (
     config_of,
     local_data,
     local_train,
+    model_holding,
     num_classes_of,
     partition_id_of,
     privacy_history_of,
@@ -29,8 +30,7 @@ def train(message: Message, context: Context) -> Message:
     # Flower counts a resumed run's rounds from 1 again; the offset keeps the seeds of an uninterrupted run.
     server_round = int(fields[SERVER_ROUND]) + int(fields.get(ROUND_OFFSET, 0))
     x, y = local_data(cfg, context)
-    model = model_from_config(cfg, x.shape[1:], num_classes_of(cfg, context))
-    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    model = model_holding(cfg, x.shape[1:], num_classes_of(cfg, context), message.content["arrays"].to_torch_state_dict())
     partition_id, _ = partition_id_of(context)
     seed = round_seed(cfg.seed, server_round, partition_id)
     metrics = local_train(model, x, y, cfg, context, seed, restored_history_for(message, partition_id))

@@ -19,6 +19,7 @@ from graftfl.config import from_container
 from graftfl.core.data import raw_from_config
 from graftfl.core.local_round import train_round
 from graftfl.core.meter import train_flops_per_sample
+from graftfl.core.models import model_from_config
 from graftfl.core.privacy import history_from_json, history_to_json
 from graftfl.core.train import resolve_device
 from graftfl.core.wire import (
@@ -155,6 +156,32 @@ def local_train(
     metrics["client_flops"] = flops * metrics.pop("samples")
     metrics[NUM_EXAMPLES] = len(y)
     return metrics
+
+
+_BUILT = threading.local()  # per thread: the model object one message leaves for the next
+
+
+def model_holding(cfg: DictConfig, input_shape, num_classes: int, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The run config's model with ``state`` loaded: the module the last call of this thread built, when the
+    architecture is the same, else a new one.
+
+    Building LeNet initialises its parameters randomly (about a millisecond) only for
+    ``state`` to overwrite them all; a simulation worker pays that for every message.
+    Reused only when ``state`` covers the whole module (every parameter and persistent
+    buffer, checked by a strict load; no non-persistent buffers, which a load would not
+    reset) and without DP-SGD (Opacus attaches to the module). Its gradients are dropped:
+    the previous site's must not meet this one's.
+    """
+    key = (json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True), tuple(input_shape), int(num_classes))
+    cached = getattr(_BUILT, "model", None)
+    reusable = cfg.privacy.name != "dpsgd" and cached is not None and cached[0] == key
+    model = cached[1] if reusable else model_from_config(cfg, input_shape, num_classes)
+    model.load_state_dict(state, strict=True)
+    for parameter in model.parameters():
+        parameter.grad = None
+    whole_state = not any(module._non_persistent_buffers_set for module in model.modules())
+    _BUILT.model = (key, model) if whole_state and cfg.privacy.name != "dpsgd" else None
+    return model
 
 
 def privacy_history_of(context: Context) -> str | None:
