@@ -154,6 +154,14 @@ def centralized_rate(protocol: str, clients: int, args, workdir: Path) -> dict:
     return {"samples": len(y) * epochs, "seconds": seconds, "all_seconds": timings, "samples_per_s": len(y) * epochs / seconds}
 
 
+def pooled(before: dict, after: dict) -> dict:
+    """One centralized rate from the fits timed before and after the federated runs (the median of all)."""
+    timings = before["all_seconds"] + after["all_seconds"]
+    seconds = statistics.median(timings)
+    return {"samples": before["samples"], "seconds": seconds, "all_seconds": timings, "before_seconds": before["all_seconds"],
+            "samples_per_s": before["samples"] / seconds}
+
+
 def write_synthetic_cifar(root: Path, population: int, per_client: int) -> None:
     """pfl-research's CIFAR-10 stand-in: random 3x32x32 images with 10 labels, as a MedMNIST-style npz."""
     rng = np.random.default_rng(0)
@@ -187,7 +195,7 @@ def table(results: list[dict], args, commands: list[str], load: list[float]) -> 
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in commands),
         "",
-        f"Centralized: median of {args.repeats} timed fits. 1-minute load average of the machine before / after: "
+        f"Centralized: median of {2 * args.repeats} timed fits, {args.repeats} before and {args.repeats} after the federated runs it is compared with. 1-minute load average of the machine before / after: "
         + "; ".join(f"{load[i]:.1f} / {load[i + 1]:.1f}" for i in range(0, len(load) - 1, 2)) + f" ({os.cpu_count()} cores; one pair per command).",
         "",
         "R uses the median centralized fit; R_best uses the fastest one (on a shared machine the slower repetitions are "
@@ -295,12 +303,12 @@ def main() -> int:
             if workload == "gpu":
                 write_synthetic_cifar(workdir, args.population, per_client)
             centrals: dict[tuple, dict] = {}  # fedavg, split and dssgd share one centralized model (the unsplit one)
+            pending = []  # (central key, federated result): rows are made once the centralized side is measured again
             for protocol in protocols:
                 for clients in client_counts:
-                    kind = "autoencoder" if protocol == "features" else "classifier"
-                    if (kind, clients) not in centrals:
-                        centrals[(kind, clients)] = centralized_rate(protocol, clients, run_args, workdir)
-                    central = centrals[(kind, clients)]
+                    key = ("autoencoder" if protocol == "features" else "classifier", clients)
+                    if key not in centrals:
+                        centrals[key] = {**centralized_rate(protocol, clients, run_args, workdir), "protocol": protocol}
                     for backend in args.backends:
                         try:
                             fed = federated_run(protocol, clients, backend, run_args, workdir)
@@ -309,11 +317,16 @@ def main() -> int:
                             failures.append({"workload": workload, "samples_per_client": per_client, "protocol": protocol, "clients_per_round": clients, "backend": backend,
                                              "error": f"{type(err).__name__}: {err}"[:2000]})
                             continue
-                        row = with_best_central({"workload": workload, "samples_per_client": per_client, **fed, "central_samples_per_s": central["samples_per_s"], "central": central,
-                                                 "R": fed["samples_per_s"] / central["samples_per_s"],
-                                                 "R_last_round": fed["last_round_samples_per_s"] / central["samples_per_s"]})
-                        results.append(row)
-                        print(json.dumps({k: row[k] for k in ("workload", "samples_per_client", "protocol", "clients_per_round", "backend", "R", "R_last_round", "fit_s")}), flush=True)
+                        pending.append((key, {"workload": workload, "samples_per_client": per_client, **fed}))
+                        print(json.dumps({k: fed[k] for k in ("protocol", "clients_per_round", "backend", "samples_per_s", "fit_s")}), flush=True)
+            for key, central in centrals.items():  # again after the federated runs: a machine that slowed meanwhile biases neither side
+                centrals[key] = pooled(central, centralized_rate(central["protocol"], key[1], run_args, workdir))
+            for key, fed in pending:
+                central = centrals[key]
+                results.append(with_best_central({**fed, "central_samples_per_s": central["samples_per_s"], "central": central,
+                                                  "R": fed["samples_per_s"] / central["samples_per_s"],
+                                                  "R_last_round": fed["last_round_samples_per_s"] / central["samples_per_s"]}))
+                print(json.dumps({k: results[-1][k] for k in ("workload", "samples_per_client", "protocol", "clients_per_round", "backend", "R", "R_last_round")}), flush=True)
             if workload == "gpu":
                 gpu = {"run": True, "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (not a GPU result)"}
     if not args.gpu:
