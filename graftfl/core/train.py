@@ -25,8 +25,8 @@ def seed_torch(seed: int, device: torch.device | None = None) -> None:
     ``torch.manual_seed`` also seeds CUDA, XPU and MTIA; while one is not initialised
     torch defers that seed and records the caller's stack for a later error message,
     about a millisecond per call under a simulation's deep stack, which every client
-    message paid. Work on the CPU draws from the CPU generator only, which both seed
-    alike. ``device=None`` (unknown): the full ``torch.manual_seed``.
+    message paid. Work on the CPU draws only from the CPU generator, which both calls
+    seed the same way. ``device=None`` (unknown): the full ``torch.manual_seed``.
     """
     if device is not None and torch.device(device).type == "cpu":
         torch.default_generator.manual_seed(int(seed))
