@@ -10,7 +10,7 @@ from flwr.supercore.inflatable.inflatable_utils import push_objects
 
 from graftfl.config import compose_config
 from graftfl.strategies.fedavg import FedAvgWithMetrics, round_row
-from graftfl.strategies.utils import ServerRun, message_nbytes
+from graftfl.strategies.utils import ServerRun, message_nbytes, messages_nbytes
 from tests.conftest import flower_task_identity
 from tests.test_fedavg_failures import failed_reply, reply_metadata
 
@@ -38,6 +38,19 @@ def test_message_nbytes_is_what_flower_pushes_and_counts_the_config():
     assert message_nbytes(message) > 4040 + message_nbytes(RecordDict({"metrics": MetricRecord({"loss": 0.5})}))  # payload is inside
     assert message_nbytes(a_message("x" * 5001)) - message_nbytes(message) >= 5000  # config is counted
     assert message_nbytes(message.content) < message_nbytes(message)  # the message adds its metadata
+
+
+def test_messages_sharing_a_content_count_as_flower_pushes_each_of_them():
+    from flwr.app.error import Error
+
+    shared = a_message().content
+    with flower_task_identity():
+        messages = [Message(content=shared, dst_node_id=node, message_type="train.fedavg") for node in (7, 8, 9)]
+        messages += [a_message("y" * 300), Message(error=Error(code=0, reason="failed"), reply_to=a_message())]
+    assert messages_nbytes(messages) == sum(pushed_by_flower(message) for message in messages)
+    assert messages_nbytes(messages) == sum(message_nbytes(message) for message in messages)
+    shared["config"]["server-round"] = 4  # a content changed between two calls is walked again
+    assert messages_nbytes(messages[:3]) == sum(pushed_by_flower(message) for message in messages[:3])
 
 
 class FakeGrid:

@@ -29,7 +29,7 @@ from graftfl.core.dedup import DedupConfig, DedupCoordinator
 from graftfl.core.meter import metrics_row
 from graftfl.core.wire import CONFIG_RECORD, DEDUP_RECORD
 from graftfl.protocols import ServerPhase
-from graftfl.strategies.utils import ServerRun, message_nbytes
+from graftfl.strategies.utils import ServerRun, message_nbytes, messages_nbytes
 
 PHASE = "dedup"
 REPORT_NAME = "dedup.json"
@@ -67,7 +67,7 @@ class _FlowerRelay:
                     dst_node_id=node, message_type=f"query.{PHASE}")
             for node, fields in batch.items()
         ]
-        self.bytes_down += sum(message_nbytes(message) for message in messages)
+        self.bytes_down += messages_nbytes(messages)
         replies = {reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(messages, timeout=self.timeout_s)}
         out: dict[int, dict[str, Any] | str] = {}
         for node in batch:

@@ -34,7 +34,7 @@ from graftfl.core.selective import (
 from graftfl.core.wire import SERVER_ROUND
 from graftfl.protocols import ServerProtocol
 from graftfl.config import eval_where
-from graftfl.strategies.utils import ServerRun, evaluate_at_sites, message_nbytes, require_choice, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, evaluate_at_sites, message_nbytes, messages_nbytes, require_choice, wait_for_nodes
 
 PROTOCOL = "dssgd"
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def claimed_partition(metrics: dict) -> int:
 def exchange(grid: Grid, server: SelectiveServer, nodes: list[int], server_round: int, timeout_s: float) -> dict:
     """Send downloads to ``nodes`` (one batch), apply the valid uploads; what happened, per node."""
     messages = [server.download_message(node, server_round) for node in nodes]
-    outcome = {"bytes_down": sum(message_nbytes(m) for m in messages), "clients": [], "rejected": [], "failed": []}
+    outcome = {"bytes_down": messages_nbytes(messages), "clients": [], "rejected": [], "failed": []}
     replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(messages, timeout=timeout_s)}
     for node in nodes:
         reply = replies.get(node)

@@ -16,7 +16,7 @@ from graftfl.config import eval_where
 from graftfl.core.meter import metrics_row
 from graftfl.core.wire import PRIVACY_HISTORIES, ROUND_OFFSET
 from graftfl.protocols import ServerProtocol
-from graftfl.strategies.utils import ServerRun, message_nbytes, site_evaluation_row, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, message_nbytes, messages_nbytes, site_evaluation_row, wait_for_nodes
 
 PROTOCOL = "fedavg"
 NUM_EXAMPLES = "num-examples"  # Flower's FedAvg weights each reply by this metric
@@ -101,7 +101,7 @@ class FedAvgWithMetrics(FedAvg):
         """Flower's sampling and payload, sent as ``train.fedavg`` (and the downlink bytes counted)."""
         messages = self._routed(super().configure_train(server_round, arrays, config, grid))
         self.reference = {key: array.numpy() for key, array in arrays.items()}
-        self.bytes_down = sum(message_nbytes(message) for message in messages)  # config and arrays, every message
+        self.bytes_down = messages_nbytes(messages)  # config and arrays, every message
         self.sent = len(messages)
         return messages
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -199,6 +200,26 @@ def message_nbytes(message_or_recorddict: Message | RecordDict) -> int:
                 _DEFLATED_SIZES.clear()
             size = _DEFLATED_SIZES[object_id] = len(obj.deflate())
         total += size
+    return int(total)
+
+
+def messages_nbytes(messages: Iterable[Message]) -> int:
+    """The sum of :func:`message_nbytes` over ``messages``, walking a content that several messages share once.
+
+    A message's objects are its content's tree plus the message itself (its metadata), so its
+    bytes are its own deflated size plus its content's. A strategy sends one RecordDict to every
+    node; walking that tree (every array and chunk) for each of N messages cost about 0.5 ms a
+    message for LeNet.
+    """
+    total, content_bytes = 0, {}  # id(content) -> bytes: the messages keep their contents alive while this runs
+    for message in messages:
+        if not message.has_content():
+            total += message_nbytes(message)
+            continue
+        key = id(message.content)
+        if key not in content_bytes:
+            content_bytes[key] = message_nbytes(message.content)
+        total += len(message.deflate()) + content_bytes[key]
     return int(total)
 
 

@@ -52,7 +52,7 @@ from graftfl.strategies.features.replies import (
 )
 from graftfl.strategies.features.store import Chunk, ChunkRules, FeatureStore, InvalidChunk
 from graftfl.strategies.features.tables import service_tables
-from graftfl.strategies.utils import ServerRun, message_nbytes, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, message_nbytes, messages_nbytes, wait_for_nodes
 
 logger = logging.getLogger(__name__)
 STORE_FILE = "features.db"
@@ -95,7 +95,7 @@ class FeatureRun(AutoencoderPhase):
     def exchange(self, messages: list[Message]) -> list[Message]:
         """Send, wait, and keep the good replies (a failed site is reported and skipped)."""
         good = []
-        self.bytes_down += sum(message_nbytes(message) for message in messages)
+        self.bytes_down += messages_nbytes(messages)
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.timeout_s):
             self.bytes_up += message_nbytes(reply)  # every reply travelled, also a failure or a refused one
             if reply.has_error():
