@@ -118,8 +118,10 @@ def attach(address: str, environ: dict[str, str] | None = None) -> None:
 def start_local(backend_config: dict, attempts: int = 3) -> None:
     """Start this run's local Ray instance as Flower's Ray backend would, retrying a start that timed out.
 
-    On a loaded machine Ray's own start sometimes times out waiting for its GCS server
-    ("Timed out waiting for file ... gcs_server_port"), which ended the whole simulation.
+    On a loaded machine Ray's own start sometimes times out: waiting for its GCS server
+    (``RuntimeError`` "Timed out waiting for file ... gcs_server_port") or for the node
+    (``Exception`` "The current node timed out during startup"); either ended the whole
+    simulation. Only those are retried.
     Flower's backend initialises Ray only when it is not yet running, so starting it here,
     with the same arguments and the same ``PYTHONPATH`` for the workers, changes nothing else.
     """
@@ -133,8 +135,8 @@ def start_local(backend_config: dict, attempts: int = 3) -> None:
         try:
             ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
             return
-        except RuntimeError as err:
-            if "Timed out" not in str(err) or attempt == attempts:
+        except Exception as err:  # Ray raises the node's start timeout as a bare Exception
+            if "timed out" not in str(err).lower() or attempt == attempts:
                 raise
             logger.warning("Ray did not start (%s); retrying (%d of %d)", err, attempt + 1, attempts)
             ray.shutdown()

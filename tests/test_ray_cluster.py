@@ -64,6 +64,21 @@ def test_a_local_ray_start_that_timed_out_is_retried_and_other_errors_are_not(mo
     assert calls[1]["runtime_env"]["env_vars"]["PYTHONPATH"].startswith(os.pathsep.join(sys.path)) and calls[1]["log_to_driver"]
 
     calls.clear()
+    shutdowns.clear()
+
+    def node_timeout(**kwargs):  # the other start timeout, raised by Ray as a bare Exception
+        calls.append(kwargs)
+        if len(calls) < 3:
+            raise Exception("The current node timed out during startup. This could happen because some of the raylet failed")
+
+    monkeypatch.setattr(ray, "init", node_timeout)
+    ray_cluster.start_local({"init_args": {}})
+    assert len(calls) == 3 and shutdowns == [1, 1]
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda **kwargs: (_ for _ in ()).throw(Exception("The current node timed out during startup")))
+    with pytest.raises(Exception, match="timed out during startup"):  # the last attempt's error is raised
+        ray_cluster.start_local({"init_args": {}})
+
     monkeypatch.setattr(ray, "init", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("no permission")))
     with pytest.raises(RuntimeError, match="no permission"):
         ray_cluster.start_local({"init_args": {}})
