@@ -174,13 +174,15 @@ def model_holding(cfg: DictConfig, input_shape, num_classes: int, state: dict[st
     """
     key = (json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True), tuple(input_shape), int(num_classes))
     cached = getattr(_BUILT, "model", None)
-    reusable = cfg.privacy.name != "dpsgd" and cached is not None and cached[0] == key
-    model = cached[1] if reusable else model_from_config(cfg, input_shape, num_classes)
+    if cfg.privacy.name != "dpsgd" and cached is not None and cached[0] == key:
+        model = cached[1]
+    else:
+        model = model_from_config(cfg, input_shape, num_classes)
+        whole_state = not any(module._non_persistent_buffers_set for module in model.modules())
+        _BUILT.model = (key, model) if whole_state and cfg.privacy.name != "dpsgd" else None
     model.load_state_dict(state, strict=True)
     for parameter in model.parameters():
         parameter.grad = None
-    whole_state = not any(module._non_persistent_buffers_set for module in model.modules())
-    _BUILT.model = (key, model) if whole_state and cfg.privacy.name != "dpsgd" else None
     return model
 
 

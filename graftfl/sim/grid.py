@@ -11,7 +11,8 @@ Why not a worker thread: torch's OpenMP runtime (libgomp) gives every thread tha
 parallel region a pool of its own, and once the process holds more OpenMP threads than
 CPUs it spins only briefly before sleeping between regions (libgomp manual,
 GOMP_SPINCOUNT). A second torch thread made a LeNet SGD step of batch 10 2.5x slower on
-2 cores (4.9 ms instead of 1.9 ms), far more than all of the message handling. What Flower's simulation does, this grid does too:
+2 cores (4.9 ms instead of 1.9 ms), far more than all of the message handling. What
+Flower's simulation does, this grid does too:
 
 - node ids are drawn as Flower draws them (random 64-bit integers); node ``i`` has node
   config ``partition-id=i``, ``num-partitions=N`` and a ``state`` RecordDict that persists
