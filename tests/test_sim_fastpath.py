@@ -346,10 +346,18 @@ def test_inprocess_and_ray_end_with_the_same_weights(protocol, tmp_path, monkeyp
     monkeypatch.setenv("GRAFTFL_SPLIT_KEY", "5a" * 32)
     for name in ("PYTHONPATH", "RAY_DEDUP_LOGS"):  # simulate() sets these for Ray workers: restore them afterwards
         monkeypatch.setenv(name, os.environ.get(name, ""))
-    runs = {}
+    from graftfl.transport.server import DataPlaneServer
+
+    served_in_memory, serve_direct = [], DataPlaneServer.serve_direct  # split frames of in-process sites (sim.split_plane=direct)
+    monkeypatch.setattr(DataPlaneServer, "serve_direct", lambda self, *args: served_in_memory.append(1) or serve_direct(self, *args))
+    runs, frames_in_memory = {}, {}
     for backend in ("inprocess", "ray"):
         overrides = [f"protocol={protocol}", *COMMON, *PROTOCOL_ARGS[protocol], f"sim.backend={backend}", f"output_dir={tmp_path / backend}"]
         runs[backend] = cli.simulate(resolve_job_config(overrides))
+        frames_in_memory[backend] = len(served_in_memory)
+        served_in_memory.clear()
+    # the split protocols' in-process sites reached the data plane in memory, Ray's workers over gRPC
+    assert frames_in_memory["ray"] == 0 and (frames_in_memory["inprocess"] > 0) == (protocol in ("split", "ushaped", "semisup"))
     fast, ray = weights_of(runs["inprocess"]), weights_of(runs["ray"])
     assert fast and sorted(fast) == sorted(ray)
     different = [key for key in fast if not torch.equal(fast[key], ray[key])]

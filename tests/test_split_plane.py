@@ -12,6 +12,8 @@ from cryptography.exceptions import InvalidTag
 from graftfl.core.models import build_model
 from graftfl.core.split import BottomClient, MiddleStage, TopStage, UShapedClient, activation_shape, model_parts
 from graftfl.core.train import make_optimizer
+from graftfl.config import compose_config
+from graftfl.transport import direct
 from graftfl.transport.client import DataPlaneClient, DataPlaneError
 from graftfl.clients.split_turns import role_state
 from graftfl.transport.frames import Frame, encode_frame, parse_header
@@ -39,11 +41,16 @@ def good_frame(act_shape, token, batch=BATCH, **overrides):
     return Frame("train", tensors, token=token)
 
 
-@pytest.fixture
-def top_server():
-    server, act_shape = make_top_server(max_frame_bytes=16 * 1024)
+@pytest.fixture(params=["grpc", "direct"])
+def top_server(request, monkeypatch):
+    """A top-stage data plane reached over gRPC, or in memory by this process's clients (the in-process simulation)."""
+    served_directly, serve_direct = [], DataPlaneServer.serve_direct
+    monkeypatch.setattr(DataPlaneServer, "serve_direct", lambda self, *args: served_directly.append(1) or serve_direct(self, *args))
+    server, act_shape = make_top_server(max_frame_bytes=16 * 1024, direct=request.param == "direct")
     yield server, act_shape
     server.stop()
+    # every test sends frames: they went the way the parameter says
+    assert bool(served_directly) == (request.param == "direct")
 
 
 BAD_FRAMES = {
@@ -143,11 +150,13 @@ def test_abandoned_turn_keeps_completed_steps_and_server_goes_on(top_server):
     assert server.stage.steps == 3
 
 
+@pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_stage_computes_with_the_plane_threads_whatever_the_process_count(threads):
+def test_the_stage_computes_with_the_plane_threads_whatever_the_process_count(threads, direct):
     # a gRPC handler thread starts with the process's count; the stage must run with the configured one
-    # (a fixed count keeps seeded split runs identical on both simulation backends)
-    server, act_shape = make_top_server(compute_threads=threads)
+    # (a fixed count keeps seeded split runs identical on both simulation backends); a frame served in
+    # the caller's thread (direct) leaves that thread with its own count
+    server, act_shape = make_top_server(compute_threads=threads, direct=direct)
     seen, handle = [], server.stage.handle
     server.stage.handle = lambda *args: seen.append(torch.get_num_threads()) or handle(*args)
     process_threads = torch.get_num_threads()
@@ -157,17 +166,19 @@ def test_the_stage_computes_with_the_plane_threads_whatever_the_process_count(th
         with DataPlaneClient(server.address, turn.token) as plane:
             for _ in range(3):
                 plane.exchange("train", good_frame(act_shape, "").tensors)
+                caller_threads = torch.get_num_threads()
         server.close_turn(turn)
     finally:
         torch.set_num_threads(process_threads)
         server.stop()
-    assert seen == [threads] * 3
+    assert seen == [threads] * 3 and plane.in_memory == direct
+    assert caller_threads == 3 - threads
 
 
-def test_turns_share_one_channel_each_on_its_own_stream(top_server):
+def test_turns_share_one_channel_each_on_its_own_stream():
     from graftfl.transport.client import shared_channel
 
-    server, act_shape = top_server
+    server, act_shape = make_top_server()
     channels, turns = set(), []
     for _ in range(2):
         turn = server.open_turn()
@@ -175,6 +186,7 @@ def test_turns_share_one_channel_each_on_its_own_stream(top_server):
             plane.exchange("train", good_frame(act_shape, "").tensors)
         channels.add(id(shared_channel(server.address, None, 1 << 20)))
         turns.append(server.close_turn(turn))
+    server.stop()
     assert len(channels) == 1 and server.stage.steps == 2
     assert all(turn.ended_cleanly and turn.frames == 2 for turn in turns)  # one train frame and the end frame each
 
@@ -323,3 +335,80 @@ def test_tls_data_plane(tmp_path):
         assert server.stage.steps == 1
     finally:
         server.stop()
+
+
+def test_a_direct_plane_serves_this_process_in_memory_with_the_replies_of_grpc():
+    torch.manual_seed(5)
+    batches = [good_frame((6, 4, 4), "").tensors for _ in range(3)]
+    seen = {}
+    for direct_plane in (False, True):
+        server, act_shape = make_top_server(direct=direct_plane)  # the same seeded top both times
+        assert act_shape == (6, 4, 4)
+        try:
+            turn = server.open_turn("site", accept=("train",), max_batches=3)
+            with DataPlaneClient(server.address, turn.token) as plane:
+                assert plane.in_memory == direct_plane
+                replies = [plane.send_raw(encode_frame(Frame("train", batch, token=turn.token))) for batch in batches]
+                streams = server.open_streams()
+            server.close_turn(turn)
+            weights = [p.detach().clone() for p in server.stage.top.parameters()]
+            seen[direct_plane] = (replies, turn.bytes_up, turn.bytes_down, turn.frames, turn.ended_cleanly, plane.bytes_up, plane.bytes_down)
+            seen[direct_plane, "weights"] = weights
+        finally:
+            server.stop()
+        assert direct.server_at(server.address) is None  # a stopped server is no longer reachable in memory
+        assert streams == (0 if direct_plane else 1)  # an in-memory turn holds no gRPC stream (nor a server thread)
+    assert seen[True] == seen[False]  # the same reply bytes and the same counts, frame for frame
+    assert all(torch.equal(a, b) for a, b in zip(seen[True, "weights"], seen[False, "weights"], strict=True))
+
+
+def test_a_direct_plane_still_serves_grpc_and_tls_clients_go_through_grpc(tmp_path):
+    from graftfl.transport.server import SERVICE_METHOD
+
+    server, act_shape = make_top_server(direct=True)
+    try:
+        turn = server.open_turn("remote site")
+        channel = grpc.insecure_channel(server.address)  # what a site in another process does
+        call = channel.stream_stream(SERVICE_METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        frames = [encode_frame(good_frame(act_shape, turn.token)), encode_frame(Frame("end", token=turn.token))]
+        assert len(list(call(iter(frames)))) == 1 and turn.ended_cleanly
+        channel.close()
+        # a client given a CA is never served in memory: gRPC checks the certificate (here: a plaintext server, refused)
+        pki = write_test_pki(tmp_path)
+        tls_turn = server.open_turn("tls site")
+        client = DataPlaneClient(server.address, tls_turn.token, ca_cert=pki["ca_cert"])
+        assert not client.in_memory
+        with pytest.raises(DataPlaneError) as error:
+            client.exchange("train", good_frame(act_shape, "").tensors)
+        client.abandon()
+        assert error.value.code == grpc.StatusCode.UNAVAILABLE and tls_turn.frames == 0
+    finally:
+        server.stop()
+
+
+def test_one_direct_server_per_address():
+    first, second = object(), object()
+    direct.register("127.0.0.1:1", first)
+    try:
+        direct.register("127.0.0.1:1", first)  # the same server again: fine
+        with pytest.raises(ValueError, match="already served directly"):
+            direct.register("127.0.0.1:1", second)
+        direct.unregister("127.0.0.1:1", second)  # not its address: nothing removed
+        assert direct.server_at("127.0.0.1:1") is first
+    finally:
+        direct.unregister("127.0.0.1:1", first)
+    assert direct.server_at("127.0.0.1:1") is None
+
+
+def test_only_the_inprocess_backend_serves_sites_in_memory():
+    from omegaconf import OmegaConf
+
+    from graftfl.strategies.split_config import serves_in_memory
+
+    assert compose_config([]).sim.split_plane == "direct"  # the documented default
+    assert serves_in_memory(OmegaConf.create({"sim": {"backend": "inprocess", "split_plane": "direct"}}))
+    assert not serves_in_memory(OmegaConf.create({"sim": {"backend": "inprocess", "split_plane": "grpc"}}))
+    assert not serves_in_memory(OmegaConf.create({"sim": {"backend": "ray", "split_plane": "direct"}}))
+    assert not serves_in_memory(OmegaConf.create({}))  # a deployment's config may have no sim section
+    with pytest.raises(ValueError, match=r"sim.split_plane must be one of \['direct', 'grpc'\]"):
+        serves_in_memory(OmegaConf.create({"sim": {"backend": "inprocess", "split_plane": "memory"}}))

@@ -11,6 +11,19 @@ from graftfl.strategies.utils import require_choice
 HANDOFFS = ("relay", "local", "average")
 TURN_ORDERS = ("round_robin", "random")
 EVAL_WHERE = ("site", "server")
+SPLIT_PLANES = ("direct", "grpc")
+
+
+def serves_in_memory(cfg) -> bool:
+    """Whether the data plane also serves the ServerApp's own process in memory (``graftfl.transport.direct``).
+
+    True for the in-process simulation backend with ``sim.split_plane=direct`` (the default):
+    its sites run in the ServerApp's process, and their frames then skip gRPC, not the checks.
+    """
+    sim = cfg.get("sim") or {}
+    plane = str(sim.get("split_plane") or "direct")
+    require_choice("sim.split_plane", plane, SPLIT_PLANES)
+    return sim.get("backend") == "inprocess" and plane == "direct"
 
 
 def validate_split_config(cfg) -> None:
@@ -32,6 +45,7 @@ def validate_split_config(cfg) -> None:
         # one without the other would silently serve the data plane in plaintext
         raise ValueError("tls.server_cert and tls.server_key must be set together (both: a TLS data plane; neither: plaintext); "
                          f"got only tls.{'server_cert' if tls.get('server_cert') else 'server_key'}")
+    serves_in_memory(cfg)  # a wrong sim.split_plane names the valid ones before the run starts
     require_choice("privacy", cfg.privacy.name, ("none", "dpsgd"))  # dpsgd: on the site's parts (core/split_private.py)
     if cfg.resume:
         raise ValueError(f"protocol={protocol.name} cannot resume a run yet (resume=null)")

@@ -9,6 +9,9 @@ The gRPC channel (connection, TLS session) is kept per process for each address 
 CA: opening and closing one cost 4 ms per turn, as much as a site's whole LeNet turn
 of compute at 60 samples. A channel carries no credential (the turn token travels
 in every frame), so a later turn on the same channel is no less isolated.
+
+A server of this very process started with ``direct=True`` (the in-process simulation) is
+reached without gRPC: the same frames go to it in memory (:mod:`graftfl.transport.direct`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pathlib import Path
 import grpc
 import torch
 
+from graftfl.transport import direct
+from graftfl.transport.checks import FrameRejected
 from graftfl.transport.frames import Frame, decode_frame, encode_frame
 from graftfl.transport.server import GRPC_SLACK_BYTES, SERVICE_METHOD
 
@@ -64,6 +69,18 @@ def shared_channel(address: str, ca_cert: str | None, max_frame_bytes: int) -> g
         return channel
 
 
+def _direct_stream(address: str, ca_cert: str | None) -> direct.DirectStream | None:
+    """A stream to the server of this process served directly at ``address``, or None (then: gRPC).
+
+    With TLS on either side the client dials gRPC: the server's certificate is then checked
+    against the client's CA as it would be between processes.
+    """
+    server = direct.server_at(address)
+    if server is None or ca_cert or server.tls:
+        return None
+    return direct.DirectStream(server)
+
+
 class DataPlaneClient:
     """A client's stream to the data plane for one turn.
 
@@ -84,22 +101,41 @@ class DataPlaneClient:
     def __init__(self, address: str, token: str, *, wire_dtype: str = "float32", ca_cert: str | None = None, max_frame_bytes: int = 64 << 20):
         self.address, self.token, self.wire_dtype = address, token, wire_dtype
         self.bytes_up = self.bytes_down = 0
-        self._outbox: queue.Queue = queue.Queue()
-        channel = shared_channel(address, ca_cert, max_frame_bytes)
-        stream = channel.stream_stream(SERVICE_METHOD, request_serializer=_identity, response_deserializer=_identity)
-        self._replies = stream(iter(self._outbox.get, _END))
+        self._direct = _direct_stream(address, ca_cert)
+        if self._direct is None:
+            self._outbox: queue.Queue = queue.Queue()
+            channel = shared_channel(address, ca_cert, max_frame_bytes)
+            stream = channel.stream_stream(SERVICE_METHOD, request_serializer=_identity, response_deserializer=_identity)
+            self._replies = stream(iter(self._outbox.get, _END))
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the frames go to a server of this process without gRPC (:mod:`graftfl.transport.direct`)."""
+        return self._direct is not None
 
     def send_raw(self, raw: bytes) -> bytes:
         """Send one already encoded frame and wait for the reply (tests use it for bad frames)."""
-        self._outbox.put(raw)
         self.bytes_up += len(raw)
+        reply = self._direct_reply(raw) if self._direct is not None else self._grpc_reply(raw)
+        self.bytes_down += len(reply)
+        return reply
+
+    def _grpc_reply(self, raw: bytes) -> bytes:
+        self._outbox.put(raw)
         try:
-            reply = next(self._replies)
+            return next(self._replies)
         except grpc.RpcError as err:
             raise DataPlaneError(err.code(), err.details()) from err
         except StopIteration as err:
             raise DataPlaneError(None, "stream ended") from err
-        self.bytes_down += len(reply)
+
+    def _direct_reply(self, raw: bytes) -> bytes:
+        try:
+            reply = self._direct.send(raw)
+        except FrameRejected as rejected:
+            raise DataPlaneError(rejected.code, rejected.message) from rejected
+        if reply is None:
+            raise DataPlaneError(None, "stream ended")
         return reply
 
     def exchange(self, kind: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -110,8 +146,14 @@ class DataPlaneClient:
     def close(self) -> None:
         """End the turn cleanly (an ``end`` frame) and wait for the server to close the stream."""
         end = encode_frame(Frame("end", token=self.token), self.wire_dtype)
-        self._outbox.put(end)
         self.bytes_up += len(end)
+        if self._direct is not None:
+            try:
+                self._direct.send(end)
+            except FrameRejected:
+                pass  # as over gRPC: a stream the server has already ended ends quietly
+            return
+        self._outbox.put(end)
         self._outbox.put(_END)
         try:
             for _ in self._replies:
@@ -121,6 +163,9 @@ class DataPlaneClient:
 
     def abandon(self) -> None:
         """Drop the stream without ending the turn (what a crashing client does)."""
+        if self._direct is not None:
+            self._direct.cancel()
+            return
         self._outbox.put(_END)
         self._replies.cancel()
 

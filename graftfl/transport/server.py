@@ -26,6 +26,10 @@ lock, so a late frame of a stalled client cannot interleave with the next
 client's step. The stage's own parameter update runs after its reply has been
 sent (``stage.complete_step``), overlapping the client's backward pass; read
 the stage's weights from another thread only after :meth:`DataPlaneServer.settle`.
+
+A server started with ``direct=True`` also serves the clients of its own process in memory
+(:mod:`graftfl.transport.direct`, the in-process simulation): the same frames and checks,
+served in the caller's thread by :meth:`DataPlaneServer.serve_direct`.
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ from pathlib import Path
 import grpc
 import torch
 
-from graftfl.core.split import TensorSpec
-from graftfl.transport.frames import FLOAT_WIRE_DTYPES, Frame, FrameError, decode_tensors, encode_frame, parse_header, wire_dtypes_of
+from graftfl.transport import direct
+from graftfl.transport.checks import FrameRejected, validated_tensors
+from graftfl.transport.frames import FLOAT_WIRE_DTYPES, Frame, FrameError, encode_frame, parse_header
 from graftfl.transport.streams import StreamGuard
 
 log = logging.getLogger(__name__)
@@ -84,12 +89,6 @@ class Turn:
         return (self.frames - 1) / max(self.last_frame_at - self.first_frame_at, 1e-9)
 
 
-class _Reject(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
 class DataPlaneServer:
     """gRPC server for per-batch split-learning traffic.
 
@@ -124,11 +123,14 @@ class DataPlaneServer:
         served one at a time (under the server's lock), so more threads only speed up one
         batch's ops; a fixed count keeps a seeded run's numbers the same whichever thread
         (or simulation backend) serves a frame, and 1 adds no OpenMP pool to the process.
+    direct : bool
+        Also serve this process's clients in memory (:mod:`graftfl.transport.direct`): the
+        in-process simulation backend. Clients of other processes use gRPC either way.
     """
 
     def __init__(self, stage, bind_address: str = "127.0.0.1:0", advertise_address: str | None = None, *, wire_dtype: str = "float32",
                  max_batch: int = 1024, max_frame_bytes: int = 64 << 20, server_cert: str | None = None, server_key: str | None = None, workers: int = 8,
-                 idle_timeout_s: float = 60.0, max_pending_streams: int = 32, compute_threads: int = 1):
+                 idle_timeout_s: float = 60.0, max_pending_streams: int = 32, compute_threads: int = 1, direct: bool = False):
         if wire_dtype not in FLOAT_WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {list(FLOAT_WIRE_DTYPES)}, got '{wire_dtype}'")
         if bool(server_cert) != bool(server_key):
@@ -138,6 +140,7 @@ class DataPlaneServer:
         if int(compute_threads) < 1:
             raise ValueError(f"compute threads must be >= 1, got {compute_threads}")
         self.compute_threads = int(compute_threads)
+        self.direct = bool(direct)
         self.guard = StreamGuard(idle_timeout_s, max_pending_streams)
         self.lock = threading.Lock()
         self.turns: dict[str, Turn] = {}
@@ -164,11 +167,14 @@ class DataPlaneServer:
         """Start serving the data plane and its idle-stream guard; returns ``self``."""
         self._server.start()
         self.guard.start()
+        if self.direct:
+            direct.register(self.address, self)
         log.info("data plane listening on %s (advertised %s, tls=%s)", self.port, self.address, self.tls)
         return self
 
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop the guard and the gRPC server, letting streams finish for ``grace`` seconds."""
+        direct.unregister(self.address, self)
         self.guard.stop()
         self._server.stop(grace).wait()
 
@@ -233,10 +239,8 @@ class DataPlaneServer:
                 yield reply
                 stream.last_activity = time.monotonic()
                 self.settle()  # gRPC resumes here once the reply is sent: update while the client computes
-        except _Reject as reject:
-            if turn is not None:
-                turn.error = f"{reject.code.name}: {reject.message}"
-            log.warning("data plane rejected a frame from %s (%s): %s", stream.peer, reject.code.name, reject.message)
+        except FrameRejected as reject:
+            _note_rejected(turn, reject, stream.peer)
             context.abort(reject.code, reject.message)
         except grpc.RpcError:  # cancelled (idle, evicted, turn closed) while waiting for a frame
             pass
@@ -244,6 +248,28 @@ class DataPlaneServer:
             if stream.closed_idle and turn is not None and turn.error is None:
                 turn.error = f"CANCELLED: no frame for {self.guard.idle_timeout_s:g} s (idle stream closed)"
             self.guard.release(stream)
+
+    def serve_direct(self, stream: direct.DirectStream, raw: bytes) -> bytes | None:
+        """Serve one frame of an in-process stream in the caller's thread: the reply, None after ``end``.
+
+        The checks of a gRPC frame; a refused frame raises :class:`FrameRejected`. The stage
+        computes with ``compute_threads`` and its update completes before this returns, as the
+        gRPC handler thread completes it after sending the reply (same thread count, same
+        weights); the caller's thread count is restored.
+        """
+        caller_threads = torch.get_num_threads()
+        try:
+            turn, reply = self._serve_frame(raw, stream.turn)
+            turn.stream, stream.turn = stream, turn
+            if reply is not None:
+                self.settle()
+            return reply
+        except FrameRejected as reject:
+            _note_rejected(stream.turn, reject, stream.peer())
+            raise
+        finally:
+            if torch.get_num_threads() != caller_threads:
+                torch.set_num_threads(caller_threads)
 
     def _claimed_turn(self, raw: bytes) -> Turn | None:
         """The open turn whose token ``raw`` carries, if any (the real checks follow in :meth:`_serve_frame`)."""
@@ -263,7 +289,7 @@ class DataPlaneServer:
         try:
             header, offset = parse_header(raw)
         except FrameError as err:
-            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
+            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
         with self.lock:
             turn = self._authenticate(str(header.get("token", "")), turn)
             turn.bytes_up += len(raw)
@@ -272,20 +298,20 @@ class DataPlaneServer:
             if turn.first_frame_at is None:
                 turn.first_frame_at = turn.last_frame_at
             if len(raw) > self.max_frame_bytes:
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"frame of {len(raw)} bytes exceeds the limit of {self.max_frame_bytes} bytes")
+                raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, f"frame of {len(raw)} bytes exceeds the limit of {self.max_frame_bytes} bytes")
             kind = header["kind"]
             if kind == "end":
                 turn.ended_cleanly = True
                 return turn, None
             if turn.accept is not None and kind not in turn.accept:
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"frame kind '{kind}' is not accepted in this turn (it accepts {sorted(turn.accept)})")
+                raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, f"frame kind '{kind}' is not accepted in this turn (it accepts {sorted(turn.accept)})")
             turn.kind_counts[kind] = turn.kind_counts.get(kind, 0) + 1
             if turn.max_batches is not None and turn.kind_counts[kind] > turn.max_batches:
-                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more '{kind}' frames than the turn's {turn.max_batches} batches")
+                raise FrameRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more '{kind}' frames than the turn's {turn.max_batches} batches")
             specs = self.stage.input_specs(kind, turn.state)
             if specs is None:
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected frame kind '{kind}' at this point of the turn")
-            tensors = self._validated(header, raw, offset, specs)
+                raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected frame kind '{kind}' at this point of the turn")
+            tensors = validated_tensors(header, raw, offset, specs, self.wire_dtype, self.max_batch)
             if torch.get_num_threads() != self.compute_threads:  # a handler thread starts with the process's count
                 torch.set_num_threads(self.compute_threads)
             reply_kind, reply_tensors, meta = self.stage.handle(kind, tensors, turn.state)
@@ -296,47 +322,21 @@ class DataPlaneServer:
     def _authenticate(self, token: str, turn: Turn | None) -> Turn:
         if turn is not None:
             if token != turn.token or not turn.open:
-                raise _Reject(grpc.StatusCode.UNAUTHENTICATED, "token does not match this stream's turn or the turn is over")
+                raise FrameRejected(grpc.StatusCode.UNAUTHENTICATED, "token does not match this stream's turn or the turn is over")
             return turn
         found = self.turns.get(token)
         if found is None or not found.open:
-            raise _Reject(grpc.StatusCode.UNAUTHENTICATED, "unknown or expired data-plane token")
+            raise FrameRejected(grpc.StatusCode.UNAUTHENTICATED, "unknown or expired data-plane token")
         if found.attached:
-            raise _Reject(grpc.StatusCode.UNAUTHENTICATED, "this token is already in use by another stream")
+            raise FrameRejected(grpc.StatusCode.UNAUTHENTICATED, "this token is already in use by another stream")
         found.attached = True
         return found
 
-    def _validated(self, header: dict, raw: bytes, offset: int, specs: dict[str, TensorSpec]) -> dict[str, torch.Tensor]:
-        dtypes = wire_dtypes_of(header)
-        if set(dtypes) != set(specs):
-            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"frame '{header['kind']}' must carry tensors {sorted(specs)}, got {sorted(dtypes)}")
-        for name, spec in specs.items():
-            expected = self.wire_dtype if spec.floating else "int64"
-            if dtypes[name] != expected:
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"tensor '{name}' has dtype {dtypes[name]}, expected {expected}")
-        try:
-            tensors = decode_tensors(header, raw, offset)
-        except FrameError as err:
-            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
-        batch = None
-        for name, spec in specs.items():
-            tensor = tensors[name]
-            shape = tuple(tensor.shape)
-            if spec.exact:
-                ok = shape == spec.shape
-            else:
-                ok = len(shape) == 1 + len(spec.shape) and shape[1:] == spec.shape and 1 <= shape[0] <= self.max_batch
-            if not ok:
-                wanted = spec.shape if spec.exact else f"(1..{self.max_batch}, {', '.join(map(str, spec.shape))})"
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"tensor '{name}' has shape {shape}, expected {wanted}")
-            if batch is not None and shape[0] != batch:
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"tensor '{name}' has batch {shape[0]}, other tensors have {batch}")
-            batch = shape[0]
-            if spec.floating and not bool(torch.isfinite(tensor).all()):
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"tensor '{name}' contains NaN or infinite values")
-            if spec.num_classes is not None and len(tensor) and (int(tensor.min()) < 0 or int(tensor.max()) >= spec.num_classes):
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"labels must lie in [0, {spec.num_classes}), got [{int(tensor.min())}, {int(tensor.max())}]")
-        return tensors
+
+def _note_rejected(turn: Turn | None, reject: FrameRejected, peer: str) -> None:
+    if turn is not None:
+        turn.error = f"{reject.code.name}: {reject.message}"
+    log.warning("data plane rejected a frame from %s (%s): %s", peer, reject.code.name, reject.message)
 
 
 def _advertised(bind_address: str, port: int) -> str:
