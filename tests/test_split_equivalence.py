@@ -1,8 +1,8 @@
 """Split learning equals centralized training (Gupta & Raskar §3.1.1, Lemma 1), over the real data plane.
 
-Every test runs the server's model part behind a real gRPC DataPlaneServer on
-127.0.0.1 and the client roles through DataPlaneClient streams; relayed bottom
-weights go through AES-GCM between turns, exactly as in a run.
+Every test runs the server's model part behind a real DataPlaneServer on 127.0.0.1 and
+the client roles through DataPlaneClient streams, over gRPC and in memory (the in-process
+simulation's path); relayed bottom weights go through AES-GCM between turns, exactly as in a run.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def run_relay_turns(server: DataPlaneServer, make_role, turns: list[list[tuple[t
             load_role_state(role, decrypt_state(key, ciphertext))
         turn = server.open_turn()
         with DataPlaneClient(server.address, turn.token) as plane:
+            assert plane.in_memory == server.direct
             for x, y in batches:
                 role.train_step(x, y, plane.exchange)
         server.close_turn(turn)
@@ -79,10 +80,10 @@ def run_relay_turns(server: DataPlaneServer, make_role, turns: list[list[tuple[t
     return role
 
 
-def split_server(top_model):
+def split_server(top_model, direct: bool = False):
     bottom, top = model_parts(top_model, None)
     stage = TopStage(top, sgd(top.parameters()), activation_shape(bottom, INPUT_SHAPE), NUM_CLASSES)
-    return DataPlaneServer(stage, max_batch=BATCH).start(), top
+    return DataPlaneServer(stage, max_batch=BATCH, direct=direct).start(), top
 
 
 def split_client():
@@ -92,11 +93,13 @@ def split_client():
     return role
 
 
+# direct: the clients are served in memory (the in-process simulation), the stage updating in the gradient's backward pass
+@pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize("num_clients,turn_length,turns_each", [(1, 4, 3), (3, 3, 2)])
-def test_split_relay_equals_centralized(num_clients, turn_length, turns_each):
+def test_split_relay_equals_centralized(num_clients, turn_length, turns_each, direct):
     data = {c: client_batches(c, turn_length * turns_each) for c in range(num_clients)}
     turns = [data[c][t * turn_length : (t + 1) * turn_length] for t in range(turns_each) for c in range(num_clients)]
-    server, top = split_server(fresh_model())
+    server, top = split_server(fresh_model(), direct)
     try:
         role = run_relay_turns(server, split_client, turns)
     finally:
@@ -109,12 +112,13 @@ def test_split_relay_equals_centralized(num_clients, turn_length, turns_each):
         assert_same_weights({"bottom": role.bottom, "top": top}, centralized([batch for turn in turns for batch in turn][:-1]))
 
 
-def test_ushaped_relay_equals_centralized():
+@pytest.mark.parametrize("direct", [False, True])
+def test_ushaped_relay_equals_centralized(direct):
     turns = [client_batches(c, 3) for c in range(3)]
     bottom, middle, _head = model_parts(fresh_model(), None, head_stages=1)
     act_shape = activation_shape(bottom, INPUT_SHAPE)
     stage = MiddleStage(middle, sgd(middle.parameters()), act_shape, activation_shape(middle, act_shape))
-    server = DataPlaneServer(stage, max_batch=BATCH).start()
+    server = DataPlaneServer(stage, max_batch=BATCH, direct=direct).start()
 
     def make_role():
         client_bottom, _, client_head = model_parts(fresh_model(), None, head_stages=1)
@@ -127,3 +131,37 @@ def test_ushaped_relay_equals_centralized():
     finally:
         server.stop()
     assert_same_weights({"bottom": role.bottom, "middle": middle, "head": role.head}, centralized([b for turn in turns for b in turn]))
+
+
+@pytest.mark.parametrize("three_part", [False, True])
+def test_a_stage_updating_in_the_gradients_backward_pass_gives_the_same_gradients_and_weights(three_part):
+    """``defer_update=False`` (a client in the same thread) does the update in one backward pass with the gradient."""
+    results = {}
+    for defer_update in (True, False):
+        if three_part:
+            bottom, middle, _head = model_parts(fresh_model(), None, head_stages=1)
+            act_shape = activation_shape(bottom, INPUT_SHAPE)
+            stage = MiddleStage(middle, sgd(middle.parameters()), act_shape, activation_shape(middle, act_shape))
+        else:
+            bottom, top = model_parts(fresh_model(), None)
+            act_shape = activation_shape(bottom, INPUT_SHAPE)
+            stage = TopStage(top, sgd(top.parameters()), act_shape, NUM_CLASSES)
+        generator, state, gradients = torch.Generator().manual_seed(7), {}, []
+        for step in range(4):
+            activations = torch.randn(BATCH, *act_shape, generator=generator)
+            if three_part:
+                _, sent, _ = stage.handle("forward", {"activations": activations}, state, defer_update=defer_update)
+                returned = torch.randn(sent["outputs"].shape, generator=generator)
+                _, reply, _ = stage.handle("backward", {"gradient": returned}, state, defer_update=defer_update)
+            else:
+                labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=generator)
+                _, reply, _ = stage.handle("train", {"activations": activations, "labels": labels}, state, defer_update=defer_update)
+            assert stage.steps == (step if defer_update else step + 1)  # deferred: done when the next frame comes
+            gradients.append(reply["gradient"])
+        stage.complete_step()
+        results[defer_update] = (gradients, [p.detach().clone() for p in stage.module.parameters()], stage.steps)
+    (deferred_gradients, deferred_weights, deferred_steps), (gradients, weights, steps) = results[True], results[False]
+    assert deferred_steps == steps == 4
+    assert all(torch.equal(a, b) for a, b in zip(deferred_gradients, gradients, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(deferred_weights, weights, strict=True))
+    assert not torch.equal(weights[0], fresh_model().state_dict()[next(iter(stage.module.state_dict()))])  # it trained

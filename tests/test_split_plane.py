@@ -158,7 +158,7 @@ def test_the_stage_computes_with_the_plane_threads_whatever_the_process_count(th
     # the caller's thread (direct) leaves that thread with its own count
     server, act_shape = make_top_server(compute_threads=threads, direct=direct)
     seen, handle = [], server.stage.handle
-    server.stage.handle = lambda *args: seen.append(torch.get_num_threads()) or handle(*args)
+    server.stage.handle = lambda *args, **kwargs: seen.append(torch.get_num_threads()) or handle(*args, **kwargs)
     process_threads = torch.get_num_threads()
     torch.set_num_threads(3 - threads)  # the other count, for the threads gRPC starts from now on
     try:

@@ -152,6 +152,23 @@ class ServerStage:
         if self._pending.complete(self.optimizer):
             self.steps += 1
 
+    def _activations_gradient(self, outputs: torch.Tensor, activations: torch.Tensor, output_gradient: torch.Tensor | None, defer_update: bool) -> torch.Tensor:
+        """The gradient of ``activations`` (a leaf); the module's update is left pending or, without ``defer_update``, done now.
+
+        Deferred, the update can overlap the client's backward pass (a client in another thread
+        or process); done now, it shares one backward pass with the gradient, which saves an
+        autograd run when the client waits in the same thread (about 0.3 ms a LeNet step of
+        batch 10). The two give the same gradients, and the same weights.
+        """
+        if defer_update:
+            return self._pending.start(outputs, activations, self.module, output_gradient)
+        parameters = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs.backward(output_gradient, inputs=[activations, *parameters])
+        self.optimizer.step()
+        self.steps += 1
+        return activations.grad.detach()
+
 
 class TopStage(ServerStage):
     """Server side of ``split``/``semisup``: the top of the model and the loss.
@@ -181,8 +198,11 @@ class TopStage(ServerStage):
             return {"activations": TensorSpec(self.act_shape)}
         return None
 
-    def handle(self, kind: str, tensors: dict[str, torch.Tensor], state: dict) -> tuple[str, dict[str, torch.Tensor], dict]:
-        """Answer one frame: a training step (returns the activations' gradient) or an evaluation forward pass (returns logits)."""
+    def handle(self, kind: str, tensors: dict[str, torch.Tensor], state: dict, defer_update: bool = True) -> tuple[str, dict[str, torch.Tensor], dict]:
+        """Answer one frame: a training step (returns the activations' gradient) or an evaluation forward pass (returns logits).
+
+        ``defer_update=False``: the top's update is done before returning (``complete_step`` has nothing left to do).
+        """
         self.complete_step()
         activations = tensors["activations"].to(self.device)
         if kind == "eval_forward":
@@ -193,7 +213,7 @@ class TopStage(ServerStage):
         self.top.train()
         activations.requires_grad_(True)
         loss = F.cross_entropy(self.top(activations), labels)
-        gradient = self._pending.start(loss, activations, self.top)
+        gradient = self._activations_gradient(loss, activations, None, defer_update)
         return "gradient", {"gradient": gradient.cpu()}, {"loss": float(loss.detach())}
 
 
@@ -222,8 +242,11 @@ class MiddleStage(ServerStage):
             return {"gradient": TensorSpec(tuple(state["pending"][1].shape), exact=True)}
         return None
 
-    def handle(self, kind: str, tensors: dict[str, torch.Tensor], state: dict) -> tuple[str, dict[str, torch.Tensor], dict]:
-        """Answer one frame: forward the middle (keeping the graph for the backward frame), backward, or evaluate."""
+    def handle(self, kind: str, tensors: dict[str, torch.Tensor], state: dict, defer_update: bool = True) -> tuple[str, dict[str, torch.Tensor], dict]:
+        """Answer one frame: forward the middle (keeping the graph for the backward frame), backward, or evaluate.
+
+        ``defer_update=False``: a backward frame's update of the middle is done before returning.
+        """
         self.complete_step()
         if kind == "eval_forward":
             self.middle.eval()
@@ -236,7 +259,7 @@ class MiddleStage(ServerStage):
             state["pending"] = (activations, outputs)
             return "middle", {"outputs": outputs.detach().cpu()}, {}
         activations, outputs = state.pop("pending")
-        gradient = self._pending.start(outputs, activations, self.middle, tensors["gradient"].to(self.device))
+        gradient = self._activations_gradient(outputs, activations, tensors["gradient"].to(self.device), defer_update)
         return "gradient", {"gradient": gradient.cpu()}, {}
 
 

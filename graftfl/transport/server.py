@@ -253,16 +253,14 @@ class DataPlaneServer:
         """Serve one frame of an in-process stream in the caller's thread: the reply, None after ``end``.
 
         The checks of a gRPC frame; a refused frame raises :class:`FrameRejected`. The stage
-        computes with ``compute_threads`` and its update completes before this returns, as the
-        gRPC handler thread completes it after sending the reply (same thread count, same
+        computes with ``compute_threads`` and its update is done before this returns (over gRPC
+        the handler thread completes it after sending the reply: the same thread count and
         weights); the caller's thread count is restored.
         """
         caller_threads = torch.get_num_threads()
         try:
-            turn, reply = self._serve_frame(raw, stream.turn)
+            turn, reply = self._serve_frame(raw, stream.turn, in_memory=True)
             turn.stream, stream.turn = stream, turn
-            if reply is not None:
-                self.settle()
             return reply
         except FrameRejected as reject:
             _note_rejected(stream.turn, reject, stream.peer())
@@ -285,7 +283,7 @@ class DataPlaneServer:
         """Streams currently open (tests, diagnostics)."""
         return self.guard.count()
 
-    def _serve_frame(self, raw: bytes, turn: Turn | None) -> tuple[Turn, bytes | None]:
+    def _serve_frame(self, raw: bytes, turn: Turn | None, in_memory: bool = False) -> tuple[Turn, bytes | None]:
         try:
             header, offset = parse_header(raw)
         except FrameError as err:
@@ -314,7 +312,8 @@ class DataPlaneServer:
             tensors = validated_tensors(header, raw, offset, specs, self.wire_dtype, self.max_batch)
             if torch.get_num_threads() != self.compute_threads:  # a handler thread starts with the process's count
                 torch.set_num_threads(self.compute_threads)
-            reply_kind, reply_tensors, meta = self.stage.handle(kind, tensors, turn.state)
+            # a client in this thread waits for the whole step anyway: the stage updates in the same backward pass
+            reply_kind, reply_tensors, meta = self.stage.handle(kind, tensors, turn.state, defer_update=not in_memory)
             encoded = encode_frame(Frame(reply_kind, reply_tensors, meta), self.wire_dtype)
             turn.bytes_down += len(encoded)
         return turn, encoded
