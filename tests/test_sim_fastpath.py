@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 
@@ -265,6 +266,34 @@ def test_a_reused_model_trains_to_the_same_weights_as_a_fresh_one_and_keeps_no_g
     assert model_holding(private, shape, 10, states[0]) is not model_holding(private, shape, 10, states[0])
     with pytest.raises(RuntimeError, match="Missing key"):  # a state that does not cover the model is refused
         model_holding(cfg, shape, 10, dict(list(states[0].items())[1:]))
+
+
+@pytest.mark.slow
+def test_dssgd_sites_reusing_their_module_end_with_the_weights_of_fresh_modules(tmp_path, monkeypatch):
+    """From round 2 a DSSGD site's stored model goes into this thread's module; fresh modules give the same run."""
+    from graftfl import cli
+    from graftfl.clients import dssgd as dssgd_client
+    from graftfl.clients import utils as client_utils
+    from graftfl.config import resolve_job_config
+    from graftfl.core.models import model_from_config
+
+    reused, fresh_holding = [], client_utils.model_holding
+    monkeypatch.setattr(dssgd_client, "model_holding", lambda *args: reused.append(1) or fresh_holding(*args))
+    overrides = ["protocol=dssgd", *COMMON, "rounds=3", "protocol.order=random", "sim.backend=inprocess"]
+    run_reused = cli.simulate(resolve_job_config([*overrides, f"output_dir={tmp_path / 'reused'}"]))
+    assert len(reused) == 4  # rounds 2 and 3, two sites
+    monkeypatch.setattr(client_utils, "_BUILT", threading.local())  # no module left over from the first run
+
+    def fresh(cfg, input_shape, num_classes, state):
+        model = model_from_config(cfg, input_shape, num_classes)
+        model.load_state_dict(state, strict=True)
+        return model
+
+    monkeypatch.setattr(dssgd_client, "model_holding", fresh)
+    run_fresh = cli.simulate(resolve_job_config([*overrides, f"output_dir={tmp_path / 'fresh'}"]))
+    reused_weights, fresh_weights = weights_of(run_reused), weights_of(run_fresh)
+    assert reused_weights and all(torch.equal(reused_weights[k], fresh_weights[k]) for k in fresh_weights)
+    assert trained_rows(run_reused) == trained_rows(run_fresh)
 
 
 def test_a_site_parses_a_config_text_once_read_only_and_still_refuses_interpolations():

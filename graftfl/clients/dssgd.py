@@ -12,7 +12,16 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from graftfl.clients.site_data import registry_test_set, site_rows
-from graftfl.clients.utils import evaluate_global_model, client_device, config_of, local_data, local_train, num_classes_of, partition_id_of
+from graftfl.clients.utils import (
+    client_device,
+    config_of,
+    evaluate_global_model,
+    local_data,
+    local_train,
+    model_holding,
+    num_classes_of,
+    partition_id_of,
+)
 from graftfl.config import eval_where
 from graftfl.core.codec import assign_flat_parameters, flatten_parameters
 from graftfl.core.data import dataset_from_config
@@ -29,12 +38,16 @@ PRIVATE_WITHHELD = ("train_loss", "local_accuracy", "local_loss")  # not sent wi
 
 
 def local_model(cfg, context: Context, input_shape, num_classes: int) -> torch.nn.Module:
-    """The participant's own model: from ``context.state``, or the run's seeded initial model."""
-    seed_torch(int(cfg.seed), torch.device("cpu"))  # the same initial weights as the server's global model (built on the CPU)
-    model = model_from_config(cfg, input_shape, num_classes)
+    """The participant's own model, on the CPU: from ``context.state``, or the run's seeded initial model.
+
+    A stored model overwrites every weight, so it goes into this thread's module of the same
+    architecture (``model_holding``) instead of a freshly initialised one; nothing after this
+    draws from torch's global generator unseeded, so the run computes the same.
+    """
     if LOCAL_MODEL_KEY in context.state:
-        model.load_state_dict(context.state[LOCAL_MODEL_KEY].to_torch_state_dict())
-    return model
+        return model_holding(cfg, input_shape, num_classes, context.state[LOCAL_MODEL_KEY].to_torch_state_dict()).cpu()
+    seed_torch(int(cfg.seed), torch.device("cpu"))  # the same initial weights as the server's global model (built on the CPU)
+    return model_from_config(cfg, input_shape, num_classes)
 
 
 def download_into(model: torch.nn.Module, download: ArrayRecord) -> int:
