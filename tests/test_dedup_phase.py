@@ -120,6 +120,15 @@ def test_phase_drops_exactly_the_duplicates_and_writes_the_report(sites, tmp_pat
         assert keepers == [min(holders.get(patient, [s for s in range(NUM_SITES) if patient in patients[s]]))]
     assert sum(len(e) for e in expected) == sum(entry["images"] * (len(h) - 1) for entry, h in
                                                 ((json.loads((sites / TRUTH_NAME).read_text())["patients"][p], h) for p, h in holders.items()))
+    # what each site then trains and evaluates on (the site loader every protocol calls): exactly the kept rows
+    from graftfl.clients.site_data import load_raw_site, site_rows
+
+    for s in range(NUM_SITES):
+        context = grid.contexts[NODES[s]]
+        after = load_raw_site(cfg, context)
+        assert after.patient_ids == [p for row, p in enumerate(patients[s]) if row not in set(expected[s])], f"site {s}"
+        _, train_y, _, held_y = site_rows(cfg, context)
+        assert len(train_y) + (0 if held_y is None else len(held_y)) == len(patients[s]) - len(expected[s])
     # dedup.json: per pair the overlap, drops, bytes and seconds
     truth_pairs = json.loads((sites / TRUTH_NAME).read_text())["pairs"]
     assert [p["pair"] for p in report["pairs"]] == [[0, 1], [0, 2], [1, 2]] and report["not_checked"] == []
