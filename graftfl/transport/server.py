@@ -165,10 +165,10 @@ class DataPlaneServer:
     # -------------------------------------------------------------- lifecycle
     def start(self) -> "DataPlaneServer":
         """Start serving the data plane and its idle-stream guard; returns ``self``."""
+        if self.direct:  # first: a clash at this address leaves nothing running
+            direct.register(self.address, self)
         self._server.start()
         self.guard.start()
-        if self.direct:
-            direct.register(self.address, self)
         log.info("data plane listening on %s (advertised %s, tls=%s)", self.port, self.address, self.tls)
         return self
 
