@@ -53,3 +53,19 @@ def test_feature_classifier_is_the_papers_mlp():
     model = feature_classifier(784, 10)
     widths = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert widths == [(784, 256), (256, 128), (128, 64), (64, 10)]
+
+
+def test_a_seeded_classifier_does_not_depend_on_the_order_of_its_rows():
+    # a feature store's rows come in the order of the client ids the server gives, which follow the node ids
+    # Flower draws at random per run: the same seed must give the same classifier whatever that order
+    from graftfl.core.autoencoder import content_order, train_classifier
+
+    generator = torch.Generator().manual_seed(0)
+    latents, labels = torch.randn(120, 8, generator=generator), torch.randint(0, 3, (120,), generator=generator)
+    shuffled = torch.randperm(120, generator=generator)
+    first, _ = train_classifier(latents, labels, 3, epochs=2, batch_size=16, seed=4)
+    second, _ = train_classifier(latents[shuffled], labels[shuffled], 3, epochs=2, batch_size=16, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True))
+    ordered_latents, ordered_labels = content_order(latents[shuffled], labels[shuffled])
+    assert torch.equal(ordered_labels, labels.sort(stable=True).values)  # grouped by label, the same rows
+    assert sorted(map(tuple, ordered_latents.tolist())) == sorted(map(tuple, latents.tolist()))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import threading
 import time
 from contextlib import contextmanager
 
@@ -268,34 +267,6 @@ def test_a_reused_model_trains_to_the_same_weights_as_a_fresh_one_and_keeps_no_g
         model_holding(cfg, shape, 10, dict(list(states[0].items())[1:]))
 
 
-@pytest.mark.slow
-def test_dssgd_sites_reusing_their_module_end_with_the_weights_of_fresh_modules(tmp_path, monkeypatch):
-    """From round 2 a DSSGD site's stored model goes into this thread's module; fresh modules give the same run."""
-    from graftfl import cli
-    from graftfl.clients import dssgd as dssgd_client
-    from graftfl.clients import utils as client_utils
-    from graftfl.config import resolve_job_config
-    from graftfl.core.models import model_from_config
-
-    reused, fresh_holding = [], client_utils.model_holding
-    monkeypatch.setattr(dssgd_client, "model_holding", lambda *args: reused.append(1) or fresh_holding(*args))
-    overrides = ["protocol=dssgd", *COMMON, "rounds=3", "protocol.order=random", "sim.backend=inprocess"]
-    run_reused = cli.simulate(resolve_job_config([*overrides, f"output_dir={tmp_path / 'reused'}"]))
-    assert len(reused) == 4  # rounds 2 and 3, two sites
-    monkeypatch.setattr(client_utils, "_BUILT", threading.local())  # no module left over from the first run
-
-    def fresh(cfg, input_shape, num_classes, state):
-        model = model_from_config(cfg, input_shape, num_classes)
-        model.load_state_dict(state, strict=True)
-        return model
-
-    monkeypatch.setattr(dssgd_client, "model_holding", fresh)
-    run_fresh = cli.simulate(resolve_job_config([*overrides, f"output_dir={tmp_path / 'fresh'}"]))
-    reused_weights, fresh_weights = weights_of(run_reused), weights_of(run_fresh)
-    assert reused_weights and all(torch.equal(reused_weights[k], fresh_weights[k]) for k in fresh_weights)
-    assert trained_rows(run_reused) == trained_rows(run_fresh)
-
-
 def test_a_site_parses_a_config_text_once_read_only_and_still_refuses_interpolations():
     from omegaconf.errors import ReadonlyConfigError
 
@@ -392,3 +363,45 @@ def test_inprocess_and_ray_end_with_the_same_weights(protocol, tmp_path, monkeyp
     different = [key for key in fast if not torch.equal(fast[key], ray[key])]
     assert different == [], f"{protocol}: weights differ between backends: {different}"
     assert trained_rows(runs["inprocess"]) == trained_rows(runs["ray"])
+
+
+REUSING = {  # protocol -> (its client module, the overrides of a run whose later messages reuse a module, messages that reuse)
+    "dssgd": ("graftfl.clients.dssgd", ["rounds=3", "protocol.order=random"], 4),  # rounds 2 and 3, two sites: the stored model
+    "features": ("graftfl.clients.features", [*PROTOCOL_ARGS["features"], "protocol.autoencoder.training=federated",
+                                              "protocol.autoencoder.rounds=3"], 6),  # every federated autoencoder round
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", list(REUSING))
+def test_sites_reusing_their_module_end_with_the_weights_of_fresh_modules(protocol, tmp_path, monkeypatch):
+    """A site whose message overwrites every weight loads them into this thread's module; fresh modules give the same run."""
+    import importlib
+
+    from graftfl import cli
+    from graftfl.clients import utils as client_utils
+    from graftfl.config import resolve_job_config
+
+    module_name, extra, reusing = REUSING[protocol]
+    client = importlib.import_module(module_name)
+    reused, holding = [], client_utils.module_holding
+    monkeypatch.setattr(client_utils, "module_holding", lambda *args, **kwargs: reused.append(1) or holding(*args, **kwargs))
+    if hasattr(client, "module_holding"):
+        monkeypatch.setattr(client, "module_holding", client_utils.module_holding)
+    overrides = [f"protocol={protocol}", *COMMON, *extra, "sim.backend=inprocess"]
+    run_reused = cli.simulate(resolve_job_config([*overrides, f"output_dir={tmp_path / 'reused'}"]))
+    assert len(reused) == reusing
+
+    def fresh(key, build, state, reusable=True):
+        module = build()
+        module.load_state_dict(state, strict=True)
+        return module
+
+    monkeypatch.setattr(client_utils, "module_holding", fresh)
+    if hasattr(client, "module_holding"):
+        monkeypatch.setattr(client, "module_holding", fresh)
+    run_fresh = cli.simulate(resolve_job_config([*overrides, f"output_dir={tmp_path / 'fresh'}"]))
+    reused_weights, fresh_weights = weights_of(run_reused), weights_of(run_fresh)
+    assert reused_weights and sorted(reused_weights) == sorted(fresh_weights)
+    assert [k for k in fresh_weights if not torch.equal(reused_weights[k], fresh_weights[k])] == []
+    assert trained_rows(run_reused) == trained_rows(run_fresh)

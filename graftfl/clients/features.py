@@ -38,14 +38,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from omegaconf import DictConfig
 
 from graftfl.clients.site_data import registry_test_set, site_rows, standardization_of
-from graftfl.clients.utils import client_device, config_of, local_data, num_classes_of, partition_id_of
+from graftfl.clients.utils import client_device, config_of, local_data, module_holding, num_classes_of, partition_id_of
 from graftfl.config import eval_where
 from graftfl.core.autoencoder import class_grid_figure, encode, reconstruction_error_by_class, save_autoencoder, train_autoencoder
 from graftfl.core.defences import DefenceConfig, SiteDefences
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import StagedModel, build_model
 from graftfl.core.split import test_selection
-from graftfl.core.train import round_seed
+from graftfl.core.train import round_seed, seed_torch
 from graftfl.protocols import ClientProtocol
 
 PROTOCOL = "features"
@@ -139,11 +139,13 @@ def train_site_autoencoder(message: Message, context: Context) -> Message:
     partition_id, _ = partition_id_of(context)
     x, _ = local_data(cfg, context)
     server_round = int(message.content["config"].get("server-round", 0))
-    torch.manual_seed(round_seed(cfg.seed, server_round, partition_id))  # a local autoencoder's start follows ``seed`` too
-    model = new_autoencoder(cfg, x.shape[1:])
     federated = "arrays" in message.content
-    if federated:
-        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    if federated:  # every weight comes from the server: this thread's autoencoder of the same shape takes them
+        shape_key = ("conv_ae", int(cfg.protocol.latent_dim), int(cfg.protocol.conv_channels), tuple(x.shape[1:]))
+        model = module_holding(shape_key, lambda: new_autoencoder(cfg, x.shape[1:]), message.content["arrays"].to_torch_state_dict()).cpu()
+    else:  # a local autoencoder's start follows ``seed`` too (built on the CPU; training seeds again)
+        seed_torch(round_seed(cfg.seed, server_round, partition_id), torch.device("cpu"))
+        model = new_autoencoder(cfg, x.shape[1:])
     result = train_autoencoder(
         model,
         x,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -158,32 +159,36 @@ def local_train(
     return metrics
 
 
-_BUILT = threading.local()  # per thread: the model object one message leaves for the next
+_BUILT = threading.local()  # per thread: the module one message leaves for the next
+
+
+def module_holding(key, build: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], reusable: bool = True) -> torch.nn.Module:
+    """``build()``'s module with ``state`` loaded: the one the last call of this thread built, when its ``key`` is the same.
+
+    Building a model initialises its parameters randomly (about a millisecond for LeNet)
+    only for ``state`` to overwrite them all; a simulation worker paid that for every
+    message. Reused only when ``state`` covers the whole module (every parameter and
+    persistent buffer, checked by a strict load; no non-persistent buffers, which a load
+    would not reset) and ``reusable`` (not with DP-SGD: Opacus attaches to the module).
+    Its gradients are dropped: the previous site's must not meet this one's.
+    """
+    cached = getattr(_BUILT, "module", None)
+    if reusable and cached is not None and cached[0] == key:
+        module = cached[1]
+    else:
+        module = build()
+        whole_state = not any(m._non_persistent_buffers_set for m in module.modules())
+        _BUILT.module = (key, module) if whole_state and reusable else None
+    module.load_state_dict(state, strict=True)
+    for parameter in module.parameters():
+        parameter.grad = None
+    return module
 
 
 def model_holding(cfg: DictConfig, input_shape, num_classes: int, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The run config's model with ``state`` loaded: the module the last call of this thread built, when the
-    architecture is the same, else a new one.
-
-    Building LeNet initialises its parameters randomly (about a millisecond) only for
-    ``state`` to overwrite them all; a simulation worker pays that for every message.
-    Reused only when ``state`` covers the whole module (every parameter and persistent
-    buffer, checked by a strict load; no non-persistent buffers, which a load would not
-    reset) and without DP-SGD (Opacus attaches to the module). Its gradients are dropped:
-    the previous site's must not meet this one's.
-    """
+    """The run config's model with ``state`` loaded, built once per thread and architecture (:func:`module_holding`)."""
     key = (json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True), tuple(input_shape), int(num_classes))
-    cached = getattr(_BUILT, "model", None)
-    if cfg.privacy.name != "dpsgd" and cached is not None and cached[0] == key:
-        model = cached[1]
-    else:
-        model = model_from_config(cfg, input_shape, num_classes)
-        whole_state = not any(module._non_persistent_buffers_set for module in model.modules())
-        _BUILT.model = (key, model) if whole_state and cfg.privacy.name != "dpsgd" else None
-    model.load_state_dict(state, strict=True)
-    for parameter in model.parameters():
-        parameter.grad = None
-    return model
+    return module_holding(key, lambda: model_from_config(cfg, input_shape, num_classes), state, reusable=cfg.privacy.name != "dpsgd")
 
 
 def privacy_history_of(context: Context) -> str | None:

@@ -147,6 +147,20 @@ def feature_classifier(latent_dim: int, num_classes: int, hidden: Sequence[int] 
     return mlp((latent_dim,), num_classes, hidden=tuple(int(h) for h in hidden))
 
 
+def content_order(latents: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows sorted by label, then by the bytes of their vector (only identical rows tie).
+
+    A feature store keys its rows by the client ids the server gives, which follow the node ids
+    Flower draws at random per run: in key order, a seeded classifier changed from run to run.
+    """
+    if latents.ndim != 2 or len(latents) == 0:
+        return latents, labels
+    vectors = latents.detach().cpu().contiguous().numpy()
+    rows = vectors.view(np.dtype((np.void, vectors.shape[1] * vectors.itemsize))).ravel()  # one sortable value per row
+    order = torch.from_numpy(np.lexsort((rows, labels.cpu().numpy())))
+    return latents[order], labels[order]
+
+
 def train_classifier(
     latents: torch.Tensor,
     labels: torch.Tensor,
@@ -159,7 +173,12 @@ def train_classifier(
     seed: int = 0,
     device: torch.device = torch.device("cpu"),
 ) -> tuple[StagedModel, dict[str, float]]:
-    """A fresh MLP trained on ``(latents, labels)`` with Adam in mini-batches (paper: 64)."""
+    """A fresh MLP trained on ``(latents, labels)`` with Adam in mini-batches (paper: 64).
+
+    The rows are first put in :func:`content_order`, so the classifier a seed gives does not
+    depend on the order they arrived or were stored in.
+    """
+    latents, labels = content_order(latents, labels)
     seed_torch(seed, device)
     model = feature_classifier(latents.shape[1], num_classes, hidden)
     loader = make_loader(latents, labels, batch_size, shuffle=True, seed=seed)
