@@ -125,10 +125,10 @@ class AuditRecorder:
         self._handoff = handoff
         handle = stage.handle
 
-        def recording_handle(kind: str, tensors: dict, state: dict):
+        def recording_handle(kind: str, tensors: dict, state: dict, **options):
             if kind in TRAIN_FRAME_TENSORS:  # copied before the stage touches them
                 self._buffer(state, kind, {name: tensors[name].detach().clone() for name in TRAIN_FRAME_TENSORS[kind] if name in tensors})
-            return handle(kind, tensors, state)
+            return handle(kind, tensors, state, **options)  # options: the stage's own (defer_update)
 
         stage.handle = recording_handle
 
