@@ -138,13 +138,13 @@ def train_site_autoencoder(message: Message, context: Context) -> Message:
     settings = cfg.protocol.autoencoder
     partition_id, _ = partition_id_of(context)
     x, _ = local_data(cfg, context)
-    server_round = int(message.content["config"].get("server-round", 0))
+    seed = round_seed(cfg.seed, int(message.content["config"].get("server-round", 0)), partition_id)
     federated = "arrays" in message.content
     if federated:  # every weight comes from the server: this thread's autoencoder of the same shape takes them
         shape_key = ("conv_ae", int(cfg.protocol.latent_dim), int(cfg.protocol.conv_channels), tuple(x.shape[1:]))
-        model = module_holding(shape_key, lambda: new_autoencoder(cfg, x.shape[1:]), message.content["arrays"].to_torch_state_dict()).cpu()
+        model = module_holding(shape_key, lambda: new_autoencoder(cfg, x.shape[1:]), message.content["arrays"].to_torch_state_dict())
     else:  # a local autoencoder's start follows ``seed`` too (built on the CPU; training seeds again)
-        seed_torch(round_seed(cfg.seed, server_round, partition_id), torch.device("cpu"))
+        seed_torch(seed, torch.device("cpu"))
         model = new_autoencoder(cfg, x.shape[1:])
     result = train_autoencoder(
         model,
@@ -153,7 +153,7 @@ def train_site_autoencoder(message: Message, context: Context) -> Message:
         batch_size=int(settings.batch_size),
         lr=float(settings.lr),
         device=client_device(cfg, context),
-        seed=round_seed(cfg.seed, server_round, partition_id),
+        seed=seed,
     )
     model.cpu()
     context.state[AUTOENCODER_STATE] = ArrayRecord(model.state_dict())
