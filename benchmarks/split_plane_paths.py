@@ -1,8 +1,8 @@
 """Per-batch cost of a split step by the path its frames take, at the in-process simulation's settings.
 
 LeNet on Fashion-MNIST, cut after ``conv1``, SGD, one process; the client's torch threads
-``--threads`` and the server stage's ``protocol.plane_threads`` (1), as ``graftfl sim
-sim.backend=inprocess`` runs them:
+``--threads`` and the server stage's ``--plane-threads`` (default: the same count, as ``graftfl sim
+sim.backend=inprocess`` runs them with ``protocol.plane_threads=null``):
 
 - whole model: the unsplit LeNet step (what R(N) compares split with);
 - (a) split, no frames: the client role calls the server stage directly (the compute floor
@@ -88,9 +88,11 @@ def direct_call(batches, plane_threads: int) -> float:
 
     def exchange(kind, tensors):
         client_threads = torch.get_num_threads()
-        torch.set_num_threads(plane_threads)
-        _, reply, meta = stage.handle(kind, tensors, {}, defer_update=False)  # as the in-memory data plane serves it
-        torch.set_num_threads(client_threads)
+        if client_threads != plane_threads:  # as the in-memory data plane serves it
+            torch.set_num_threads(plane_threads)
+        _, reply, meta = stage.handle(kind, tensors, {}, defer_update=False)
+        if client_threads != plane_threads:
+            torch.set_num_threads(client_threads)
         return reply, meta
 
     return seconds_per_step(lambda x, y: role.train_step(x, y, exchange), batches)
@@ -140,8 +142,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--plane-threads", type=int, default=1)
+    parser.add_argument("--plane-threads", type=int, default=None, help="the stage's torch threads (default: --threads)")
     args = parser.parse_args()
+    args.plane_threads = args.plane_threads or args.threads
     torch.set_num_threads(args.threads)
     batches = batches_of(args.batch_size, args.steps)
     runs: dict[str, list[float]] = {name: [] for name in MEASURES}

@@ -198,6 +198,7 @@ def test_protocol_variants_run(tmp_path, overrides):
         (["protocol=ushaped", "protocol.head_stages=5"], "leaves no middle"),
         (["protocol=split", "protocol.wire_dtype=int8"], "protocol.wire_dtype must be one of"),
         (["protocol=ushaped", "protocol.plane_threads=0"], "protocol.plane_threads must be a whole number >= 1"),
+        (["protocol=split", "sim.backend=inprocess", "sim.client_threads=1.5"], "sim.client_threads must be a whole number >= 1"),
         (["protocol=semisup", "protocol.unlabeled_fraction=1.0"], "unlabeled_fraction must be in [0, 1)"),
         (["protocol=split", "privacy=dpsgd", "defence.nopeek=0.5"], "defence.nopeek cannot be combined with privacy=dpsgd"),
     ],
@@ -207,3 +208,22 @@ def test_config_errors_name_the_valid_values(overrides, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         compose_config(["dataset=digits", *overrides])
+
+
+@pytest.mark.parametrize(
+    "overrides,threads",
+    [
+        ([], 1),  # Ray backend: a gRPC handler thread computes the stage
+        (["client_resources.num_cpus=2"], 1),
+        (["sim.backend=inprocess"], 1),  # client_resources.num_cpus defaults to 1
+        (["sim.backend=inprocess", "client_resources.num_cpus=2"], 2),  # in memory: the site's thread and count
+        (["sim.backend=inprocess", "client_resources.num_cpus=2", "sim.client_threads=3"], 3),
+        (["sim.backend=inprocess", "client_resources.num_cpus=2", "sim.split_plane=grpc"], 1),
+        (["client_resources.num_cpus=2", "protocol.plane_threads=2"], 2),
+        (["sim.backend=inprocess", "client_resources.num_cpus=2", "protocol.plane_threads=1"], 1),
+    ],
+)
+def test_the_stage_computes_with_a_sites_threads_in_memory_else_one(overrides, threads):
+    from graftfl.strategies.split_config import stage_threads
+
+    assert stage_threads(compose_config(["dataset=digits", "protocol=split", *overrides])) == threads

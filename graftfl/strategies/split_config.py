@@ -26,6 +26,30 @@ def serves_in_memory(cfg) -> bool:
     return sim.get("backend") == "inprocess" and plane == "direct"
 
 
+def stage_threads(cfg) -> int:
+    """Torch threads of the server's stage: ``protocol.plane_threads``; null: 1, or a site's count in memory.
+
+    Null gives the stage a site's count (``sim.client_threads``, else the whole part of
+    ``client_resources.num_cpus``, at least 1) where it runs in the site's own thread: the
+    in-process backend's in-memory data plane without TLS. The step then uses the unsplit model's
+    thread count and the frame needs no thread switch. A gRPC handler thread computes with 1: with
+    more, every handler thread gets an OpenMP pool of its own, and once a process holds more
+    OpenMP threads than cores every torch call in it slows down (docs/split.md, ``plane_threads``).
+    A seeded run gives the same weights on two backends when their stages use the same count.
+    """
+    threads = cfg.protocol.get("plane_threads")
+    if threads is None:
+        if not serves_in_memory(cfg) or (cfg.get("tls") or {}).get("server_cert"):
+            return 1
+        threads = (cfg.get("sim") or {}).get("client_threads")
+    if threads is None:
+        return max(1, int(float((cfg.get("client_resources") or {}).get("num_cpus") or 1)))
+    if isinstance(threads, bool) or not float(threads).is_integer() or int(threads) < 1:
+        name = "protocol.plane_threads" if cfg.protocol.get("plane_threads") is not None else "sim.client_threads"
+        raise ValueError(f"{name} must be a whole number >= 1, got {threads!r} (it sets the torch threads of the split server's stage)")
+    return int(threads)
+
+
 def validate_split_config(cfg) -> None:
     """Checks shared by the split protocols (raise ValueError with the valid values)."""
     protocol = cfg.protocol
@@ -38,8 +62,7 @@ def validate_split_config(cfg) -> None:
         raise ValueError("protocol.turn_timeout_s and protocol.max_frame_mb must be > 0")
     if float(protocol.idle_timeout_s) <= 0 or int(protocol.max_pending_streams) < 1:
         raise ValueError("protocol.idle_timeout_s must be > 0 and protocol.max_pending_streams >= 1")
-    if isinstance(protocol.plane_threads, bool) or not float(protocol.plane_threads).is_integer() or int(protocol.plane_threads) < 1:
-        raise ValueError(f"protocol.plane_threads must be a whole number >= 1, got {protocol.plane_threads!r}")
+    stage_threads(cfg)
     tls = cfg.get("tls") or {}
     if bool(tls.get("server_cert")) != bool(tls.get("server_key")):
         # one without the other would silently serve the data plane in plaintext

@@ -37,7 +37,7 @@ from graftfl.core.split import MiddleStage, TopStage, activation_shape, model_pa
 from graftfl.config import eval_where
 from graftfl.core.train import optimizer_from_config
 from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, SERVER_ROUND, max_frame_bytes
-from graftfl.strategies.split_config import serves_in_memory
+from graftfl.strategies.split_config import serves_in_memory, stage_threads
 from graftfl.strategies.split_handoff import HandoffState
 from graftfl.strategies.utils import ServerRun, message_nbytes, wait_for_nodes
 from graftfl.transport.server import DataPlaneServer
@@ -67,7 +67,7 @@ def start_data_plane(cfg, stage) -> DataPlaneServer:
         server_key=tls.get("server_key"),
         idle_timeout_s=float(cfg.protocol.idle_timeout_s),
         max_pending_streams=int(cfg.protocol.max_pending_streams),
-        compute_threads=int(cfg.protocol.plane_threads),
+        compute_threads=stage_threads(cfg),
         direct=serves_in_memory(cfg),
     ).start()
 
