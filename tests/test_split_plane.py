@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import grpc
@@ -60,6 +61,8 @@ BAD_FRAMES = {
     "wrong dtype": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token), "float16")),
     "nan": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, activations=torch.full((BATCH, *s), float("nan"))))),
     "infinite": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, activations=torch.full((BATCH, *s), float("inf"))))),
+    "one nan": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, activations=torch.zeros(BATCH * math.prod(s)).index_fill_(0, torch.tensor([7]), float("nan")).reshape(BATCH, *s)))),
+    "cancelling infinities": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, activations=torch.tensor([float("inf"), -float("inf")]).repeat(BATCH * math.prod(s) // 2).reshape(BATCH, *s)))),
     "oversize": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, batch=64))),
     "label too big": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, labels=torch.full((BATCH,), NUM_CLASSES)))),
     "negative label": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, labels=torch.full((BATCH,), -1)))),
@@ -69,7 +72,8 @@ BAD_FRAMES = {
 
 
 MESSAGE_HINTS = {
-    "wrong token": "token", "wrong shape": "shape", "batch mismatch": "batch", "wrong dtype": "dtype", "nan": "NaN",
+    "wrong token": "token", "wrong shape": "shape", "batch mismatch": "batch", "wrong dtype": "dtype", "nan": "NaN", "one nan": "NaN",
+    "cancelling infinities": "NaN or infinite",
     "infinite": "infinite", "oversize": "exceeds the limit", "label too big": "labels must lie", "negative label": "labels must lie",
     "unknown kind": "unexpected frame kind", "garbage": "magic",
 }
@@ -412,3 +416,13 @@ def test_only_the_inprocess_backend_serves_sites_in_memory():
     assert not serves_in_memory(OmegaConf.create({}))  # a deployment's config may have no sim section
     with pytest.raises(ValueError, match=r"sim.split_plane must be one of \['direct', 'grpc'\]"):
         serves_in_memory(OmegaConf.create({"sim": {"backend": "inprocess", "split_plane": "memory"}}))
+
+
+def test_finite_values_whose_sum_overflows_are_finite():
+    # the check sums first (a NaN or an infinity makes the sum non-finite); an overflowing sum gets the full check
+    from graftfl.transport.checks import all_finite
+
+    huge = torch.full((4, 8), 3e38)
+    assert not torch.isfinite(huge.sum()) and all_finite(huge)
+    assert not all_finite(torch.cat([huge.flatten(), torch.tensor([float("inf")])]))
+    assert not all_finite(torch.tensor([1.0, float("nan"), 2.0])) and all_finite(torch.tensor([1.0, -2.0]))

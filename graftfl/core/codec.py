@@ -6,6 +6,7 @@ A tensor travels as raw little-endian bytes plus its shape and wire dtype name;
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -39,7 +40,7 @@ def tensor_from_bytes(data: bytes, shape: Iterable[int], dtype_name: str, out_dt
     """Inverse of :func:`tensor_to_bytes`; raises ``ValueError`` if the size does not match."""
     dtype = wire_dtype(dtype_name)
     shape = tuple(int(d) for d in shape)
-    expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise ValueError(f"payload has {len(data)} bytes, shape {shape} in {dtype_name} needs {expected}")
     storage = torch.int16 if dtype == torch.bfloat16 else dtype

@@ -28,6 +28,15 @@ def _invalid(message: str) -> FrameRejected:
     return FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value of ``tensor`` is finite.
+
+    A finite sum proves it (a NaN or an infinity in the tensor makes the sum NaN or infinite) at a
+    third of the cost of a full elementwise check; a sum that overflows gets the full check.
+    """
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def validated_tensors(header: dict, raw: bytes, offset: int, specs: dict[str, TensorSpec], wire_dtype: str, max_batch: int) -> dict[str, torch.Tensor]:
     """The frame's tensors, once every one matches ``specs`` (floating ones in ``wire_dtype``); else :class:`FrameRejected`."""
     dtypes = wire_dtypes_of(header)
@@ -55,7 +64,7 @@ def validated_tensors(header: dict, raw: bytes, offset: int, specs: dict[str, Te
         if batch is not None and shape[0] != batch:
             raise _invalid(f"tensor '{name}' has batch {shape[0]}, other tensors have {batch}")
         batch = shape[0]
-        if spec.floating and not bool(torch.isfinite(tensor).all()):
+        if spec.floating and not all_finite(tensor):
             raise _invalid(f"tensor '{name}' contains NaN or infinite values")
         if spec.num_classes is not None and len(tensor) and (int(tensor.min()) < 0 or int(tensor.max()) >= spec.num_classes):
             raise _invalid(f"labels must lie in [0, {spec.num_classes}), got [{int(tensor.min())}, {int(tensor.max())}]")

@@ -105,7 +105,7 @@ def decode_tensors(header: dict, raw: bytes, offset: int) -> dict[str, torch.Ten
     view = memoryview(raw)  # slices of a memoryview do not copy; tensor_from_bytes copies once
     for entry in header.get("tensors", []):  # entries were checked by parse_header
         name, shape, dtype = entry["name"], entry["shape"], entry["dtype"]
-        size = math.prod(shape) * torch.empty((), dtype=wire_dtype(dtype)).element_size()
+        size = math.prod(shape) * wire_dtype(dtype).itemsize
         if offset + size > len(raw):
             raise FrameError(f"tensor '{name}' ({shape}, {dtype}) runs past the end of the frame")
         tensors[name] = tensor_from_bytes(view[offset : offset + size], shape, dtype)
