@@ -348,8 +348,8 @@ def test_inprocess_and_ray_end_with_the_same_weights(protocol, tmp_path, monkeyp
         monkeypatch.setenv(name, os.environ.get(name, ""))
     from graftfl.transport.server import DataPlaneServer
 
-    served_in_memory, serve_direct = [], DataPlaneServer.serve_direct  # split frames of in-process sites (sim.split_plane=direct)
-    monkeypatch.setattr(DataPlaneServer, "serve_direct", lambda self, *args: served_in_memory.append(1) or serve_direct(self, *args))
+    served_in_memory, serve_direct = [], DataPlaneServer.serve_direct_frame  # split frames of in-process sites (sim.split_plane=direct)
+    monkeypatch.setattr(DataPlaneServer, "serve_direct_frame", lambda self, *args: served_in_memory.append(1) or serve_direct(self, *args))
     runs, frames_in_memory = {}, {}
     for backend in ("inprocess", "ray"):
         overrides = [f"protocol={protocol}", *COMMON, *PROTOCOL_ARGS[protocol], f"sim.backend={backend}", f"output_dir={tmp_path / backend}"]

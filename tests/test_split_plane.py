@@ -45,8 +45,10 @@ def good_frame(act_shape, token, batch=BATCH, **overrides):
 @pytest.fixture(params=["grpc", "direct"])
 def top_server(request, monkeypatch):
     """A top-stage data plane reached over gRPC, or in memory by this process's clients (the in-process simulation)."""
-    served_directly, serve_direct = [], DataPlaneServer.serve_direct
-    monkeypatch.setattr(DataPlaneServer, "serve_direct", lambda self, *args: served_directly.append(1) or serve_direct(self, *args))
+    served_directly = []
+    for name in ("serve_direct", "serve_direct_frame"):  # encoded frames (send_raw) and frames handed over as parsed (exchange)
+        serve = getattr(DataPlaneServer, name)
+        monkeypatch.setattr(DataPlaneServer, name, lambda self, *args, serve=serve: served_directly.append(1) or serve(self, *args))
     server, act_shape = make_top_server(max_frame_bytes=16 * 1024, direct=request.param == "direct")
     yield server, act_shape
     server.stop()
@@ -364,6 +366,50 @@ def test_a_direct_plane_serves_this_process_in_memory_with_the_replies_of_grpc()
         assert streams == (0 if direct_plane else 1)  # an in-memory turn holds no gRPC stream (nor a server thread)
     assert seen[True] == seen[False]  # the same reply bytes and the same counts, frame for frame
     assert all(torch.equal(a, b) for a, b in zip(seen[True, "weights"], seen[False, "weights"], strict=True))
+
+
+@pytest.mark.parametrize("wire_dtype", ["float32", "float16", "bfloat16"])
+def test_frames_exchanged_in_memory_get_the_replies_and_byte_counts_of_grpc(wire_dtype):
+    # exchange() in memory hands frames over as parsed (no bytes): the same tensors, sizes and weights as over gRPC
+    torch.manual_seed(6)
+    batches = [good_frame((6, 4, 4), "").tensors for _ in range(3)]
+    seen = {}
+    for direct_plane in (False, True):
+        server, _ = make_top_server(direct=direct_plane, wire_dtype=wire_dtype)
+        try:
+            turn = server.open_turn("site", accept=("train",), max_batches=3)
+            with DataPlaneClient(server.address, turn.token, wire_dtype=wire_dtype) as plane:
+                replies = [plane.exchange("train", batch) for batch in batches]
+            server.close_turn(turn)
+            counts = (turn.bytes_up, turn.bytes_down, turn.frames, turn.ended_cleanly, plane.bytes_up, plane.bytes_down)
+            seen[direct_plane] = (replies, counts, [p.detach().clone() for p in server.stage.top.parameters()])
+        finally:
+            server.stop()
+    (grpc_replies, grpc_counts, grpc_weights), (memory_replies, memory_counts, memory_weights) = seen[False], seen[True]
+    assert memory_counts == grpc_counts and grpc_counts[0] > 0
+    for (grpc_tensors, grpc_meta), (memory_tensors, memory_meta) in zip(grpc_replies, memory_replies, strict=True):
+        assert grpc_meta == memory_meta and grpc_tensors.keys() == memory_tensors.keys()
+        assert all(torch.equal(grpc_tensors[k], memory_tensors[k]) and memory_tensors[k].dtype == torch.float32 for k in grpc_tensors)
+    assert all(torch.equal(a, b) for a, b in zip(grpc_weights, memory_weights, strict=True))
+
+
+def test_a_frame_handed_over_in_memory_is_what_its_bytes_decode_to():
+    from graftfl.transport.frames import FrameError, as_delivered, decode_frame
+
+    frame = Frame("train", {"activations": torch.randn(3, 5) * 1e3, "labels": torch.tensor([2, 0, 1], dtype=torch.int32)}, {"step": 4}, "tok")
+    for wire_dtype in ("float32", "float16", "bfloat16"):
+        raw = encode_frame(frame, wire_dtype)
+        header, delivered, size = as_delivered(frame, wire_dtype)
+        decoded = decode_frame(raw)
+        assert size == len(raw) and header == parse_header(raw)[0]
+        assert (delivered.kind, delivered.meta, delivered.token) == (decoded.kind, decoded.meta, decoded.token)
+        assert all(torch.equal(delivered.tensors[k], decoded.tensors[k]) and delivered.tensors[k].dtype == decoded.tensors[k].dtype
+                   for k in decoded.tensors)
+    sent = frame.tensors["activations"].clone()
+    as_delivered(frame, "float32")[1].tensors["activations"].add_(1.0)  # a copy: the receiver cannot change what the sender holds
+    assert torch.equal(frame.tensors["activations"], sent)
+    with pytest.raises(FrameError, match="no elements"):  # the header checks of parse_header
+        as_delivered(Frame("train", {"activations": torch.zeros(0, 5)}))
 
 
 def test_a_direct_plane_still_serves_grpc_and_tls_clients_go_through_grpc(tmp_path):

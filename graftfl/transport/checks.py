@@ -39,6 +39,22 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 def validated_tensors(header: dict, raw: bytes, offset: int, specs: dict[str, TensorSpec], wire_dtype: str, max_batch: int) -> dict[str, torch.Tensor]:
     """The frame's tensors, once every one matches ``specs`` (floating ones in ``wire_dtype``); else :class:`FrameRejected`."""
+    check_declared(header, specs, wire_dtype)
+    try:
+        tensors = decode_tensors(header, raw, offset)
+    except FrameError as err:
+        raise _invalid(str(err)) from err
+    return checked_tensors(tensors, specs, max_batch)
+
+
+def checked_delivered(header: dict, tensors: dict[str, torch.Tensor], specs: dict[str, TensorSpec], wire_dtype: str, max_batch: int) -> dict[str, torch.Tensor]:
+    """:func:`validated_tensors` for a frame handed over in memory (``as_delivered``): its header and decoded tensors."""
+    check_declared(header, specs, wire_dtype)
+    return checked_tensors(tensors, specs, max_batch)
+
+
+def check_declared(header: dict, specs: dict[str, TensorSpec], wire_dtype: str) -> None:
+    """The header names the tensors of ``specs``, floating ones in ``wire_dtype`` and the others in int64."""
     dtypes = wire_dtypes_of(header)
     if set(dtypes) != set(specs):
         raise _invalid(f"frame '{header['kind']}' must carry tensors {sorted(specs)}, got {sorted(dtypes)}")
@@ -46,10 +62,10 @@ def validated_tensors(header: dict, raw: bytes, offset: int, specs: dict[str, Te
         expected = wire_dtype if spec.floating else "int64"
         if dtypes[name] != expected:
             raise _invalid(f"tensor '{name}' has dtype {dtypes[name]}, expected {expected}")
-    try:
-        tensors = decode_tensors(header, raw, offset)
-    except FrameError as err:
-        raise _invalid(str(err)) from err
+
+
+def checked_tensors(tensors: dict[str, torch.Tensor], specs: dict[str, TensorSpec], max_batch: int) -> dict[str, torch.Tensor]:
+    """``tensors`` (decoded, named as in ``specs``) once shapes, batch, finite values and labels hold."""
     batch = None
     for name, spec in specs.items():
         tensor = tensors[name]

@@ -140,7 +140,18 @@ class DataPlaneClient:
 
     def exchange(self, kind: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         """Send one frame, return the reply's tensors and meta."""
-        reply = decode_frame(self.send_raw(encode_frame(Frame(kind, tensors, meta or {}, self.token), self.wire_dtype)))
+        frame = Frame(kind, tensors, meta or {}, self.token)
+        if self._direct is None:
+            reply = decode_frame(self.send_raw(encode_frame(frame, self.wire_dtype)))
+            return reply.tensors, reply.meta
+        try:  # in memory: the frames as their receivers would parse them, the same sizes
+            reply, up, down = self._direct.exchange(frame, self.wire_dtype)
+        except FrameRejected as rejected:
+            raise DataPlaneError(rejected.code, rejected.message) from rejected
+        self.bytes_up += up
+        if reply is None:
+            raise DataPlaneError(None, "stream ended")
+        self.bytes_down += down
         return reply.tensors, reply.meta
 
     def close(self) -> None:

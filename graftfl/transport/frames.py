@@ -42,17 +42,44 @@ class Frame:
     token: str = ""
 
 
-def encode_frame(frame: Frame, float_dtype: str = "float32") -> bytes:
-    """Serialize ``frame``; floating tensors are cast to ``float_dtype`` on the wire."""
+def frame_header(frame: Frame, float_dtype: str = "float32") -> dict:
+    """The header :func:`encode_frame` writes for ``frame``: floating tensors in ``float_dtype``, others as int64."""
     if float_dtype not in FLOAT_WIRE_DTYPES:
         raise ValueError(f"wire dtype must be one of {list(FLOAT_WIRE_DTYPES)}, got '{float_dtype}'")
-    entries, payloads = [], []
-    for name, tensor in frame.tensors.items():
-        dtype = float_dtype if tensor.is_floating_point() else "int64"
-        entries.append({"name": name, "shape": list(tensor.shape), "dtype": dtype})
-        payloads.append(tensor_to_bytes(tensor, dtype))
-    header = json.dumps({"token": frame.token, "kind": frame.kind, "meta": frame.meta, "tensors": entries}).encode()
-    return b"".join([MAGIC, struct.pack(">I", len(header)), header, *payloads])
+    entries = [{"name": name, "shape": list(tensor.shape), "dtype": float_dtype if tensor.is_floating_point() else "int64"}
+               for name, tensor in frame.tensors.items()]
+    return {"token": frame.token, "kind": frame.kind, "meta": frame.meta, "tensors": entries}
+
+
+def encode_frame(frame: Frame, float_dtype: str = "float32") -> bytes:
+    """Serialize ``frame``; floating tensors are cast to ``float_dtype`` on the wire."""
+    header = frame_header(frame, float_dtype)
+    payloads = [tensor_to_bytes(frame.tensors[entry["name"]], entry["dtype"]) for entry in header["tensors"]]
+    text = json.dumps(header).encode()
+    return b"".join([MAGIC, struct.pack(">I", len(text)), text, *payloads])
+
+
+def as_delivered(frame: Frame, float_dtype: str = "float32") -> tuple[dict, Frame, int]:
+    """What the receiver of ``encode_frame(frame, float_dtype)`` parses, without the bytes: ``(header, frame, size)``.
+
+    The header as :func:`parse_header` returns it (and with its checks), the frame as
+    :func:`decode_frame` returns it (tensors are copies, rounded to the wire dtype and
+    widened back to float32) and the encoded size in bytes. The in-memory data plane
+    (:mod:`graftfl.transport.direct`) hands frames over with it; the copies and the
+    size are what a frame through gRPC would give, so the checks and counts are the same.
+    """
+    text = json.dumps(frame_header(frame, float_dtype)).encode()
+    header = checked_header(json.loads(text), len(text))
+    tensors = {entry["name"]: _delivered(frame.tensors[entry["name"]], entry["dtype"]) for entry in header["tensors"]}
+    size = 8 + len(text) + sum(math.prod(entry["shape"]) * wire_dtype(entry["dtype"]).itemsize for entry in header["tensors"])
+    delivered = Frame(kind=header["kind"], tensors=tensors, meta=header.get("meta") or {}, token=str(header.get("token", "")))
+    return header, delivered, size
+
+
+def _delivered(tensor: torch.Tensor, dtype_name: str) -> torch.Tensor:
+    """``tensor`` as :func:`~graftfl.core.codec.tensor_from_bytes` returns it after the wire: a copy, floats widened to float32."""
+    copy = tensor.detach().to("cpu", wire_dtype(dtype_name), copy=True)
+    return copy.to(torch.float32) if copy.is_floating_point() else copy
 
 
 def parse_header(raw: bytes) -> tuple[dict, int]:
@@ -66,6 +93,13 @@ def parse_header(raw: bytes) -> tuple[dict, int]:
         header = json.loads(raw[8 : 8 + length])
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise FrameError(f"frame header is not JSON: {err}") from err
+    return checked_header(header, length), 8 + length
+
+
+def checked_header(header, length: int) -> dict:
+    """``header`` (parsed JSON of ``length`` bytes) once its fields are valid; else :class:`FrameError`."""
+    if length > MAX_HEADER_BYTES:
+        raise FrameError(f"frame header length {length} is invalid")
     if not isinstance(header, dict) or not isinstance(header.get("kind"), str) or not isinstance(header.get("tensors", []), list):
         raise FrameError("frame header needs a 'kind' string and a 'tensors' list")
     if not isinstance(header.get("meta", {}), dict) or not isinstance(header.get("token", ""), str):
@@ -73,7 +107,7 @@ def parse_header(raw: bytes) -> tuple[dict, int]:
     names = [_checked_entry(entry) for entry in header.get("tensors", [])]
     if len(set(names)) != len(names):
         raise FrameError(f"frame header names a tensor twice: {names}")
-    return header, 8 + length
+    return header
 
 
 def _checked_entry(entry) -> str:

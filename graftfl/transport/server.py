@@ -40,16 +40,16 @@ import socket
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import torch
 
 from graftfl.transport import direct
-from graftfl.transport.checks import FrameRejected, validated_tensors
-from graftfl.transport.frames import FLOAT_WIRE_DTYPES, Frame, FrameError, encode_frame, parse_header
+from graftfl.transport.checks import FrameRejected, checked_delivered, validated_tensors
+from graftfl.transport.frames import FLOAT_WIRE_DTYPES, Frame, FrameError, as_delivered, encode_frame, parse_header
 from graftfl.transport.streams import StreamGuard
+from graftfl.transport.turns import Turn
 
 log = logging.getLogger(__name__)
 
@@ -59,34 +59,6 @@ GRPC_SLACK_BYTES = 1 << 20
 
 def _identity(data: bytes) -> bytes:
     return data
-
-
-@dataclass
-class Turn:
-    """One client turn on the data plane: its token, counters and the stage's per-turn state."""
-
-    token: str
-    label: str
-    state: dict = field(default_factory=dict)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    frames: int = 0
-    open: bool = True
-    attached: bool = False
-    ended_cleanly: bool = False
-    error: str | None = None
-    first_frame_at: float | None = None
-    last_frame_at: float = field(default_factory=time.monotonic)
-    stream: object | None = None  # the gRPC context of the attached stream (cancelled when the turn closes)
-    accept: frozenset[str] | None = None  # frame kinds this turn accepts (None: whatever the stage expects)
-    max_batches: int | None = None  # most frames of any one kind (None: no cap)
-    kind_counts: dict = field(default_factory=dict)
-
-    def frames_per_second(self) -> float | None:
-        """Frames served per second between the turn's first and last frame (the data plane's pace)."""
-        if self.first_frame_at is None or self.frames < 3:
-            return None
-        return (self.frames - 1) / max(self.last_frame_at - self.first_frame_at, 1e-9)
 
 
 class DataPlaneServer:
@@ -250,16 +222,36 @@ class DataPlaneServer:
             self.guard.release(stream)
 
     def serve_direct(self, stream: direct.DirectStream, raw: bytes) -> bytes | None:
-        """Serve one frame of an in-process stream in the caller's thread: the reply, None after ``end``.
+        """Serve one encoded frame of an in-process stream in the caller's thread: the reply, None after ``end``.
 
         The checks of a gRPC frame; a refused frame raises :class:`FrameRejected`. The stage
         computes with ``compute_threads`` and its update is done before this returns (over gRPC
         the handler thread completes it after sending the reply: the same thread count and
         weights); the caller's thread count is restored.
         """
+        return self._in_callers_thread(stream, lambda: self._serve_frame(raw, stream.turn, in_memory=True))
+
+    def serve_direct_frame(self, stream: direct.DirectStream, frame: Frame, float_dtype: str) -> tuple[Frame | None, int, int]:
+        """:meth:`serve_direct` without the bytes: ``(reply, frame size, reply size)``; the reply None after ``end``.
+
+        ``frame`` and the reply cross as :func:`~graftfl.transport.frames.as_delivered` gives them:
+        the header and tensors the receiver of the encoded frame would parse (copies at the wire
+        dtype) and its size, so every check and byte count is that of :meth:`serve_direct`.
+        """
+        try:
+            header, delivered, size = as_delivered(frame, float_dtype)
+        except FrameError as err:
+            reject = FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            _note_rejected(stream.turn, reject, stream.peer())
+            raise reject from err
+        tensors_of = lambda specs: checked_delivered(header, delivered.tensors, specs, self.wire_dtype, self.max_batch)  # noqa: E731
+        reply = self._in_callers_thread(stream, lambda: self._serve(header, size, tensors_of, stream.turn, True, self._delivered))
+        return (None, size, 0) if reply is None else (reply[0], size, reply[1])
+
+    def _in_callers_thread(self, stream: direct.DirectStream, serve):
         caller_threads = torch.get_num_threads()
         try:
-            turn, reply = self._serve_frame(raw, stream.turn, in_memory=True)
+            turn, reply = serve()
             turn.stream, stream.turn = stream, turn
             return reply
         except FrameRejected as reject:
@@ -288,15 +280,33 @@ class DataPlaneServer:
             header, offset = parse_header(raw)
         except FrameError as err:
             raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
+        tensors_of = lambda specs: validated_tensors(header, raw, offset, specs, self.wire_dtype, self.max_batch)  # noqa: E731
+        turn, reply = self._serve(header, len(raw), tensors_of, turn, in_memory, self._encoded)
+        return turn, None if reply is None else reply[0]
+
+    def _encoded(self, reply: Frame) -> tuple[bytes, int]:
+        encoded = encode_frame(reply, self.wire_dtype)
+        return encoded, len(encoded)
+
+    def _delivered(self, reply: Frame) -> tuple[Frame, int]:
+        _, delivered, size = as_delivered(reply, self.wire_dtype)
+        return delivered, size
+
+    def _serve(self, header: dict, size: int, tensors_of, turn: Turn | None, in_memory: bool, reply_of) -> tuple[Turn, tuple | None]:
+        """Check a parsed frame of ``size`` bytes and answer it: ``(turn, reply_of(reply frame))``, None after ``end``.
+
+        ``tensors_of(specs)`` gives the frame's checked tensors; ``reply_of`` turns the reply into
+        what goes back and its size.
+        """
         with self.lock:
             turn = self._authenticate(str(header.get("token", "")), turn)
-            turn.bytes_up += len(raw)
+            turn.bytes_up += size
             turn.frames += 1
             turn.last_frame_at = time.monotonic()
             if turn.first_frame_at is None:
                 turn.first_frame_at = turn.last_frame_at
-            if len(raw) > self.max_frame_bytes:
-                raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, f"frame of {len(raw)} bytes exceeds the limit of {self.max_frame_bytes} bytes")
+            if size > self.max_frame_bytes:
+                raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, f"frame of {size} bytes exceeds the limit of {self.max_frame_bytes} bytes")
             kind = header["kind"]
             if kind == "end":
                 turn.ended_cleanly = True
@@ -309,14 +319,14 @@ class DataPlaneServer:
             specs = self.stage.input_specs(kind, turn.state)
             if specs is None:
                 raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected frame kind '{kind}' at this point of the turn")
-            tensors = validated_tensors(header, raw, offset, specs, self.wire_dtype, self.max_batch)
+            tensors = tensors_of(specs)
             if torch.get_num_threads() != self.compute_threads:  # a handler thread starts with the process's count
                 torch.set_num_threads(self.compute_threads)
             # a client in this thread waits for the whole step anyway: the stage updates in the same backward pass
             reply_kind, reply_tensors, meta = self.stage.handle(kind, tensors, turn.state, defer_update=not in_memory)
-            encoded = encode_frame(Frame(reply_kind, reply_tensors, meta), self.wire_dtype)
-            turn.bytes_down += len(encoded)
-        return turn, encoded
+            reply = reply_of(Frame(reply_kind, reply_tensors, meta))
+            turn.bytes_down += reply[1]
+        return turn, reply
 
     def _authenticate(self, token: str, turn: Turn | None) -> Turn:
         if turn is not None:
