@@ -1,8 +1,10 @@
 """Per-batch cost of a split step by the path its frames take, at the in-process simulation's settings.
 
 LeNet on Fashion-MNIST, cut after ``conv1``, SGD, one process; the client's torch threads
-``--threads`` and the server stage's ``--plane-threads`` (default: the same count, as ``graftfl sim
-sim.backend=inprocess`` runs them with ``protocol.plane_threads=null``):
+``--threads``; the server stage's as ``graftfl sim sim.backend=inprocess`` sets them with
+``protocol.plane_threads=null``: the client's count in memory, 1 in a gRPC handler thread (more
+there gives the handler thread an OpenMP pool of its own, which slows every later step in the
+process; ``--plane-threads`` sets one count for every path):
 
 - whole model: the unsplit LeNet step (what R(N) compares split with);
 - (a) split, no frames: the client role calls the server stage directly (the compute floor
@@ -110,11 +112,11 @@ def over_plane(batches, plane_threads: int, direct: bool) -> float:
         server.stop()
 
 
-MEASURES = {
-    "whole": whole,
-    "direct_call": direct_call,
-    "direct_plane": lambda batches, threads: over_plane(batches, threads, direct=True),
-    "grpc_thread": lambda batches, threads: over_plane(batches, threads, direct=False),
+MEASURES = {  # name -> (measure, whether the stage runs in the caller's thread)
+    "whole": (whole, True),
+    "direct_call": (direct_call, True),
+    "direct_plane": (lambda batches, threads: over_plane(batches, threads, direct=True), True),
+    "grpc_thread": (lambda batches, threads: over_plane(batches, threads, direct=False), False),
 }
 
 
@@ -124,7 +126,8 @@ def render(payload: dict) -> str:
         "# Split step by data-plane path",
         "",
         f"Measured {payload['when']} on {payload['cpu']}; LeNet / Fashion-MNIST, batch {payload['batch_size']}, cut `{CUT}`, "
-        f"client torch threads {payload['threads']}, stage threads {payload['plane_threads']}; median of {payload['repeats']} interleaved "
+        f"client torch threads {payload['threads']}, stage threads {payload['plane_threads']} in memory and "
+        f"{payload['grpc_plane_threads']} over gRPC; median of {payload['repeats']} interleaved "
         f"repetitions of {payload['steps'] - WARMUP} steps. Command: `{payload['command']}`.",
         "",
         "| path | ms per step | steps/s vs whole model |",
@@ -142,20 +145,22 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--plane-threads", type=int, default=None, help="the stage's torch threads (default: --threads)")
+    parser.add_argument("--plane-threads", type=int, default=None, help="the stage's torch threads on every path "
+                        "(default: --threads in memory, 1 over gRPC, as protocol.plane_threads=null)")
     args = parser.parse_args()
+    grpc_threads = args.plane_threads or 1
     args.plane_threads = args.plane_threads or args.threads
     torch.set_num_threads(args.threads)
     batches = batches_of(args.batch_size, args.steps)
     runs: dict[str, list[float]] = {name: [] for name in MEASURES}
     for repeat in range(args.repeats):
-        for name, measure in MEASURES.items():
-            runs[name].append(1e3 * measure(batches, args.plane_threads))
+        for name, (measure, in_callers_thread) in MEASURES.items():
+            runs[name].append(1e3 * measure(batches, args.plane_threads if in_callers_thread else grpc_threads))
         print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{name} {ms[-1]:.3f} ms" for name, ms in runs.items()), flush=True)
     payload = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__, "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
-        "plane_threads": args.plane_threads, "command": "python benchmarks/split_plane_paths.py", "all_ms": runs,
+        "plane_threads": args.plane_threads, "grpc_plane_threads": grpc_threads, "command": "python benchmarks/split_plane_paths.py", "all_ms": runs,
         "median_ms": {name: statistics.median(ms) for name, ms in runs.items()}, "load_average_1min_after": os.getloadavg()[0],
     }
     write_results("split_plane_paths", payload, render(payload))

@@ -29,7 +29,8 @@ the stage's weights from another thread only after :meth:`DataPlaneServer.settle
 
 A server started with ``direct=True`` also serves the clients of its own process in memory
 (:mod:`graftfl.transport.direct`, the in-process simulation): the same frames and checks,
-served in the caller's thread by :meth:`DataPlaneServer.serve_direct`.
+served in the caller's thread by :meth:`DataPlaneServer.serve_direct_frame` (a frame as its
+receiver parses it, no bytes) and :meth:`DataPlaneServer.serve_direct` (an encoded frame).
 """
 
 from __future__ import annotations
@@ -91,10 +92,11 @@ class DataPlaneServer:
     max_pending_streams : int
         Streams that may wait for their first frame at once; one more evicts the oldest.
     compute_threads : int
-        Torch threads the stage computes with, set in every handler thread. Frames are
-        served one at a time (under the server's lock), so more threads only speed up one
-        batch's ops; a fixed count keeps a seeded run's numbers the same whichever thread
-        (or simulation backend) serves a frame, and 1 adds no OpenMP pool to the process.
+        Torch threads the stage computes with, set in every handler thread and for frames
+        served in memory. Frames are served one at a time (under the server's lock), so more
+        threads only speed up one batch's ops; a fixed count keeps a seeded run's numbers the
+        same whichever thread serves a frame, and 1 adds no OpenMP pool to a gRPC handler
+        thread (``protocol.plane_threads``, :func:`graftfl.strategies.split_config.stage_threads`).
     direct : bool
         Also serve this process's clients in memory (:mod:`graftfl.transport.direct`): the
         in-process simulation backend. Clients of other processes use gRPC either way.
