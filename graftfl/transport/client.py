@@ -130,13 +130,17 @@ class DataPlaneClient:
             raise DataPlaneError(None, "stream ended") from err
 
     def _direct_reply(self, raw: bytes) -> bytes:
+        return self._direct_answer(lambda: self._direct.send(raw), lambda reply: reply)
+
+    def _direct_answer(self, send, reply_of):
+        """``send()``'s answer in memory, with gRPC's errors: a refused frame or an ended stream is a :class:`DataPlaneError`."""
         try:
-            reply = self._direct.send(raw)
+            answer = send()
         except FrameRejected as rejected:
             raise DataPlaneError(rejected.code, rejected.message) from rejected
-        if reply is None:
+        if reply_of(answer) is None:
             raise DataPlaneError(None, "stream ended")
-        return reply
+        return answer
 
     def exchange(self, kind: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         """Send one frame, return the reply's tensors and meta."""
@@ -144,14 +148,9 @@ class DataPlaneClient:
         if self._direct is None:
             reply = decode_frame(self.send_raw(encode_frame(frame, self.wire_dtype)))
             return reply.tensors, reply.meta
-        try:  # in memory: the frames as their receivers would parse them, the same sizes
-            reply, up, down = self._direct.exchange(frame, self.wire_dtype)
-        except FrameRejected as rejected:
-            raise DataPlaneError(rejected.code, rejected.message) from rejected
-        self.bytes_up += up
-        if reply is None:
-            raise DataPlaneError(None, "stream ended")
-        self.bytes_down += down
+        # in memory: the frames as their receivers would parse them, the same sizes
+        reply, up, down = self._direct_answer(lambda: self._direct.exchange(frame, self.wire_dtype), lambda answer: answer[0])
+        self.bytes_up, self.bytes_down = self.bytes_up + up, self.bytes_down + down
         return reply.tensors, reply.meta
 
     def close(self) -> None:

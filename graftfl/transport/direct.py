@@ -71,30 +71,25 @@ class DirectStream:
 
     def send(self, raw: bytes) -> bytes | None:
         """The server's reply to the frame ``raw`` (``None`` for ``end``); :class:`FrameRejected` if refused."""
-        if self._closed is not None:
-            raise self._closed
-        try:
-            reply = self.server.serve_direct(self, raw)
-        except FrameRejected as rejected:
-            self._closed = rejected
-            raise
-        if reply is None:
-            self._closed = FrameRejected(grpc.StatusCode.CANCELLED, "the stream has ended")
-        return reply
+        return self._served(lambda: self.server.serve_direct(self, raw), lambda reply: reply is None)
 
     def exchange(self, frame, float_dtype: str) -> tuple[object | None, int, int]:
         """:meth:`send` for a frame not yet encoded: ``(reply frame, size up, size down)``, as
         :meth:`DataPlaneServer.serve_direct_frame` answers; :class:`FrameRejected` if refused."""
+        return self._served(lambda: self.server.serve_direct_frame(self, frame, float_dtype), lambda answer: answer[0] is None)
+
+    def _served(self, serve, ended):
+        """``serve()``'s answer; a refused frame, or an answer that ``ended`` the stream, closes the stream."""
         if self._closed is not None:
             raise self._closed
         try:
-            reply, up, down = self.server.serve_direct_frame(self, frame, float_dtype)
+            answer = serve()
         except FrameRejected as rejected:
             self._closed = rejected
             raise
-        if reply is None:
+        if ended(answer):
             self._closed = FrameRejected(grpc.StatusCode.CANCELLED, "the stream has ended")
-        return reply, up, down
+        return answer
 
     def cancel(self) -> None:
         """Refuse every later frame (the server closed the turn, or the site gave it up)."""

@@ -50,7 +50,7 @@ from graftfl.transport import direct
 from graftfl.transport.checks import FrameRejected, checked_delivered, validated_tensors
 from graftfl.transport.frames import FLOAT_WIRE_DTYPES, Frame, FrameError, as_delivered, encode_frame, parse_header
 from graftfl.transport.streams import StreamGuard
-from graftfl.transport.turns import Turn
+from graftfl.transport.turns import Turn, note_rejected
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class DataPlaneServer:
                 stream.last_activity = time.monotonic()
                 self.settle()  # gRPC resumes here once the reply is sent: update while the client computes
         except FrameRejected as reject:
-            _note_rejected(turn, reject, stream.peer)
+            note_rejected(turn, reject, stream.peer)
             context.abort(reject.code, reject.message)
         except grpc.RpcError:  # cancelled (idle, evicted, turn closed) while waiting for a frame
             pass
@@ -240,15 +240,7 @@ class DataPlaneServer:
         the header and tensors the receiver of the encoded frame would parse (copies at the wire
         dtype) and its size, so every check and byte count is that of :meth:`serve_direct`.
         """
-        try:
-            header, delivered, size = as_delivered(frame, float_dtype)
-        except FrameError as err:
-            reject = FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-            _note_rejected(stream.turn, reject, stream.peer())
-            raise reject from err
-        tensors_of = lambda specs: checked_delivered(header, delivered.tensors, specs, self.wire_dtype, self.max_batch)  # noqa: E731
-        reply = self._in_callers_thread(stream, lambda: self._serve(header, size, tensors_of, stream.turn, True, self._delivered))
-        return (None, size, 0) if reply is None else (reply[0], size, reply[1])
+        return self._in_callers_thread(stream, lambda: self._serve_delivered(frame, float_dtype, stream.turn))
 
     def _in_callers_thread(self, stream: direct.DirectStream, serve):
         caller_threads = torch.get_num_threads()
@@ -257,7 +249,7 @@ class DataPlaneServer:
             turn.stream, stream.turn = stream, turn
             return reply
         except FrameRejected as reject:
-            _note_rejected(stream.turn, reject, stream.peer())
+            note_rejected(stream.turn, reject, stream.peer())
             raise
         finally:
             if torch.get_num_threads() != caller_threads:
@@ -286,13 +278,18 @@ class DataPlaneServer:
         turn, reply = self._serve(header, len(raw), tensors_of, turn, in_memory, self._encoded)
         return turn, None if reply is None else reply[0]
 
+    def _serve_delivered(self, frame: Frame, float_dtype: str, turn: Turn | None) -> tuple[Turn, tuple[Frame | None, int, int]]:
+        try:
+            header, delivered, size = as_delivered(frame, float_dtype)
+        except FrameError as err:
+            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
+        tensors_of = lambda specs: checked_delivered(header, delivered.tensors, specs, self.wire_dtype, self.max_batch)  # noqa: E731
+        turn, reply = self._serve(header, size, tensors_of, turn, True, lambda answer: as_delivered(answer, self.wire_dtype)[1:])
+        return turn, (None, size, 0) if reply is None else (reply[0], size, reply[1])
+
     def _encoded(self, reply: Frame) -> tuple[bytes, int]:
         encoded = encode_frame(reply, self.wire_dtype)
         return encoded, len(encoded)
-
-    def _delivered(self, reply: Frame) -> tuple[Frame, int]:
-        _, delivered, size = as_delivered(reply, self.wire_dtype)
-        return delivered, size
 
     def _serve(self, header: dict, size: int, tensors_of, turn: Turn | None, in_memory: bool, reply_of) -> tuple[Turn, tuple | None]:
         """Check a parsed frame of ``size`` bytes and answer it: ``(turn, reply_of(reply frame))``, None after ``end``.
@@ -342,12 +339,6 @@ class DataPlaneServer:
             raise FrameRejected(grpc.StatusCode.UNAUTHENTICATED, "this token is already in use by another stream")
         found.attached = True
         return found
-
-
-def _note_rejected(turn: Turn | None, reject: FrameRejected, peer: str) -> None:
-    if turn is not None:
-        turn.error = f"{reject.code.name}: {reject.message}"
-    log.warning("data plane rejected a frame from %s (%s): %s", peer, reject.code.name, reject.message)
 
 
 def _advertised(bind_address: str, port: int) -> str:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+
+from graftfl.transport.checks import FrameRejected
+
+log = logging.getLogger("graftfl.transport.server")  # where the server's rejections were always logged
 
 
 @dataclass
@@ -32,3 +37,10 @@ class Turn:
         if self.first_frame_at is None or self.frames < 3:
             return None
         return (self.frames - 1) / max(self.last_frame_at - self.first_frame_at, 1e-9)
+
+
+def note_rejected(turn: Turn | None, reject: FrameRejected, peer: str) -> None:
+    """Record a refused frame on its turn (the turn's error) and in the server's log."""
+    if turn is not None:
+        turn.error = f"{reject.code.name}: {reject.message}"
+    log.warning("data plane rejected a frame from %s (%s): %s", peer, reject.code.name, reject.message)
