@@ -152,7 +152,7 @@ def check_ushaped_on_cuda() -> dict:
 
 
 def check_dpsgd_on_cuda() -> dict:
-    from graftfl.core.data import make_loader
+    from graftfl.core.data import per_row_loader
     from graftfl.core.privacy import DpSgdConfig, PrivateTraining
 
     device = torch.device("cuda")
@@ -160,7 +160,7 @@ def check_dpsgd_on_cuda() -> dict:
     y = torch.randint(0, CLASSES, (1024,))
     model = fresh_lenet().to(device)
     private = PrivateTraining(DpSgdConfig(max_grad_norm=1.0, delta=1e-5, noise_multiplier=1.0))
-    private_model, optimizer, loader = private.attach(model, sgd(model.parameters()), make_loader(x, y, BATCH, shuffle=True, seed=0))
+    private_model, optimizer, loader = private.attach(model, sgd(model.parameters()), per_row_loader(x, y, BATCH, shuffle=True, seed=0))
     metrics = train(private_model, loader, optimizer, device=device)
     epsilon = private.epsilon()
     assert metrics["steps"] > 0 and 0 < epsilon < float("inf") and all(torch.isfinite(p).all() for p in model.parameters())

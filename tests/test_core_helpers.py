@@ -177,3 +177,29 @@ def test_top_and_middle_stages_share_the_server_stage_base():
     assert top_stage.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, top.parameters(), strict=True))  # deferred
     top_stage.complete_step()
     assert top_stage.steps == 1 and not all(torch.equal(a, b) for a, b in zip(before, top.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_gathered_batches_are_the_per_row_loaders_and_train_the_same_weights(shuffle):
+    """make_loader takes each batch with one gather: same rows, same order, same random draws as the
+    row-by-row DataLoader (Opacus's), so a seeded run learns the same weights with either."""
+    from graftfl.core.data import make_loader, per_row_loader
+    from graftfl.core.train import train
+
+    x, y = torch.randn(23, 4), torch.randint(0, 3, (23,))
+    results = []
+    for loader_of in (make_loader, per_row_loader):
+        torch.manual_seed(5)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 3))  # dropout draws from the global generator
+        loader = loader_of(x, y, 5, shuffle=shuffle, seed=11)
+        batches = [(bx.clone(), by.clone()) for bx, by in loader] + [(bx.clone(), by.clone()) for bx, by in loader]
+        metrics = train(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), device=torch.device("cpu"), epochs=3)
+        results.append((batches, metrics, model.state_dict(), torch.random.get_rng_state(), len(loader)))
+    (gathered, m1, w1, rng1, n1), (per_row, m2, w2, rng2, n2) = results
+    assert n1 == n2 == 5
+    assert [len(b) for b, _ in gathered] == [5, 5, 5, 5, 3] * 2
+    for (a, la), (b, lb) in zip(gathered, per_row, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    assert shuffle != torch.equal(gathered[0][1], y[:5])  # shuffled, or in order
+    assert m1 == m2 and torch.equal(rng1, rng2)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -3,7 +3,7 @@ import math
 import torch
 from opacus.accountants import RDPAccountant
 
-from graftfl.core.data import make_loader
+from graftfl.core.data import per_row_loader
 from graftfl.core.privacy import (
     DpSgdConfig,
     PrivateTraining,
@@ -21,7 +21,7 @@ def one_round(history_json: str, config: DpSgdConfig, seed: int) -> str:
     torch.manual_seed(seed)
     x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
     model = torch.nn.Linear(5, 3)
-    loader = make_loader(x, y, batch_size=8, shuffle=True, seed=seed)
+    loader = per_row_loader(x, y, batch_size=8, shuffle=True, seed=seed)
     private = PrivateTraining(config, history_from_json(history_json))
     dp_model, dp_optimizer, dp_loader = private.attach(model, make_optimizer("sgd", model.parameters(), 0.1), loader)
     train(dp_model, dp_loader, dp_optimizer, device=torch.device("cpu"))
@@ -68,7 +68,7 @@ def _private_setup(seed: int, samples: int = 4):
     x, y = torch.randn(samples, 5), torch.randint(0, 3, (samples,))
     model = torch.nn.Linear(5, 3)
     private = PrivateTraining(DpSgdConfig(max_grad_norm=1.0, delta=1e-5, noise_multiplier=1.0))
-    dp_model, dp_optimizer, dp_loader = private.attach(model, make_optimizer("sgd", model.parameters(), 0.1), make_loader(x, y, 1, shuffle=True, seed=seed))
+    dp_model, dp_optimizer, dp_loader = private.attach(model, make_optimizer("sgd", model.parameters(), 0.1), per_row_loader(x, y, 1, shuffle=True, seed=seed))
     return private, dp_model, dp_optimizer, dp_loader
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from graftfl.core.normalization import PUBLISHED, Statistics, checked_statistics, fixed_statistics, standardized
 
@@ -290,6 +290,21 @@ def dataset_from_config(data_cfg, statistics: Statistics | None = None) -> Datas
 
 
 def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A deterministic DataLoader over in-memory tensors."""
+    """A deterministic DataLoader over in-memory tensors that takes each batch with one gather.
+
+    The same batches in the same order as :func:`per_row_loader` (the same sampler, drawing
+    from a generator the loader also seeds its iterator from), without indexing and stacking
+    the rows one by one: one kernel per batch instead of one per row, which matters on a GPU,
+    where ``x`` and ``y`` may already live.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    dataset = TensorDataset(x, y)
+    rows = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, sampler=BatchSampler(rows, batch_size, drop_last=False), batch_size=None, generator=generator)
+
+
+def per_row_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A deterministic DataLoader over in-memory tensors that collates row by row: what Opacus's
+    Poisson sampler needs (it keeps the loader's dataset and collate function, and draws its own rows)."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from graftfl.core.data import DatasetSplits, make_loader
+from graftfl.core.data import DatasetSplits, make_loader, per_row_loader
 from graftfl.core.partition import partition_indices
 from graftfl.core.privacy import History, PrivateTraining, dpsgd_config_from
 from graftfl.core.train import optimizer_from_config, seed_torch, train
@@ -34,9 +34,11 @@ def train_round(
     the cumulative ``epsilon``) and the updated accountant history.
     """
     seed_torch(seed, device)
-    loader = make_loader(x, y, cfg.train.batch_size, shuffle=True, seed=seed)
-    optimizer = optimizer_from_config(cfg.train, model.parameters())
     dp_config = dpsgd_config_from(cfg.privacy, planned_epochs=cfg.rounds * cfg.train.local_epochs)
+    if dp_config is None and device.type == "cuda":  # one copy of the rows to the device, not one per batch
+        x, y = x.to(device), y.to(device)
+    loader = (make_loader if dp_config is None else per_row_loader)(x, y, cfg.train.batch_size, shuffle=True, seed=seed)
+    optimizer = optimizer_from_config(cfg.train, model.parameters())
     loop = dict(device=device, epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps,
                 show_progress=show_progress)
     if dp_config is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from typing import Callable, Iterable
@@ -41,9 +42,21 @@ def seed_everything(seed: int, deterministic: bool = True, device: torch.device 
     np.random.seed(seed)
     seed_torch(seed, device)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
+        deterministic_kernels()
+
+
+def deterministic_kernels() -> None:
+    """Ask torch for deterministic kernels (a warning, not an error, where an op has none).
+
+    cuBLAS is deterministic only with a fixed workspace (PyTorch's reproducibility notes):
+    without ``CUBLAS_WORKSPACE_CONFIG`` every CUDA matrix product also raised that warning.
+    The variable counts only before CUDA's first matrix product in the process; one the
+    user set is kept.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
@@ -94,7 +107,9 @@ def train(
     Returns the mean training loss, the number of optimizer steps and of samples.
     """
     model.to(device).train()
-    steps, samples, loss_sum = 0, 0, 0.0
+    steps, samples = 0, 0
+    # summed where the loss is (in float64, as a Python float would): reading it every step would wait for the GPU
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for epoch in range(epochs):
         for x, y in progress(loader, desc=f"train epoch {epoch + 1}", enabled=show_progress):
             if max_steps is not None and steps >= max_steps:
@@ -110,8 +125,8 @@ def train(
             steps += 1
             if len(y):  # the mean loss of an empty batch is NaN
                 samples += len(y)
-                loss_sum += loss.detach().item() * len(y)
-    return {"loss": loss_sum / max(samples, 1), "steps": steps, "samples": samples}
+                loss_sum += loss.detach().double() * len(y)
+    return {"loss": loss_sum.item() / max(samples, 1), "steps": steps, "samples": samples}
 
 
 @torch.no_grad()
