@@ -42,6 +42,7 @@ from graftfl.core.autoencoder import conv_ae, train_autoencoder
 from graftfl.core.data import dataset_from_config
 from graftfl.core.local_round import partition_data, train_round
 from graftfl.core.models import model_from_config
+from graftfl.core.train import deterministic_kernels
 from graftfl.strategies import split_turns, utils
 
 CPU_PROTOCOLS = ("fedavg", "split", "dssgd", "features")
@@ -124,6 +125,7 @@ def centralized_rate(protocol: str, clients: int, args, workdir: Path) -> dict:
     data = dataset_from_config(cfg.dataset)
     x, y = map(torch.cat, zip(*(partition_data(data, cfg, pid) for pid in range(clients)), strict=True))
     device = torch.device(str(cfg.device)) if str(cfg.device) != "auto" else torch.device("cpu")
+    x, y = x.to(device), y.to(device)  # data already in memory: on a GPU, the device's (the clients copy theirs each round)
     epochs = max(1, math.ceil(args.min_central_samples / len(y)))
     if protocol == "features":
         ae = cfg.protocol.autoencoder
@@ -287,7 +289,7 @@ def main() -> int:
         args.samples_per_client, args.batch_size, args.threads = [50], 10, 1
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)  # as every seeded run sets it: the same kernels on both sides
+    deterministic_kernels()  # as every seeded run asks: the same kernels on both sides
     load_before = os.getloadavg()
     command = "python benchmarks/sim_throughput.py " + " ".join(sys.argv[1:])
     results, failures, gpu = [], [], {"run": False, "reason": "no --gpu flag"}
