@@ -203,3 +203,29 @@ def test_gathered_batches_are_the_per_row_loaders_and_train_the_same_weights(shu
     assert shuffle != torch.equal(gathered[0][1], y[:5])  # shuffled, or in order
     assert m1 == m2 and torch.equal(rng1, rng2)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_a_site_process_asks_torch_for_the_deterministic_kernels_of_its_run(monkeypatch):
+    """The server sets deterministic kernels in its own process; a Ray actor or deployed ClientApp must do it too."""
+    import os
+
+    from flwr.app import Context, RecordDict
+    from omegaconf import OmegaConf
+
+    from graftfl.clients.utils import training_device
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    cfg = compose_config(["dataset=digits", "device=cpu"])
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert training_device(OmegaConf.merge(cfg, {"deterministic": False}), context) == torch.device("cpu")
+        assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        assert cfg.deterministic and training_device(cfg, context) == torch.device("cpu")
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]

@@ -38,7 +38,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from omegaconf import DictConfig
 
 from graftfl.clients.site_data import registry_test_set, site_rows, standardization_of
-from graftfl.clients.utils import client_device, config_of, local_data, module_holding, num_classes_of, partition_id_of
+from graftfl.clients.utils import (
+    client_device,
+    config_of,
+    local_data,
+    module_holding,
+    num_classes_of,
+    partition_id_of,
+    training_device,
+)
 from graftfl.config import eval_where
 from graftfl.core.autoencoder import class_grid_figure, encode, reconstruction_error_by_class, save_autoencoder, train_autoencoder
 from graftfl.core.defences import DefenceConfig, SiteDefences
@@ -152,7 +160,7 @@ def train_site_autoencoder(message: Message, context: Context) -> Message:
         epochs=int(settings.local_epochs if federated else settings.epochs),
         batch_size=int(settings.batch_size),
         lr=float(settings.lr),
-        device=client_device(cfg, context),
+        device=training_device(cfg, context),
         seed=seed,
     )
     model.cpu()

@@ -22,7 +22,7 @@ from graftfl.core.local_round import train_round
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import model_from_config
 from graftfl.core.privacy import history_from_json, history_to_json
-from graftfl.core.train import resolve_device
+from graftfl.core.train import deterministic_kernels, resolve_device
 from graftfl.core.wire import (
     CONFIG_KEY,
     CONFIG_RECORD,
@@ -113,6 +113,17 @@ def client_device(cfg: DictConfig, context: Context) -> torch.device:
     return resolve_device(str(context.node_config.get(NODE_DEVICE, cfg.device)))
 
 
+def training_device(cfg: DictConfig, context: Context) -> torch.device:
+    """:func:`client_device`, with the kernels the run asks for set in this process first.
+
+    ``deterministic=true`` is applied by the server in its own process; a Ray actor or a
+    deployed ClientApp process trains in another, which must ask torch for itself.
+    """
+    if cfg.get("deterministic", False):
+        deterministic_kernels()
+    return client_device(cfg, context)
+
+
 def local_data(cfg: DictConfig, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
     """This site's training rows (:func:`graftfl.clients.site_data.site_rows`; held-out rows excluded)."""
     from graftfl.clients.site_data import site_rows
@@ -150,7 +161,7 @@ def local_train(
     state = context.state.get(PRIVACY_STATE_KEY, ConfigRecord())
     history = history_from_json(state.get("history", restored_history))
     metrics, history = train_round(
-        model, x, y, cfg, seed=seed, device=client_device(cfg, context), history=history, show_progress=cfg.progress
+        model, x, y, cfg, seed=seed, device=training_device(cfg, context), history=history, show_progress=cfg.progress
     )
     if "epsilon" in metrics:  # DP-SGD ran: keep the accountant for the next round
         context.state[PRIVACY_STATE_KEY] = ConfigRecord({"history": history_to_json(history)})
