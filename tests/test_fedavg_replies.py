@@ -171,3 +171,23 @@ def test_extra_records_are_refused_instead_of_crashing_flowers_consistency_check
 def test_bad_bounds_are_config_errors(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         validate(compose_config(["protocol=fedavg", "dataset=digits", override]))
+
+
+def test_the_average_does_not_depend_on_the_order_the_replies_arrived_in(strategy):
+    """Flower sums in the given order; on Ray and in deployment that is the order sites finished in. A float sum
+    depends on its order, so the strategy sorts by claimed partition id: a seeded run's weights no longer vary."""
+    from flwr.serverapp.strategy import FedAvg
+
+    rng = np.random.default_rng(4)
+    updates = {node: rng.standard_normal(3).astype(np.float32) * 0.3 for node in (1, 2, 3, 4)}
+    counts = {1: 7, 2: 13, 3: 29, 4: 31}
+
+    def replies(order):
+        return [reply(node, {"w": updates[node]}, count=counts[node]) for node in order]
+
+    orders = [(1, 2, 3, 4), (4, 2, 3, 1), (3, 1, 4, 2)]
+    plain = [FedAvg.aggregate_train(strategy, 1, replies(order))[0]["w"].numpy() for order in orders]
+    assert any(not np.array_equal(plain[0], other) for other in plain[1:])  # the data is order-sensitive
+    sorted_by_strategy = [strategy.aggregate_train(1, replies(order))[0]["w"].numpy() for order in orders]
+    assert all(np.array_equal(sorted_by_strategy[0], other) for other in sorted_by_strategy[1:])
+    assert np.array_equal(sorted_by_strategy[0], plain[0])  # partition order

@@ -34,7 +34,15 @@ from graftfl.core.selective import (
 from graftfl.core.wire import SERVER_ROUND
 from graftfl.protocols import ServerProtocol
 from graftfl.config import eval_where
-from graftfl.strategies.utils import ServerRun, evaluate_at_sites, message_nbytes, messages_nbytes, require_choice, wait_for_nodes
+from graftfl.strategies.utils import (
+    ServerRun,
+    claimed_partition,
+    evaluate_at_sites,
+    message_nbytes,
+    messages_nbytes,
+    require_choice,
+    wait_for_nodes,
+)
 
 PROTOCOL = "dssgd"
 logger = logging.getLogger(__name__)
@@ -138,15 +146,6 @@ class SelectiveServer:
         """The global model with the current flat parameters loaded into it."""
         assign_flat_parameters(self.model, self.params)
         return self.model
-
-
-def claimed_partition(metrics: dict) -> int:
-    """The partition id a reply claims, or -1 when it is missing or not an integer (a reply is untrusted)."""
-    try:
-        value = metrics.get("partition-id", -1)
-        return int(value) if float(value).is_integer() else -1
-    except (TypeError, ValueError, OverflowError):
-        return -1
 
 
 def exchange(grid: Grid, server: SelectiveServer, nodes: list[int], server_round: int, timeout_s: float) -> dict:

@@ -247,6 +247,15 @@ def arrays_nbytes(record: ArrayRecord) -> int:
     return int(sum(array.numpy().nbytes for array in record.values()))
 
 
+def claimed_partition(metrics: dict) -> int:
+    """The partition id a reply claims, or -1 when it is missing or not an integer (a reply is untrusted)."""
+    try:
+        value = metrics.get("partition-id", -1)
+        return int(value) if float(value).is_integer() else -1
+    except (TypeError, ValueError, OverflowError):
+        return -1
+
+
 def site_evaluation_row(replies, failures: list[str] | None = None) -> dict:
     """Pool the sites' held-out counts (weighted by count) and keep the per-site figures.
 
