@@ -191,3 +191,15 @@ def test_the_average_does_not_depend_on_the_order_the_replies_arrived_in(strateg
     sorted_by_strategy = [strategy.aggregate_train(1, replies(order))[0]["w"].numpy() for order in orders]
     assert all(np.array_equal(sorted_by_strategy[0], other) for other in sorted_by_strategy[1:])
     assert np.array_equal(sorted_by_strategy[0], plain[0])  # partition order
+
+
+def test_replies_are_put_in_claimed_partition_order_then_node_order():
+    from graftfl.strategies.utils import in_partition_order
+
+    def with_partition(node: int, partition) -> Message:
+        message = reply(node, {"w": np.zeros(3, np.float32)})
+        message.content["metrics"] = MetricRecord({} if partition is None else {"partition-id": partition})
+        return message
+
+    replies = [with_partition(9, 2), with_partition(5, None), with_partition(7, 0), with_partition(3, 2), with_partition(8, 1.5)]
+    assert [r.metadata.src_node_id for r in in_partition_order(replies)] == [5, 8, 7, 3, 9]  # unclaimed or non-integer: -1 first

@@ -16,7 +16,7 @@ from graftfl.config import eval_where
 from graftfl.core.meter import metrics_row
 from graftfl.core.wire import PRIVACY_HISTORIES, ROUND_OFFSET
 from graftfl.protocols import ServerProtocol
-from graftfl.strategies.utils import ServerRun, claimed_partition, message_nbytes, messages_nbytes, site_evaluation_row, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, in_partition_order, message_nbytes, messages_nbytes, site_evaluation_row, wait_for_nodes
 
 PROTOCOL = "fedavg"
 NUM_EXAMPLES = "num-examples"  # Flower's FedAvg weights each reply by this metric
@@ -155,9 +155,7 @@ class FedAvgWithMetrics(FedAvg):
         if not accepted:
             # Flower would keep the old model and go on: a run in which nobody trains must stop, and say why.
             raise RuntimeError(f"round {server_round}: no client finished training ({'; '.join(self.client_errors + self.rejected)})")
-        # Flower sums the updates in the order given, which is the order the sites finished in (on Ray and in
-        # deployment), and a float sum depends on its order: the claimed partition ids (then node ids) fix one.
-        accepted.sort(key=lambda reply: (claimed_partition(dict(reply.content["metrics"])), reply.metadata.src_node_id))
+        accepted = in_partition_order(accepted)  # Flower sums in the order given
         self.client_rows = [{**dict(reply.content["metrics"]), "bytes_up": message_nbytes(reply)} for reply in accepted]
         for reply in accepted if self.run.audit.enabled else ():  # audit.record: each site's update
             self.run.audit.fedavg_update(server_round, int(reply.content["metrics"].get("partition-id", -1)), {k: a.numpy() for k, a in reply.content["arrays"].items()}, self.reference)

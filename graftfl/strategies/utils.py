@@ -256,6 +256,15 @@ def claimed_partition(metrics: dict) -> int:
         return -1
 
 
+def in_partition_order(replies: Iterable[Message]) -> list[Message]:
+    """``replies`` sorted by the partition id each claims, then by node id.
+
+    Replies come in the order the sites finished (on Ray and in deployment), and an average
+    depends on the order of its float sum: what a seeded run aggregates must not.
+    """
+    return sorted(replies, key=lambda reply: (claimed_partition(dict(reply.content.get("metrics", {}))), reply.metadata.src_node_id))
+
+
 def site_evaluation_row(replies, failures: list[str] | None = None) -> dict:
     """Pool the sites' held-out counts (weighted by count) and keep the per-site figures.
 

@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from graftfl.core.autoencoder import conv_ae, train_autoencoder
 from graftfl.core.normalization import standardized
+from graftfl.strategies.utils import in_partition_order
 
 PROTOCOL = "features"
 MESSAGE_TYPE = f"train.{PROTOCOL}"
@@ -61,7 +62,7 @@ class AutoencoderPhase:
         aggregator = FedAvg()  # Flower's weighted average ("num-examples") of the replies' ArrayRecords
         for server_round in range(1, int(self.protocol.autoencoder.rounds) + 1):
             messages = [self.message(node, MESSAGE_TYPE, {"arrays": arrays}, phase="autoencoder", **{"server-round": server_round}) for node in self.nodes]
-            replies = self.exchange(messages)
+            replies = in_partition_order(self.exchange(messages))  # Flower sums in the order given
             if not replies:
                 raise RuntimeError("no site returned autoencoder weights")
             arrays, _ = aggregator.aggregate_train(server_round, replies)
