@@ -53,6 +53,7 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None, ray_address: str | 
     from graftfl.core.dedup.keys import SALT_ENV_VAR as DEDUP_SALT_ENV
     from graftfl.core.handoff import KEY_ENV as SPLIT_KEY_ENV
     from graftfl.sim import inprocess_threads, run_inprocess, sim_backend
+    from graftfl.sim.node_ids import partition_ordered_node_ids
 
     backend = sim_backend(cfg)  # a config error before anything starts
     if backend == "inprocess" and ray_cluster.ray_address_of(cfg, ray_address):
@@ -88,13 +89,15 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None, ray_address: str | 
     started = time.time()
     try:
         if backend == "inprocess":  # graftfl.sim: same apps, one process, no Ray (docs/benchmarks.md, "Simulation backends")
-            run_inprocess(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, client_threads=inprocess_threads(cfg))
+            run_inprocess(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, client_threads=inprocess_threads(cfg),
+                          seed=int(cfg.seed))
         else:
             if ray_address:  # after the GRAFTFL_* variables above are set: the cluster's workers get them from here
                 ray_cluster.attach(ray_address)
             else:  # as Flower would, but a start that timed out on a loaded machine is retried
                 ray_cluster.start_local(backend_config)
-            run_simulation(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, backend_config=backend_config)
+            with partition_ordered_node_ids(int(cfg.seed)):  # split turns, DSSGD's order: the partitions' in every run
+                run_simulation(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, backend_config=backend_config)
     finally:
         if backend != "inprocess":  # Flower shuts Ray down when the simulation ends; a run that failed before may not have
             ray_cluster.detach()

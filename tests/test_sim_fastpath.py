@@ -7,7 +7,6 @@ runs every protocol on both backends and asserts that the final weights are iden
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
@@ -321,23 +320,10 @@ def trained_rows(run_dir) -> list[dict]:
     return [{k: row[k] for k in keep if k in row} for row in rows]
 
 
-@pytest.fixture
-def ordered_node_ids(monkeypatch):
-    """Node ids ascending in registration (= partition) order on both backends.
-
-    Flower's simulation draws node ids at random and pairs them with partitions in registration
-    order, so which partition takes split's first turn varies by run. Both backends draw ids through
-    ``generate_rand_int_from_bytes``: here it counts up, which makes the pairing the same on both.
-    """
-    counter = itertools.count(1_000)
-    fake = lambda num_bytes, exclude=None: next(counter)  # noqa: E731
-    monkeypatch.setattr("flwr.server.superlink.linkstate.in_memory_linkstate.generate_rand_int_from_bytes", fake)
-    monkeypatch.setattr("graftfl.sim.grid.generate_rand_int_from_bytes", fake)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", list(PROTOCOL_ARGS))
-def test_inprocess_and_ray_end_with_the_same_weights(protocol, tmp_path, monkeypatch, ordered_node_ids):
+def test_inprocess_and_ray_end_with_the_same_weights(protocol, tmp_path, monkeypatch):
+    """Node ids follow the partitions on both backends (graftfl.sim.node_ids): split's turns and DSSGD's order match."""
     from graftfl import cli
     from graftfl.config import resolve_job_config
 
@@ -363,6 +349,45 @@ def test_inprocess_and_ray_end_with_the_same_weights(protocol, tmp_path, monkeyp
     different = [key for key in fast if not torch.equal(fast[key], ray[key])]
     assert different == [], f"{protocol}: weights differ between backends: {different}"
     assert trained_rows(runs["inprocess"]) == trained_rows(runs["ray"])
+
+
+def test_simulated_node_ids_ascend_in_partition_order_and_repeat_with_the_seed():
+    import flwr.server.superlink.linkstate.in_memory_linkstate as link_state
+
+    from graftfl.sim.grid import InProcessGrid
+    from graftfl.sim.node_ids import partition_ordered_node_ids, seeded_ids
+
+    random_draw = link_state.generate_rand_int_from_bytes
+    drawn = {}
+    for seed in (3, 3, 4):
+        with partition_ordered_node_ids(seed):
+            first = link_state.generate_rand_int_from_bytes(8, exclude={0, 1})
+            ids = [first] + [link_state.generate_rand_int_from_bytes(8, exclude={first + 1}) for _ in range(3)]
+        drawn.setdefault(seed, []).append(ids)
+        assert ids == sorted(ids) and len(set(ids)) == 4 and first + 1 not in ids  # ascending, distinct, exclusions kept
+    assert drawn[3][0] == drawn[3][1] and drawn[3][0] != drawn[4][0]
+    assert link_state.generate_rand_int_from_bytes is random_draw  # Flower's own draw is back
+    grid = InProcessGrid(lambda message, context: None, 3, seed=3)
+    start = next(seeded_ids(3))
+    assert grid.node_ids == [start, start + 1, start + 2]
+    assert [grid.contexts[node].node_config["partition-id"] for node in grid.node_ids] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_two_seeded_split_runs_on_ray_take_their_turns_in_the_same_order(tmp_path, monkeypatch):
+    """Flower draws node ids at random and split walks the nodes in id order: without seeded ids the turn
+    order, and so the weights, changed from run to run (two runs of 4 sites: the same order by chance once in 24)."""
+    from graftfl import cli
+    from graftfl.config import resolve_job_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRAFTFL_SPLIT_KEY", "5a" * 32)
+    for name in ("PYTHONPATH", "RAY_DEDUP_LOGS"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    runs = [cli.simulate(resolve_job_config(["protocol=split", "dataset=digits", "num_clients=4", "rounds=1", "progress=false", "seed=3",
+                                             "sim.backend=ray", f"output_dir={tmp_path / str(i)}"])) for i in range(2)]
+    first, second = weights_of(runs[0]), weights_of(runs[1])
+    assert first and all(torch.equal(first[key], second[key]) for key in first)
 
 
 REUSING = {  # protocol -> (its client module, the overrides of a run whose later messages reuse a module, messages that reuse)

@@ -49,6 +49,7 @@ from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from graftfl.sim.node_ids import seeded_ids
 from graftfl.sim.messages import copy_message, copy_records, error_reply, instruction_problems, mark_delivered, reply_problems
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,12 @@ class InProcessGrid(Grid):
         Torch threads while a client runs (as a Ray actor with ``client_resources.num_cpus``
         has them); the process's count is restored after each message. None: the
         process's count.
+    seed : int, optional
+        Node ids from :func:`graftfl.sim.node_ids.seeded_ids` (the same in every run with this
+        seed, as ``graftfl sim`` gives the Ray backend); None: drawn at random, as Flower does.
     """
 
-    def __init__(self, client_app: ClientApp, num_supernodes: int, client_threads: int | None = None):
+    def __init__(self, client_app: ClientApp, num_supernodes: int, client_threads: int | None = None, seed: int | None = None):
         if int(num_supernodes) < 1:
             raise ValueError(f"num_supernodes must be >= 1, got {num_supernodes}")
         self.client_app = client_app
@@ -97,8 +101,9 @@ class InProcessGrid(Grid):
         run.primary_task_id = 1
         self._run = run
         drawn: set[int] = set()
+        seeded = seeded_ids(seed) if seed is not None else None
         for _ in range(int(num_supernodes)):
-            drawn.add(new_node_id(drawn))
+            drawn.add(next(seeded) if seeded is not None else new_node_id(drawn))
         # Ascending ids in partition order: a protocol that walks the nodes in id order (split turns, DSSGD's
         # round robin) then walks them in partition order, so that a seeded run is reproducible on this path.
         self.node_ids: list[int] = sorted(drawn)
