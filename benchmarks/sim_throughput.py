@@ -38,6 +38,7 @@ from common import CallClock, merge_with_existing, write_results
 from graftfl import cli
 from graftfl.clients import dssgd as dssgd_client
 from graftfl.config import resolve_job_config
+from graftfl.core.allocator import keep_freed_memory
 from graftfl.core.autoencoder import conv_ae, train_autoencoder
 from graftfl.core.data import dataset_from_config
 from graftfl.core.local_round import partition_data, train_round
@@ -290,6 +291,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     deterministic_kernels()  # as every seeded run asks: the same kernels on both sides
+    keep_freed_memory()  # as every graftfl run sets it (graftfl.core.allocator): the same allocator on both sides
     load_before = os.getloadavg()
     command = "python benchmarks/sim_throughput.py " + " ".join(sys.argv[1:])
     results, failures, gpu = [], [], {"run": False, "reason": "no --gpu flag"}

@@ -21,6 +21,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from graftfl.clients.guard import guarded
+from graftfl.core.allocator import keep_freed_memory
 from graftfl.protocols import HANDLER_CATEGORIES, load_client_phase, load_client_protocol, phase_names, protocol_names
 
 
@@ -62,7 +63,12 @@ def message_types() -> dict[str, LazyHandler]:
 
 
 def build_client_app() -> ClientApp:
-    """A ClientApp with one route per registered message type (``train.split``, ``query.<phase>``, ...)."""
+    """A ClientApp with one route per registered message type (``train.split``, ``query.<phase>``, ...).
+
+    The process that builds it hosts sites (a Ray worker, a deployed ``flwr-clientapp``):
+    it keeps freed memory for the next message's buffers (:mod:`graftfl.core.allocator`).
+    """
+    keep_freed_memory()
     client_app = ClientApp()
     for message_type, handler in message_types().items():
         category, name = message_type.split(".")
