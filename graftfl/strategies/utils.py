@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message.arraychunk import ArrayChunk
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
 from omegaconf import DictConfig
 
 from graftfl.audit.record import AuditRecorder
@@ -195,7 +195,9 @@ def message_nbytes(message_or_recorddict: Message | RecordDict) -> int:
     and metadata included; the transport's own framing (HTTP/gRPC headers, TLS) is not.
     """
     total = 0
-    for object_id, obj in get_all_nested_objects(message_or_recorddict).items():
+    with no_object_id_recompute():  # as Flower's push: each object's id is hashed once, not again by every parent
+        objects = get_all_nested_objects(message_or_recorddict)
+    for object_id, obj in objects.items():
         size = _DEFLATED_SIZES.get(object_id)
         if size is None:  # an object id is the hash of the deflated bytes: the same id, the same size
             if len(_DEFLATED_SIZES) >= _SIZES_KEPT:
