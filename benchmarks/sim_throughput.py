@@ -174,16 +174,28 @@ def write_synthetic_cifar(root: Path, population: int, per_client: int) -> None:
              test_images=rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8), test_labels=rng.integers(0, 10, (1000, 1)))
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The federated run of median fit time among ``runs`` (repetitions of one configuration), with every run's
+    fit time and the fastest run's rates beside it (for R_best)."""
+    ordered = sorted(runs, key=lambda run: run["fit_s"])
+    fastest = ordered[0]
+    return {**ordered[(len(ordered) - 1) // 2], "fit_s_all": [run["fit_s"] for run in runs],
+            "best_samples_per_s": fastest["samples_per_s"],
+            "best_last_round_samples_per_s": max(run["last_round_samples_per_s"] for run in runs)}
+
+
 def with_best_central(row: dict) -> dict:
-    """Add R against the fastest centralized repetition (a lower bound on R when the machine is shared) and the
-    client switch cost: the last round's seconds per client beyond what its samples cost centrally (median fit),
-    in milliseconds and in centralized SGD steps of one batch."""
+    """Add R_best, the fastest federated run against the fastest centralized repetition (a shared machine's slower
+    repetitions are other work's), and the client switch cost: the last round's seconds per client beyond what its
+    samples cost centrally (median fit), in milliseconds and in centralized SGD steps of one batch."""
     best = row["central"]["samples"] / min(row["central"]["all_seconds"])
+    fed_best = row.get("best_samples_per_s", row["samples_per_s"])  # rows written before --fed-repeats: their one run
+    fed_best_last = row.get("best_last_round_samples_per_s", row["last_round_samples_per_s"])
     per_client = row["samples"] / row["rounds"] / row["clients_per_round"]
     switch_s = row["last_round_s"] / row["clients_per_round"] - per_client / row["central_samples_per_s"]
     step_s = int(row.get("batch_size", 10)) / row["central_samples_per_s"]  # rows written before the field: batch 10
-    return {**row, "central_best_samples_per_s": best, "R_best_central": row["samples_per_s"] / best,
-            "R_last_round_best_central": row["last_round_samples_per_s"] / best,
+    return {**row, "central_best_samples_per_s": best, "R_best_central": fed_best / best,
+            "R_last_round_best_central": fed_best_last / best,
             "switch_ms": 1000 * switch_s, "switch_steps": switch_s / step_s}
 
 
@@ -201,8 +213,9 @@ def table(results: list[dict], args, commands: list[str], load: list[float]) -> 
         f"Centralized: median of {2 * args.repeats} timed fits, {args.repeats} before and {args.repeats} after the federated runs it is compared with. 1-minute load average of the machine before / after: "
         + "; ".join(f"{load[i]:.1f} / {load[i + 1]:.1f}" for i in range(0, len(load) - 1, 2)) + f" ({os.cpu_count()} cores; one pair per command).",
         "",
-        "R uses the median centralized fit; R_best uses the fastest one (on a shared machine the slower repetitions are "
-        "other work's, so R_best is the conservative figure). Last round: the first round of a Ray run also pays for its "
+        f"Federated: each configuration run {args.fed_repeats} time(s). R: the median federated run over the median "
+        "centralized fit; R_best: the fastest federated run over the fastest centralized fit (on a shared machine the "
+        "slower repetitions of either side are other work's). Last round: the first round of a Ray run also pays for its "
         "workers' imports and data loading. Switch: the last round's time per client beyond what its samples cost "
         "centrally (median fit), in ms and in centralized SGD steps of one batch (the issue's client switch cost; "
         "features: autoencoder steps).",
@@ -248,7 +261,7 @@ def render_existing(args) -> int:
     payload["results"] = [with_best_central(row) for row in payload["results"]]
     saved = argparse.Namespace(**{**vars(args), "threads": payload["torch_threads"]})
     saved.samples_per_client = sorted({int(row.get("samples_per_client", 60)) for row in payload["results"]})
-    for flag in ("rounds", "batch_size", "repeats"):  # what the first command set, else the defaults
+    for flag in ("rounds", "batch_size", "repeats", "fed_repeats"):  # what the first command set, else the defaults
         first = payload["commands"][0]
         if f"--{flag.replace('_', '-')} " in first:
             setattr(saved, flag, int(first.split(f"--{flag.replace('_', '-')} ")[1].split()[0]))
@@ -271,7 +284,8 @@ def main() -> int:
     parser.add_argument("--ae-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--min-central-samples", type=int, default=6000, help="the centralized side trains at least this many samples")
-    parser.add_argument("--repeats", type=int, default=3, help="timed centralized fits (the median is used)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed centralized fits before and as many after (the median is used)")
+    parser.add_argument("--fed-repeats", type=int, default=1, help="runs of each federated configuration (the median is used)")
     parser.add_argument("--gpu", action="store_true", help="only pfl-research's CIFAR-10 IID workload on CUDA (fedavg, 1,000 clients x 50, "
                         "50 per round); writes sim_throughput_gpu.{json,md}")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="--gpu: where the workload runs (cpu: a check of the "
@@ -315,7 +329,7 @@ def main() -> int:
                         centrals[key] = {**centralized_rate(protocol, clients, run_args, workdir), "protocol": protocol}
                     for backend in args.backends:
                         try:
-                            fed = federated_run(protocol, clients, backend, run_args, workdir)
+                            fed = median_run([federated_run(protocol, clients, backend, run_args, workdir) for _ in range(args.fed_repeats)])
                         except Exception as err:  # one failed configuration is reported, the others still run
                             logging.exception("%s N=%s %s failed", protocol, clients, backend)
                             failures.append({"workload": workload, "samples_per_client": per_client, "protocol": protocol, "clients_per_round": clients, "backend": backend,

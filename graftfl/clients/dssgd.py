@@ -21,6 +21,7 @@ from graftfl.clients.utils import (
     model_holding,
     num_classes_of,
     partition_id_of,
+    state_from,
 )
 from graftfl.config import eval_where
 from graftfl.core.codec import assign_flat_parameters, flatten_parameters
@@ -45,7 +46,7 @@ def local_model(cfg, context: Context, input_shape, num_classes: int) -> torch.n
     draws from torch's global generator unseeded, so the run computes the same.
     """
     if LOCAL_MODEL_KEY in context.state:
-        return model_holding(cfg, input_shape, num_classes, context.state[LOCAL_MODEL_KEY].to_torch_state_dict()).cpu()
+        return model_holding(cfg, input_shape, num_classes, state_from(context.state[LOCAL_MODEL_KEY])).cpu()
     seed_torch(int(cfg.seed), torch.device("cpu"))  # the same initial weights as the server's global model (built on the CPU)
     return model_from_config(cfg, input_shape, num_classes)
 

@@ -45,6 +45,7 @@ from graftfl.clients.utils import (
     module_holding,
     num_classes_of,
     partition_id_of,
+    state_from,
     training_device,
 )
 from graftfl.config import eval_where
@@ -104,7 +105,7 @@ def stored_autoencoder(cfg: DictConfig, context: Context, input_shape) -> Staged
     if AUTOENCODER_STATE not in context.state:
         raise RuntimeError("this site has no autoencoder yet (the autoencoder phase did not reach it)")
     model = new_autoencoder(cfg, input_shape)
-    model.load_state_dict(context.state[AUTOENCODER_STATE].to_torch_state_dict())
+    model.load_state_dict(state_from(context.state[AUTOENCODER_STATE]))
     return model
 
 
@@ -150,7 +151,7 @@ def train_site_autoencoder(message: Message, context: Context) -> Message:
     federated = "arrays" in message.content
     if federated:  # every weight comes from the server: this thread's autoencoder of the same shape takes them
         shape_key = ("conv_ae", int(cfg.protocol.latent_dim), int(cfg.protocol.conv_channels), tuple(x.shape[1:]))
-        model = module_holding(shape_key, lambda: new_autoencoder(cfg, x.shape[1:]), message.content["arrays"].to_torch_state_dict())
+        model = module_holding(shape_key, lambda: new_autoencoder(cfg, x.shape[1:]), state_from(message.content["arrays"]))
     else:  # a local autoencoder's start follows ``seed`` too (built on the CPU; training seeds again)
         seed_torch(seed, torch.device("cpu"))
         model = new_autoencoder(cfg, x.shape[1:])
@@ -186,7 +187,7 @@ def install_final_autoencoder(message: Message, cfg: DictConfig, context: Contex
     """The autoencoder the latents come from: sent along (federated/public) or the site's own."""
     if "arrays" in message.content:
         model = new_autoencoder(cfg, input_shape)
-        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        model.load_state_dict(state_from(message.content["arrays"]))
         context.state[AUTOENCODER_STATE] = ArrayRecord(model.state_dict())
         return model
     return stored_autoencoder(cfg, context, input_shape)
@@ -248,7 +249,7 @@ def evaluate(message: Message, context: Context) -> Message:
     partition_id, _ = partition_id_of(context)
     x, y = local_test_data(cfg, context)
     num_classes = num_classes_of(cfg, context)
-    predicted = message.content["arrays"].to_torch_state_dict()["predictions"].long()
+    predicted = state_from(message.content["arrays"])["predictions"].long()
     if len(predicted) != len(y):
         raise ValueError(f"got {len(predicted)} predictions for {len(y)} test images")
     correct = predicted == y

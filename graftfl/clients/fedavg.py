@@ -14,6 +14,7 @@ from graftfl.clients.utils import (
     partition_id_of,
     privacy_history_of,
     restored_history_for,
+    state_from,
 )
 from graftfl.core.models import model_from_config
 from graftfl.core.train import round_seed
@@ -30,7 +31,7 @@ def train(message: Message, context: Context) -> Message:
     # Flower counts a resumed run's rounds from 1 again; the offset keeps the seeds of an uninterrupted run.
     server_round = int(fields[SERVER_ROUND]) + int(fields.get(ROUND_OFFSET, 0))
     x, y = local_data(cfg, context)
-    model = model_holding(cfg, x.shape[1:], num_classes_of(cfg, context), message.content["arrays"].to_torch_state_dict())
+    model = model_holding(cfg, x.shape[1:], num_classes_of(cfg, context), state_from(message.content["arrays"]))
     partition_id, _ = partition_id_of(context)
     seed = round_seed(cfg.seed, server_round, partition_id)
     metrics = local_train(model, x, y, cfg, context, seed, restored_history_for(message, partition_id))

@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from graftfl.clients.site_data import hold_out, registry_raw, registry_test_set, site_rows
 from graftfl.clients.split_defences import PrivateTurn, site_defences
-from graftfl.clients.utils import client_device, config_of, num_classes_of, partition_id_of
+from graftfl.clients.utils import client_device, config_of, num_classes_of, partition_id_of, state_from
 from graftfl.config import eval_where
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY, client_key, decrypt_state, encrypt_state
 from graftfl.core.meter import train_flops_per_sample
@@ -73,7 +73,7 @@ def role_arrays(role) -> ArrayRecord:
 
 def load_role_arrays(role, arrays: ArrayRecord) -> None:
     """Load weights saved by :func:`role_arrays` into the role's modules."""
-    state = arrays.to_torch_state_dict()
+    state = state_from(arrays)
     for name, module in role.modules().items():
         prefix = f"{name}."
         module.load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})

@@ -13,10 +13,12 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.common.constant import SType
 from omegaconf import DictConfig, OmegaConf
 
 from graftfl.config import from_container
+from graftfl.core.codec import npy_array
 from graftfl.core.data import raw_from_config
 from graftfl.core.local_round import train_round
 from graftfl.core.meter import train_flops_per_sample
@@ -215,8 +217,17 @@ def restored_history_for(message: Message, partition_id: int) -> str | None:
 
 
 def state_from(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """The torch state dict of an ArrayRecord."""
-    return record.to_torch_state_dict()
+    """The torch state dict of an ArrayRecord: ``record.to_torch_state_dict()``, decoded faster.
+
+    Flower's decoding parses every array's ``.npy`` header again (a third of a millisecond
+    for LeNet's ten arrays, for every message); :func:`graftfl.core.codec.npy_array` parses
+    each distinct header once. The tensors are writable copies, as Flower's are.
+    """
+    return {key: torch.from_numpy(_values(array).copy()) for key, array in record.items()}
+
+
+def _values(array: Array) -> np.ndarray:
+    return npy_array(array.data) if array.stype == SType.NUMPY else array.numpy()
 
 
 def as_float_list(values) -> list[float]:
@@ -235,5 +246,5 @@ def evaluate_global_model(message, context: Context, model: torch.nn.Module) -> 
     _, _, x, y = site_rows(cfg, context)
     if y is None:
         raise ValueError(f"{message.metadata.message_type}: this run evaluates at the server (eval.where=server); the site holds nothing out")
-    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(state_from(message.content["arrays"]))
     return {**held_out_metrics(model, x, y, cfg, client_device(cfg, context)), NODE_PARTITION_ID: int(context.node_config[NODE_PARTITION_ID])}

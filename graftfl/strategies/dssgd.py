@@ -36,6 +36,7 @@ from graftfl.protocols import ServerProtocol
 from graftfl.config import eval_where
 from graftfl.strategies.utils import (
     ServerRun,
+    array_values,
     claimed_partition,
     evaluate_at_sites,
     message_nbytes,
@@ -132,7 +133,7 @@ class SelectiveServer:
         if not isinstance(reply.content.get("upload"), ArrayRecord):
             return "reply carries no upload (an ArrayRecord named 'upload')"
         try:
-            indices, values = decode_sparse({name: array.numpy() for name, array in reply.content["upload"].items()})
+            indices, values = decode_sparse({name: array_values(array) for name, array in reply.content["upload"].items()})
         except (ValueError, TypeError) as err:
             return f"undecodable upload: {err}"
         reason = validate_upload(indices, values, self.num_params, self.max_upload, bound=self.cfg.protocol.clip)

@@ -16,7 +16,7 @@ from graftfl.config import eval_where
 from graftfl.core.meter import metrics_row
 from graftfl.core.wire import PRIVACY_HISTORIES, ROUND_OFFSET
 from graftfl.protocols import ServerProtocol
-from graftfl.strategies.utils import ServerRun, in_partition_order, message_nbytes, messages_nbytes, site_evaluation_row, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, array_values, in_partition_order, message_nbytes, messages_nbytes, site_evaluation_row, wait_for_nodes
 
 PROTOCOL = "fedavg"
 NUM_EXAMPLES = "num-examples"  # Flower's FedAvg weights each reply by this metric
@@ -54,7 +54,7 @@ def reply_problem(content: RecordDict, reference: dict[str, np.ndarray], max_exa
         array = arrays[key]
         if tuple(array.shape) != expected.shape or array.dtype != str(expected.dtype):
             return f"array '{key}' is {array.dtype}{list(array.shape)}, the model sent {expected.dtype}{list(expected.shape)}"
-        values = array.numpy()
+        values = array_values(array)
         if values.dtype.kind in "fc" and not np.isfinite(values).all():
             return f"array '{key}' has non-finite values"
         if max_update_norm is not None:

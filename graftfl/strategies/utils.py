@@ -7,15 +7,18 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message.arraychunk import ArrayChunk
+from flwr.common.constant import SType
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
 from omegaconf import DictConfig
 
 from graftfl.audit.record import AuditRecorder
 from graftfl.config import is_site_dataset, normalization_of, to_container
+from graftfl.core.codec import npy_array
 from graftfl.core.data import DatasetSplits, RawDataset, raw_from_config, standardized_splits
 from graftfl.core.normalization import Statistics, checked_statistics, fixed_statistics, standardized
 from graftfl.core.meter import RunRecorder
@@ -242,6 +245,12 @@ def messages_nbytes(messages: Iterable[Message]) -> int:
 
 _DEFLATED_SIZES: dict[str, int] = {}  # object id -> deflated bytes: the N messages of a round share their arrays
 _SIZES_KEPT = 100_000
+
+
+def array_values(array: Array) -> np.ndarray:
+    """``array.numpy()`` as a read-only view of its bytes, each distinct ``.npy`` header parsed once
+    (:func:`graftfl.core.codec.npy_array`): numpy's own reader parses it again for every reply."""
+    return npy_array(array.data) if array.stype == SType.NUMPY else array.numpy()
 
 
 def arrays_nbytes(record: ArrayRecord) -> int:
