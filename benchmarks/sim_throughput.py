@@ -21,6 +21,7 @@ Writes docs/benchmarks/sim_throughput.{json,md} (``--gpu``: sim_throughput_gpu.{
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -30,11 +31,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from common import CallClock, merge_with_existing, write_results
+from sim_throughput_report import render_existing, report, with_best_central
 from graftfl import cli
 from graftfl.clients import dssgd as dssgd_client
 from graftfl.config import resolve_job_config
@@ -116,11 +119,12 @@ def federated_run(protocol: str, clients: int, backend: str, args, workdir: Path
     }
 
 
-def centralized_rate(protocol: str, clients: int, args, workdir: Path) -> dict:
-    """Samples/s of the same model, batch size, optimizer, device and threads on the union of the clients' rows.
+def central_fitter(protocol: str, clients: int, args, workdir: Path) -> tuple[int, Callable[[], float]]:
+    """The centralized side of a configuration, warmed up: (samples per fit, a function that times one fit in seconds).
 
-    The median of ``args.repeats`` timed fits of at least ``args.min_central_samples`` samples each
-    (after a warm-up): the machine may be shared, and one short fit is noisy.
+    The same model, batch size, optimizer, device and torch threads on the union of the clients' rows, in
+    memory, trained through the function the clients call; one fit covers at least
+    ``args.min_central_samples`` samples.
     """
     cfg = resolve_job_config(overrides_for(protocol, clients, "inprocess", args, workdir))
     data = dataset_from_config(cfg.dataset)
@@ -143,18 +147,41 @@ def centralized_rate(protocol: str, clients: int, args, workdir: Path) -> dict:
             for epoch in range(epochs_):
                 train_round(model, x[:rows], y[:rows], cfg, seed=epoch, device=device, history=None, show_progress=False)
 
-    fit(min(len(y), 10 * args.batch_size), 1)  # warm-up: kernels, allocator
-    timings = []
-    for _ in range(args.repeats):
+    def timed() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
         fit(len(y), epochs)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        timings.append(time.perf_counter() - started)
+        return time.perf_counter() - started
+
+    fit(min(len(y), 10 * args.batch_size), 1)  # warm-up: kernels, allocator
+    return len(y) * epochs, timed
+
+
+def centralized_rate(samples: int, timed: Callable[[], float], repeats: int) -> dict:
+    """Samples/s of the centralized side: the median of ``repeats`` timed fits (the machine may be shared, and one
+    short fit is noisy)."""
+    timings = [timed() for _ in range(repeats)]
     seconds = statistics.median(timings)
-    return {"samples": len(y) * epochs, "seconds": seconds, "all_seconds": timings, "samples_per_s": len(y) * epochs / seconds}
+    return {"samples": samples, "seconds": seconds, "all_seconds": timings, "samples_per_s": samples / seconds}
+
+
+def paired_runs(run_once: Callable[[], dict], samples: int, timed: Callable[[], float], repeats: int) -> dict:
+    """``repeats`` federated runs, a centralized fit timed before each and after the last; the median run
+    (:func:`median_run`) with R_paired: the median over the runs of each run's rate over the centralized rate of
+    the two fits beside it. On a VM whose speed drifts by tens of percent within minutes, each pair sees the
+    same machine, which the pooled medians (fits before and after all the runs of a key) do not promise."""
+    fit_seconds = [timed()]
+    runs = []
+    for _ in range(repeats):
+        runs.append(run_once())
+        fit_seconds.append(timed())
+    ratios = [run["samples_per_s"] * (before + after) / 2 / samples
+              for run, before, after in zip(runs, fit_seconds[:-1], fit_seconds[1:], strict=True)]
+    return {**median_run(runs), "R_paired": statistics.median(ratios), "R_paired_all": ratios,
+            "paired_central_seconds": fit_seconds}
 
 
 def pooled(before: dict, after: dict) -> dict:
@@ -184,55 +211,6 @@ def median_run(runs: list[dict]) -> dict:
             "best_last_round_samples_per_s": max(run["last_round_samples_per_s"] for run in runs)}
 
 
-def with_best_central(row: dict) -> dict:
-    """Add R_best, the fastest federated run against the fastest centralized repetition (a shared machine's slower
-    repetitions are other work's), and the client switch cost: the last round's seconds per client beyond what its
-    samples cost centrally (median fit), in milliseconds and in centralized SGD steps of one batch."""
-    best = row["central"]["samples"] / min(row["central"]["all_seconds"])
-    fed_best = row.get("best_samples_per_s", row["samples_per_s"])  # rows written before --fed-repeats: their one run
-    fed_best_last = row.get("best_last_round_samples_per_s", row["last_round_samples_per_s"])
-    per_client = row["samples"] / row["rounds"] / row["clients_per_round"]
-    switch_s = row["last_round_s"] / row["clients_per_round"] - per_client / row["central_samples_per_s"]
-    step_s = int(row.get("batch_size", 10)) / row["central_samples_per_s"]  # rows written before the field: batch 10
-    return {**row, "central_best_samples_per_s": best, "R_best_central": fed_best / best,
-            "R_last_round_best_central": fed_best_last / best,
-            "switch_ms": 1000 * switch_s, "switch_steps": switch_s / step_s}
-
-
-def table(results: list[dict], args, commands: list[str], load: list[float]) -> str:
-    lines = [
-        "# Simulation throughput R(N) (issue 15)",
-        "",
-        f"R = federated training samples/s ÷ centralized training samples/s; torch threads {args.threads} on both sides "
-        f"(Ray: `client_resources.num_cpus={args.threads}`, in-process: the same count while a client runs). "
-        f"{' and '.join(map(str, args.samples_per_client))} images per client, batch {args.batch_size}, {args.rounds} round(s), "
-        "SGD (features: Adam, its autoencoder settings).",
-        "",
-        "Commands: " + "; ".join(f"`{c}`" for c in commands),
-        "",
-        f"Centralized: median of {2 * args.repeats} timed fits, {args.repeats} before and {args.repeats} after the federated runs it is compared with. 1-minute load average of the machine before / after: "
-        + "; ".join(f"{load[i]:.1f} / {load[i + 1]:.1f}" for i in range(0, len(load) - 1, 2)) + f" ({os.cpu_count()} cores; one pair per command).",
-        "",
-        f"Federated: each configuration run {args.fed_repeats} time(s). R: the median federated run over the median "
-        "centralized fit; R_best: the fastest federated run over the fastest centralized fit (on a shared machine the "
-        "slower repetitions of either side are other work's). Last round: the first round of a Ray run also pays for its "
-        "workers' imports and data loading. Switch: the last round's time per client beyond what its samples cost "
-        "centrally (median fit), in ms and in centralized SGD steps of one batch (the issue's client switch cost; "
-        "features: autoencoder steps).",
-        "",
-        "| workload | images/client | protocol | N | backend | fed samples/s (last round) | central samples/s median / best | R | R last round | "
-        "R_best | R_best last round | switch ms (SGD steps) | fit s | command s |",
-        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in map(with_best_central, results):
-        protocol = r["protocol"] + (f" (lr {r['lr_override']:g})" if r.get("lr_override") is not None else "")
-        lines.append(f"| {r['workload']} | {r.get('samples_per_client', 60)} | {protocol} | {r['clients_per_round']} | {r['backend']} | {r['samples_per_s']:.0f} "
-                     f"({r['last_round_samples_per_s']:.0f}) | {r['central_samples_per_s']:.0f} / {r['central_best_samples_per_s']:.0f} | "
-                     f"{r['R']:.2f} | {r['R_last_round']:.2f} | {r['R_best_central']:.2f} | {r['R_last_round_best_central']:.2f} | "
-                     f"{r['switch_ms']:.1f} ({r['switch_steps']:.1f}) | {r['fit_s']:.1f} | {r['command_s']:.1f} |")
-    return "\n".join(lines) + "\n"
-
-
 def output_name(args) -> str:
     """The results file's name (without suffix) in docs/benchmarks."""
     return args.output or ("sim_throughput_gpu" if args.gpu else "sim_throughput")
@@ -241,35 +219,6 @@ def output_name(args) -> str:
 def row_key(row: dict) -> tuple:
     """What identifies a measured configuration (a newer measurement of it replaces the older one)."""
     return row["workload"], int(row.get("samples_per_client", 60)), row["protocol"], row["clients_per_round"], row["backend"]
-
-
-def report(payload: dict, args) -> str:
-    """The .md text of a results payload: the table, then its failures and notes."""
-    text = table(payload["results"], args, payload["commands"], payload["load_average_1min_before_after"])
-    text += "".join(f"\nFailed: {f.get('samples_per_client', 60)} images/client {f['protocol']} N={f['clients_per_round']} {f['backend']}: "
-                    f"{f['error'][:300]}\n" for f in payload["failures"])
-    return text + "".join(f"\nNote: {note}\n" for note in payload.get("notes", []))
-
-
-def render_existing(args) -> int:
-    """Rewrite the .md from the .json (no new measurement)."""
-    from common import RESULTS
-
-    path = RESULTS / f"{output_name(args)}.json"
-    payload = json.loads(path.read_text())
-    payload.setdefault("commands", [payload.pop("command", "")])
-    payload["results"] = [with_best_central(row) for row in payload["results"]]
-    saved = argparse.Namespace(**{**vars(args), "threads": payload["torch_threads"]})
-    saved.samples_per_client = sorted({int(row.get("samples_per_client", 60)) for row in payload["results"]})
-    for flag in ("rounds", "batch_size", "repeats", "fed_repeats"):  # what the first command set, else the defaults
-        first = payload["commands"][0]
-        if f"--{flag.replace('_', '-')} " in first:
-            setattr(saved, flag, int(first.split(f"--{flag.replace('_', '-')} ")[1].split()[0]))
-    text = report(payload, saved)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    path.with_suffix(".md").write_text(text)
-    print(text)
-    return 0
 
 
 def main() -> int:
@@ -299,7 +248,7 @@ def main() -> int:
     parser.add_argument("--render", action="store_true", help="only rewrite the .md (and derived JSON fields) from the existing JSON")
     args = parser.parse_args()
     if args.render:
-        return render_existing(args)
+        return render_existing(args, output_name(args))
     if args.gpu:  # pfl-research's workload: 50 images per client, local batch 10; one CPU thread per client (Ray: num_cpus=1)
         args.samples_per_client, args.batch_size, args.threads = [50], 10, 1
     logging.basicConfig(level=logging.WARNING)
@@ -321,15 +270,18 @@ def main() -> int:
             if workload == "gpu":
                 write_synthetic_cifar(workdir, args.population, per_client)
             centrals: dict[tuple, dict] = {}  # fedavg, split and dssgd share one centralized model (the unsplit one)
+            fitters: dict[tuple, tuple] = {}  # key -> (samples per fit, timed fit)
             pending = []  # (central key, federated result): rows are made once the centralized side is measured again
             for protocol in protocols:
                 for clients in client_counts:
                     key = ("autoencoder" if protocol == "features" else "classifier", clients)
                     if key not in centrals:
-                        centrals[key] = {**centralized_rate(protocol, clients, run_args, workdir), "protocol": protocol}
+                        fitters[key] = central_fitter(protocol, clients, run_args, workdir)
+                        centrals[key] = {**centralized_rate(*fitters[key], args.repeats), "protocol": protocol}
                     for backend in args.backends:
+                        run_once = functools.partial(federated_run, protocol, clients, backend, run_args, workdir)
                         try:
-                            fed = median_run([federated_run(protocol, clients, backend, run_args, workdir) for _ in range(args.fed_repeats)])
+                            fed = paired_runs(run_once, *fitters[key], args.fed_repeats)
                         except Exception as err:  # one failed configuration is reported, the others still run
                             logging.exception("%s N=%s %s failed", protocol, clients, backend)
                             failures.append({"workload": workload, "samples_per_client": per_client, "protocol": protocol, "clients_per_round": clients, "backend": backend,
@@ -338,7 +290,7 @@ def main() -> int:
                         pending.append((key, {"workload": workload, "samples_per_client": per_client, **fed}))
                         print(json.dumps({k: fed[k] for k in ("protocol", "clients_per_round", "backend", "samples_per_s", "fit_s")}), flush=True)
             for key, central in centrals.items():  # again after the federated runs: a machine that slowed meanwhile biases neither side
-                centrals[key] = pooled(central, centralized_rate(central["protocol"], key[1], run_args, workdir))
+                centrals[key] = pooled(central, centralized_rate(*fitters[key], args.repeats))
             for key, fed in pending:
                 central = centrals[key]
                 results.append(with_best_central({**fed, "central_samples_per_s": central["samples_per_s"], "central": central,
