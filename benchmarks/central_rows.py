@@ -11,11 +11,12 @@ threads, deterministic kernels, graftfl's allocator setting), one process, the s
 
 The figures are samples/s, interleaved repetitions, the median reported. On this VM a fit of the
 60,000 rows ran 20-25% below one of 6,000 rows in some hours and level with it in others, which
-moves R(N) at 600 images per client, N=100, by as much.
+moves R(N) at 600 images per client, N=100, by as much. ``--flush-denormal`` measures the same with
+denormal floats flushed to zero: the gap is denormal arithmetic in the longer fits.
 
     python benchmarks/central_rows.py
 
-Writes docs/benchmarks/central_rows.{json,md}.
+Writes docs/benchmarks/central_rows.{json,md} (``--flush-denormal``: central_rows_ftz.{json,md}).
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=30, help="how many partitions the bare loop trains")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="torch.set_flush_denormal(True) first: denormal floats become zero (other numerics than graftfl's)")
     args = parser.parse_args()
+    torch.set_flush_denormal(args.flush_denormal)
     torch.set_num_threads(args.threads)
     deterministic_kernels()
     keep_freed_memory()
@@ -89,14 +93,17 @@ def main() -> int:
         "# Centralized reference by rows drawn from",
         "",
         f"Measured {stamp}; LeNet / Fashion-MNIST, batch 10, {args.threads} torch threads, {args.repeats} interleaved "
-        "repetitions (median). Command: `python benchmarks/central_rows.py`.",
+        f"repetitions (median), denormal floats {'flushed to zero' if args.flush_denormal else 'kept (torch default)'}. "
+        f"Command: `python benchmarks/central_rows.py{' --flush-denormal' if args.flush_denormal else ''}`.",
         "",
         f"| what | samples/s | vs {sizes[0]:,} rows | all repetitions |",
         "|---|---:|---:|---|",
     ]
     lines += [f"| {name} | {medians[name]:,.0f} | {medians[name] / reference:.2f} | {', '.join(f'{v:,.0f}' for v in values)} |"
               for name, values in rates.items()]
-    write_results("central_rows", {"measured": stamp, "threads": args.threads, "samples_per_s": rates, "median": medians},
+    name = "central_rows_ftz" if args.flush_denormal else "central_rows"
+    write_results(name, {"measured": stamp, "threads": args.threads, "flush_denormal": args.flush_denormal, "samples_per_s": rates,
+                         "median": medians},
                   "\n".join(lines) + "\n")
     return 0
 
