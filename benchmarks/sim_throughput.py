@@ -14,8 +14,10 @@ data loading).
 
     python benchmarks/sim_throughput.py                       # CPU, Fashion-MNIST / LeNet, N = 10 and 100
     python benchmarks/sim_throughput.py --gpu                 # pfl-research's CIFAR-10 IID workload (needs CUDA)
+    python benchmarks/sim_throughput.py --flush-denormal      # both sides with flush_denormal=true (denormal floats as zero)
 
-Writes docs/benchmarks/sim_throughput.{json,md} (``--gpu``: sim_throughput_gpu.{json,md}).
+Writes docs/benchmarks/sim_throughput.{json,md} (``--gpu``: sim_throughput_gpu.{json,md}; ``--flush-denormal``:
+sim_throughput_ftz.{json,md}).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from graftfl.core.autoencoder import conv_ae, train_autoencoder
 from graftfl.core.data import dataset_from_config
 from graftfl.core.local_round import partition_data, train_round
 from graftfl.core.models import model_from_config
-from graftfl.core.train import deterministic_kernels
+from graftfl.core.train import deterministic_kernels, flush_denormals
 from graftfl.strategies import split_turns, utils
 
 CPU_PROTOCOLS = ("fedavg", "split", "dssgd", "features")
@@ -74,7 +76,7 @@ def overrides_for(protocol: str, clients: int, backend: str, args, workdir: Path
         f"protocol={protocol}", f"num_clients={clients}", f"rounds={args.rounds}", "progress=false", "seed=0",
         f"train.batch_size={args.batch_size}", "train.local_epochs=1", f"client_resources.num_cpus={args.threads}",
         "eval.where=server", "dataset.test_size=100", f"sim.backend={backend}", f"output_dir={workdir / backend}",
-    ] + ([f"train.lr={args.lr}"] if args.lr is not None else [])
+    ] + ([f"train.lr={args.lr}"] if args.lr is not None else []) + (["flush_denormal=true"] if args.flush_denormal else [])
     if args.workload == "gpu":
         common += ["dataset=medmnist", f"dataset.subset={GPU_SYNTHETIC}", f"dataset.root={workdir}", "dataset.download=false",
                    "model=cnn", f"device={args.device}", f"client_resources.num_gpus={args.num_gpus if args.device == 'cuda' else 0}",
@@ -213,7 +215,7 @@ def median_run(runs: list[dict]) -> dict:
 
 def output_name(args) -> str:
     """The results file's name (without suffix) in docs/benchmarks."""
-    return args.output or ("sim_throughput_gpu" if args.gpu else "sim_throughput")
+    return args.output or ("sim_throughput_gpu" if args.gpu else "sim_throughput") + ("_ftz" if args.flush_denormal else "")
 
 
 def row_key(row: dict) -> tuple:
@@ -243,6 +245,8 @@ def main() -> int:
     parser.add_argument("--gpu-clients-per-round", type=int, default=50, help="--gpu: clients per round (pfl-research: 50)")
     parser.add_argument("--num-gpus", type=float, default=0.1, help="Ray client_resources.num_gpus (pfl-research configured Flower with 0.1)")
     parser.add_argument("--lr", type=float, default=None, help="train.lr for every run (default: the config's, 0.05)")
+    parser.add_argument("--flush-denormal", action="store_true", help="flush_denormal=true on both sides: the runs' config key, and "
+                        "torch.set_flush_denormal for the centralized fits (other numerics than the default; writes *_ftz.{json,md})")
     parser.add_argument("--output", default=None, help="results file name in docs/benchmarks (default: sim_throughput, --gpu: sim_throughput_gpu)")
     parser.add_argument("--merge", action="store_true", help="keep the existing file's other rows; replace only those measured again")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md (and derived JSON fields) from the existing JSON")
@@ -255,6 +259,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     deterministic_kernels()  # as every seeded run asks: the same kernels on both sides
     keep_freed_memory()  # as every graftfl run sets it (graftfl.core.allocator): the same allocator on both sides
+    flush_denormals(args.flush_denormal)  # the centralized fits; each federated run sets it from its config
     load_before = os.getloadavg()
     command = "python benchmarks/sim_throughput.py " + " ".join(sys.argv[1:])
     results, failures, gpu = [], [], {"run": False, "reason": "no --gpu flag"}
@@ -303,7 +308,7 @@ def main() -> int:
         gpu = {"run": False, "reason": "not run: no GPU on the machine that produced this file; run with --gpu where CUDA is available",
                "workload": "pfl-research CIFAR-10 IID: synthetic 3x32x32, 1,000 clients x 50 images, 50 per round, batch 10, "
                            "1 local epoch, model=cnn, Ray client_resources.num_gpus=0.1"}
-    payload = {"commands": [command], "torch_threads": args.threads, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]], "torch": torch.__version__, "results": results, "failures": failures, "gpu": gpu,
+    payload = {"commands": [command], "torch_threads": args.threads, "flush_denormal": args.flush_denormal, "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]], "torch": torch.__version__, "results": results, "failures": failures, "gpu": gpu,
                "goals": {"fedavg_N100_cpu": 0.9, "others_cpu": 0.8, "gpu_N100": 0.8}}
     if args.merge:
         payload = merge_with_existing(output_name(args), payload, row_key)

@@ -31,7 +31,8 @@ def table(results: list[dict], args, commands: list[str], load: list[float]) -> 
         f"R = federated training samples/s ÷ centralized training samples/s; torch threads {args.threads} on both sides "
         f"(Ray: `client_resources.num_cpus={args.threads}`, in-process: the same count while a client runs). "
         f"{' and '.join(map(str, args.samples_per_client))} images per client, batch {args.batch_size}, {args.rounds} round(s), "
-        "SGD (features: Adam, its autoencoder settings).",
+        "SGD (features: Adam, its autoencoder settings). Denormal floats: "
+        + ("flushed to zero on both sides (`flush_denormal=true`)." if getattr(args, "flush_denormal", False) else "kept (torch's default) on both sides."),
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in commands),
         "",
@@ -75,7 +76,7 @@ def render_existing(args, name: str) -> int:
     payload = json.loads(path.read_text())
     payload.setdefault("commands", [payload.pop("command", "")])
     payload["results"] = [with_best_central(row) for row in payload["results"]]
-    saved = argparse.Namespace(**{**vars(args), "threads": payload["torch_threads"]})
+    saved = argparse.Namespace(**{**vars(args), "threads": payload["torch_threads"], "flush_denormal": payload.get("flush_denormal", False)})
     saved.samples_per_client = sorted({int(row.get("samples_per_client", 60)) for row in payload["results"]})
     for flag in ("rounds", "batch_size", "repeats", "fed_repeats"):  # what the first command set, else the defaults
         first = payload["commands"][0]

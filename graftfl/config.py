@@ -170,6 +170,8 @@ def validate(cfg: DictConfig) -> None:
         cfg.device == "auto" or str(cfg.device).split(":")[0] in ("cpu", "cuda"),
         f"device must be auto, cpu, cuda or cuda:N, got '{cfg.device}'",
     )
+    for key in ("deterministic", "flush_denormal"):  # bool("false") would be True
+        _require(isinstance(cfg.get(key, False), bool), f"{key} must be true or false, got {cfg.get(key)!r}")
     for key, value in _fractions(cfg):
         _require(0 < value <= 1, f"{key} must be in (0, 1], got {value}")
     if cfg.privacy.name == "dpsgd":

@@ -181,6 +181,29 @@ def test_the_stage_computes_with_the_plane_threads_whatever_the_process_count(th
     assert caller_threads == 3 - threads
 
 
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("flush", [False, True])
+def test_the_stage_computes_with_the_runs_denormal_flag_whatever_the_thread_had(flush, direct):
+    # x86 keeps the flag per thread: a handler thread started before the run set it has its own
+    from graftfl.core.train import flush_denormals
+
+    server, act_shape = make_top_server(flush_denormal=flush, direct=direct)
+    seen, handle = [], server.stage.handle
+    denormal_flushed = lambda: (torch.tensor([1e-39]) * 1.0).item() == 0.0  # noqa: E731
+    server.stage.handle = lambda *args, **kwargs: seen.append(denormal_flushed()) or handle(*args, **kwargs)
+    flush_denormals(not flush)  # the other setting, for the threads gRPC starts from now on
+    try:
+        turn = server.open_turn()
+        with DataPlaneClient(server.address, turn.token) as plane:
+            for _ in range(2):
+                plane.exchange("train", good_frame(act_shape, "").tensors)
+        server.close_turn(turn)
+    finally:
+        flush_denormals(False)
+        server.stop()
+    assert seen == [flush] * 2 and plane.in_memory == direct
+
+
 def test_turns_share_one_channel_each_on_its_own_stream():
     from graftfl.transport.client import shared_channel
 

@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from graftfl.clients.site_data import hold_out, registry_raw, registry_test_set, site_rows
 from graftfl.clients.split_defences import PrivateTurn, site_defences
-from graftfl.clients.utils import client_device, config_of, num_classes_of, partition_id_of, state_from
+from graftfl.clients.utils import config_of, num_classes_of, partition_id_of, state_from, training_device
 from graftfl.config import eval_where
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY, client_key, decrypt_state, encrypt_state
 from graftfl.core.meter import train_flops_per_sample
@@ -132,7 +132,7 @@ def relay_init_seed(key: bytes, cfg) -> int:
 
 def prepare_role(cfg, message: Message, context: Context, build_role: RoleBuilder, input_shape, num_classes: int, key: bytes | None = None):
     """The client's role, restored according to ``protocol.handoff`` (``key``: the relay key, when known)."""
-    device = client_device(cfg, context)
+    device = training_device(cfg, context)
     handoff = cfg.protocol.handoff
     seed_everything(cfg.seed, cfg.deterministic, device)  # the shared seed: same initial model as the server's
     if handoff == "relay":  # ... but the parts only the sites hold start from the sites' secret

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -24,7 +25,7 @@ from graftfl.core.local_round import train_round
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import model_from_config
 from graftfl.core.privacy import history_from_json, history_to_json
-from graftfl.core.train import deterministic_kernels, resolve_device
+from graftfl.core.train import deterministic_kernels, flush_denormals, resolve_device
 from graftfl.core.wire import (
     CONFIG_KEY,
     CONFIG_RECORD,
@@ -116,13 +117,17 @@ def client_device(cfg: DictConfig, context: Context) -> torch.device:
 
 
 def training_device(cfg: DictConfig, context: Context) -> torch.device:
-    """:func:`client_device`, with the kernels the run asks for set in this process first.
+    """:func:`client_device`, with the kernels and CPU numerics the run asks for set first.
 
-    ``deterministic=true`` is applied by the server in its own process; a Ray actor or a
-    deployed ClientApp process trains in another, which must ask torch for itself.
+    ``deterministic`` and ``flush_denormal`` are applied by the server in its own process; a Ray
+    actor or a deployed ClientApp process trains in another, which must ask torch for itself
+    (and the flush flag is per thread: set every time, off as well, since simulated sites of
+    several runs may share a thread).
     """
     if cfg.get("deterministic", False):
         deterministic_kernels()
+    if not flush_denormals(bool(cfg.get("flush_denormal", False))):
+        warnings.warn("flush_denormal=true: this CPU cannot flush denormal floats; the site computes with them", stacklevel=2)
     return client_device(cfg, context)
 
 

@@ -14,6 +14,7 @@ from graftfl.config import normalization_of, resolve_job_config, to_yaml
 from graftfl.console import show_progress
 from graftfl.core.allocator import keep_freed_memory
 from graftfl.core.run_dir import run_dir_of, with_run_id
+from graftfl.core.train import flush_denormals
 from graftfl.protocols import load_phase, load_protocol
 from graftfl.strategies.utils import ServerRun, wait_for_nodes
 
@@ -57,6 +58,8 @@ def run_phases(grid: Grid | None, run: ServerRun) -> dict:
 def run_protocol(grid: Grid | None, cfg: DictConfig) -> Path:
     """Run ``cfg.protocol`` to the end and write config, metrics, summary and plots."""
     keep_freed_memory()  # the rounds free and allocate the same buffers again and again
+    if not flush_denormals(bool(cfg.get("flush_denormal", False))):  # set either way: a previous run may have set it
+        logger.warning("flush_denormal=true: this CPU cannot flush denormal floats; the run computes with them")
     cfg = with_run_id(cfg)
     run_dir = run_dir_of(cfg)
     if cfg.resume and not run_dir.is_dir():

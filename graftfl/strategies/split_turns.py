@@ -68,6 +68,7 @@ def start_data_plane(cfg, stage) -> DataPlaneServer:
         idle_timeout_s=float(cfg.protocol.idle_timeout_s),
         max_pending_streams=int(cfg.protocol.max_pending_streams),
         compute_threads=stage_threads(cfg),
+        flush_denormal=bool(cfg.get("flush_denormal", False)),
         direct=serves_in_memory(cfg),
     ).start()
 

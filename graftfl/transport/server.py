@@ -46,6 +46,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from graftfl.core.train import flush_denormals
 from graftfl.transport import direct
 from graftfl.transport.checks import FrameRejected, checked_delivered, validated_tensors
 from graftfl.transport.frames import FLOAT_WIRE_DTYPES, Frame, FrameError, as_delivered, encode_frame, parse_header
@@ -97,6 +98,9 @@ class DataPlaneServer:
         threads only speed up one batch's ops; a fixed count keeps a seeded run's numbers the
         same whichever thread serves a frame, and 1 adds no OpenMP pool to a gRPC handler
         thread (``protocol.plane_threads``, :func:`graftfl.strategies.split_config.stage_threads`).
+    flush_denormal : bool
+        Denormal floats as zero while the stage computes (the run's ``flush_denormal``), set
+        like ``compute_threads``: the flag is per thread and a handler thread may predate it.
     direct : bool
         Also serve this process's clients in memory (:mod:`graftfl.transport.direct`): the
         in-process simulation backend. Clients of other processes use gRPC either way.
@@ -104,7 +108,8 @@ class DataPlaneServer:
 
     def __init__(self, stage, bind_address: str = "127.0.0.1:0", advertise_address: str | None = None, *, wire_dtype: str = "float32",
                  max_batch: int = 1024, max_frame_bytes: int = 64 << 20, server_cert: str | None = None, server_key: str | None = None, workers: int = 8,
-                 idle_timeout_s: float = 60.0, max_pending_streams: int = 32, compute_threads: int = 1, direct: bool = False):
+                 idle_timeout_s: float = 60.0, max_pending_streams: int = 32, compute_threads: int = 1, flush_denormal: bool = False,
+                 direct: bool = False):
         if wire_dtype not in FLOAT_WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {list(FLOAT_WIRE_DTYPES)}, got '{wire_dtype}'")
         if bool(server_cert) != bool(server_key):
@@ -113,7 +118,7 @@ class DataPlaneServer:
         self.stage, self.wire_dtype, self.max_batch, self.max_frame_bytes = stage, wire_dtype, int(max_batch), int(max_frame_bytes)
         if int(compute_threads) < 1:
             raise ValueError(f"compute threads must be >= 1, got {compute_threads}")
-        self.compute_threads = int(compute_threads)
+        self.compute_threads, self.flush_denormal = int(compute_threads), bool(flush_denormal)
         self.direct = bool(direct)
         self.guard = StreamGuard(idle_timeout_s, max_pending_streams)
         self.lock = threading.Lock()
@@ -321,6 +326,7 @@ class DataPlaneServer:
             tensors = tensors_of(specs)
             if torch.get_num_threads() != self.compute_threads:  # a handler thread starts with the process's count
                 torch.set_num_threads(self.compute_threads)
+            flush_denormals(self.flush_denormal)  # one CPU register write
             # a client in this thread waits for the whole step anyway: the stage updates in the same backward pass
             reply_kind, reply_tensors, meta = self.stage.handle(kind, tensors, turn.state, defer_update=not in_memory)
             reply = reply_of(Frame(reply_kind, reply_tensors, meta))
