@@ -31,6 +31,7 @@ import torch
 from common import write_results
 from graftfl.config import resolve_job_config
 from graftfl.core.allocator import keep_freed_memory
+from graftfl.core.denormals import flush_denormals
 from graftfl.core.data import dataset_from_config
 from graftfl.core.local_round import partition_data, train_round
 from graftfl.core.models import model_from_config
@@ -66,10 +67,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--flush-denormal", action="store_true",
-                        help="torch.set_flush_denormal(True) first: denormal floats become zero (other numerics than graftfl's)")
+                        help="flush_denormal=true (graftfl.core.denormals) first: denormal floats become zero (other numerics than graftfl's)")
     args = parser.parse_args()
-    torch.set_flush_denormal(args.flush_denormal)
     torch.set_num_threads(args.threads)
+    flush_denormals(args.flush_denormal)
     deterministic_kernels()
     keep_freed_memory()
     cfg = resolve_job_config([f"num_clients={args.clients}", "dataset=fashion_mnist", "model=lenet", "device=cpu",

@@ -48,7 +48,8 @@ from graftfl.core.autoencoder import conv_ae, train_autoencoder
 from graftfl.core.data import dataset_from_config
 from graftfl.core.local_round import partition_data, train_round
 from graftfl.core.models import model_from_config
-from graftfl.core.train import deterministic_kernels, flush_denormals
+from graftfl.core.denormals import flush_denormals
+from graftfl.core.train import deterministic_kernels
 from graftfl.strategies import split_turns, utils
 
 CPU_PROTOCOLS = ("fedavg", "split", "dssgd", "features")

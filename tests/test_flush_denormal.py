@@ -14,7 +14,7 @@ from flwr.app import Context, RecordDict
 
 from graftfl.clients.utils import training_device
 from graftfl.config import ConfigError, compose_config
-from graftfl.core.train import flush_denormals
+from graftfl.core.denormals import flush_denormals
 
 DENORMAL = 1e-39  # below float32's smallest normal number, 1.18e-38
 
@@ -38,6 +38,38 @@ def test_denormals_are_kept_unless_a_run_asks():
     assert compose_config([]).flush_denormal is False
     assert not flushes()
     assert flush_denormals(True) and flushes()
+
+
+def test_the_flag_reaches_the_openmp_threads_torch_already_started():
+    # x86 keeps the flag per thread, and torch splits a large op over its OpenMP team; setting it in
+    # this thread alone flushed half of this product's denormals
+    process_threads = torch.get_num_threads()
+    many = torch.full((1 << 22,), DENORMAL)
+    try:
+        torch.set_num_threads(2)
+        assert bool((many * 1.0).all())  # the team exists now, with denormals kept
+        flush_denormals(True)
+        assert int((many * 1.0).count_nonzero()) == 0
+        flush_denormals(False)
+        assert bool((many * 1.0).all())
+    finally:
+        torch.set_num_threads(process_threads)
+
+
+def test_a_task_runs_once_in_each_thread_of_the_team_and_its_error_comes_back():
+    import threading
+
+    from graftfl.core.denormals import in_team
+
+    seen = []
+    assert in_team(lambda: seen.append(threading.get_native_id()), 3)
+    assert len(seen) == 3 and len(set(seen)) == 3 and threading.get_native_id() in seen
+
+    def fail():
+        raise RuntimeError("in a team thread")
+
+    with pytest.raises(RuntimeError, match="in a team thread"):
+        in_team(fail, 2)
 
 
 @pytest.mark.parametrize("value", ["yes", "1", "'false'"])

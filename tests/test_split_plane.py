@@ -185,7 +185,7 @@ def test_the_stage_computes_with_the_plane_threads_whatever_the_process_count(th
 @pytest.mark.parametrize("flush", [False, True])
 def test_the_stage_computes_with_the_runs_denormal_flag_whatever_the_thread_had(flush, direct):
     # x86 keeps the flag per thread: a handler thread started before the run set it has its own
-    from graftfl.core.train import flush_denormals
+    from graftfl.core.denormals import flush_denormals
 
     server, act_shape = make_top_server(flush_denormal=flush, direct=direct)
     seen, handle = [], server.stage.handle

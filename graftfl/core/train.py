@@ -59,24 +59,6 @@ def deterministic_kernels() -> None:
     torch.backends.cudnn.deterministic = True
 
 
-def flush_denormals(enabled: bool) -> bool:
-    """Treat denormal floats as zero in this thread's CPU arithmetic (``flush_denormal``), or stop.
-
-    Why opt-in: a weight whose gradient stays zero keeps a momentum that SGD multiplies by 0.9
-    each step; after ~800 steps of one optimizer it falls below float32's normal range
-    (1.2e-38), and x86 computes with such denormals up to a hundred times slower. Centralized
-    LeNet training on 60,000 Fashion-MNIST rows ran at 3,760 samples/s instead of ~4,800
-    (``benchmarks/central_rows.py``). Flushed, those values become 0: other numerics than
-    torch's default, identical from run to run. torch sets the flag for the calling thread;
-    threads started later inherit it (each thread that trains sets it for itself anyway).
-
-    Returns whether the CPU obeys: False when ``enabled`` and it has no such mode (the run then
-    keeps denormals and says so).
-    """
-    supported = torch.set_flush_denormal(bool(enabled))
-    return supported or not enabled
-
-
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
     """SGD or Adam by name (the two the source papers use)."""
     if name == "sgd":

@@ -46,7 +46,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from graftfl.core.train import flush_denormals
+from graftfl.core.denormals import flush_denormals
 from graftfl.transport import direct
 from graftfl.transport.checks import FrameRejected, checked_delivered, validated_tensors
 from graftfl.transport.frames import FLOAT_WIRE_DTYPES, Frame, FrameError, as_delivered, encode_frame, parse_header
