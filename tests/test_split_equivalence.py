@@ -165,3 +165,25 @@ def test_a_stage_updating_in_the_gradients_backward_pass_gives_the_same_gradient
     assert all(torch.equal(a, b) for a, b in zip(deferred_gradients, gradients, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(deferred_weights, weights, strict=True))
     assert not torch.equal(weights[0], fresh_model().state_dict()[next(iter(stage.module.state_dict()))])  # it trained
+
+
+def test_a_split_step_trains_every_submodule_even_one_left_in_eval_mode():
+    # the per-step train() is skipped when every submodule already trains; a submodule that
+    # something put in eval mode (its dropout off) must still be switched back
+    from torch import nn
+
+    from graftfl.core.split_roles import training_mode
+
+    torch.manual_seed(0)
+    top = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(6 * 12 * 12, 10))
+    stage = TopStage(top, make_optimizer("sgd", top.parameters(), 0.1), (6, 12, 12), 10)
+    top[1].eval()
+    stage.handle("train", {"activations": torch.randn(4, 6, 12, 12), "labels": torch.tensor([0, 1, 2, 3])}, {}, defer_update=False)
+    assert all(m.training for m in top.modules())
+    calls = []
+    top.train = lambda mode=True: calls.append(mode)  # a spy: nothing left to switch, so no walk
+    training_mode(top)
+    assert calls == []
+    top[2].training = False
+    training_mode(top)
+    assert calls == [True]

@@ -29,6 +29,7 @@ from graftfl.core.models import StagedModel, cut_model
 
 # The client roles live in split_roles.py; importable from here as before.
 from graftfl.core.split_roles import BottomClient, Exchange, SemisupClient, UShapedClient, hidden_label_mask, score_logits  # noqa: F401
+from graftfl.core.split_roles import training_mode
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,9 @@ class _PendingStep:
     def __init__(self):
         self._update: tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]] | None = None
 
-    def start(self, outputs: torch.Tensor, activations: torch.Tensor, module: nn.Module, output_gradient: torch.Tensor | None = None) -> torch.Tensor:
+    def start(self, outputs: torch.Tensor, activations: torch.Tensor, parameters: list[torch.Tensor], output_gradient: torch.Tensor | None = None) -> torch.Tensor:
         (gradient,) = torch.autograd.grad(outputs, activations, output_gradient, retain_graph=True)
-        self._update = (outputs, output_gradient, [p for p in module.parameters() if p.requires_grad])
+        self._update = (outputs, output_gradient, parameters)
         return gradient.detach()
 
     def complete(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -160,9 +161,10 @@ class ServerStage:
         autograd run when the client waits in the same thread (about 0.3 ms a LeNet step of
         batch 10). The two give the same gradients, and the same weights.
         """
+        # the optimizer's parameters: what it steps, without walking the module (~12 µs a LeNet step)
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
         if defer_update:
-            return self._pending.start(outputs, activations, self.module, output_gradient)
-        parameters = [p for p in self.module.parameters() if p.requires_grad]
+            return self._pending.start(outputs, activations, parameters, output_gradient)
         self.optimizer.zero_grad(set_to_none=True)
         outputs.backward(output_gradient, inputs=[activations, *parameters])
         self.optimizer.step()
@@ -210,7 +212,7 @@ class TopStage(ServerStage):
             with torch.no_grad():
                 return "logits", {"logits": self.top(activations).cpu()}, {}
         labels = tensors["labels"].to(self.device)
-        self.top.train()
+        training_mode(self.top)
         activations.requires_grad_(True)
         loss = F.cross_entropy(self.top(activations), labels)
         gradient = self._activations_gradient(loss, activations, None, defer_update)
@@ -253,7 +255,7 @@ class MiddleStage(ServerStage):
             with torch.no_grad():
                 return "middle", {"outputs": self.middle(tensors["activations"].to(self.device)).cpu()}, {}
         if kind == "forward":
-            self.middle.train()
+            training_mode(self.middle)
             activations = tensors["activations"].to(self.device).requires_grad_(True)
             outputs = self.middle(activations)
             state["pending"] = (activations, outputs)
