@@ -21,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from graftfl.config import from_container
 from graftfl.core.codec import npy_array
 from graftfl.core.data import raw_from_config
+from graftfl.core.denormals import flush_denormals
 from graftfl.core.local_round import train_round
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import model_from_config
 from graftfl.core.privacy import history_from_json, history_to_json
-from graftfl.core.denormals import flush_denormals
 from graftfl.core.train import deterministic_kernels, resolve_device
 from graftfl.core.wire import (
     CONFIG_KEY,

@@ -9,7 +9,7 @@ denormals. So :func:`flush_denormals` also runs one OpenMP region, in which ever
 the flag for itself, as wide as the widest torch thread count this thread has called it with
 (the pool's size where graftfl sets the counts; a team of threads this thread never had would
 start a pool of its own, and a second pool beyond the machine's cores slowed every later LeNet
-step in the process from 1.5 to 3.4 ms).
+step in the process from 1.5 to 3.4-3.8 ms).
 
 Why a run would want it: SGD multiplies the momentum of a weight whose gradient stays zero by
 0.9 a step; after ~800 steps of one optimizer it falls below float32's normal range (1.2e-38),

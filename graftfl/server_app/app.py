@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 from graftfl.config import normalization_of, resolve_job_config, to_yaml
 from graftfl.console import show_progress
 from graftfl.core.allocator import keep_freed_memory
-from graftfl.core.run_dir import run_dir_of, with_run_id
 from graftfl.core.denormals import flush_denormals
+from graftfl.core.run_dir import run_dir_of, with_run_id
 from graftfl.protocols import load_phase, load_protocol
 from graftfl.strategies.utils import ServerRun, wait_for_nodes
 

@@ -326,7 +326,7 @@ class DataPlaneServer:
             tensors = tensors_of(specs)
             if torch.get_num_threads() != self.compute_threads:  # a handler thread starts with the process's count
                 torch.set_num_threads(self.compute_threads)
-            flush_denormals(self.flush_denormal)  # one CPU register write
+            flush_denormals(self.flush_denormal)  # per thread; a lookup once the thread has it
             # a client in this thread waits for the whole step anyway: the stage updates in the same backward pass
             reply_kind, reply_tensors, meta = self.stage.handle(kind, tensors, turn.state, defer_update=not in_memory)
             reply = reply_of(Frame(reply_kind, reply_tensors, meta))
