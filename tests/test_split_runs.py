@@ -171,6 +171,7 @@ def test_sim_gives_the_clients_a_fresh_key_per_run_and_keeps_the_callers(tmp_pat
         ["protocol=ushaped", "protocol.handoff=relay"],
         ["protocol=ushaped", "protocol.handoff=local"],
         ["protocol=semisup", "protocol.handoff=average", "protocol.unlabeled_fraction=0.5"],
+        ["protocol=split", "model=mlp"],  # the MLP's first stage only flattens: the default cut is its first layer
     ],
     ids=lambda o: "-".join(v.split("=")[1] for v in o),
 )
@@ -195,6 +196,7 @@ def test_protocol_variants_run(tmp_path, overrides):
     [
         (["protocol=split", "protocol.handoff=nope"], "protocol.handoff must be one of"),
         (["protocol=split", "protocol.cut_stage=nope"], "unknown cut stage 'nope'"),
+        (["protocol=split", "model=mlp", "protocol.cut_stage=flatten"], "cut stage 'flatten' leaves the site's bottom without parameters; cut at 'fc1'"),
         (["protocol=ushaped", "protocol.head_stages=5"], "leaves no middle"),
         (["protocol=split", "protocol.wire_dtype=int8"], "protocol.wire_dtype must be one of"),
         (["protocol=ushaped", "protocol.plane_threads=0"], "protocol.plane_threads must be a whole number >= 1"),

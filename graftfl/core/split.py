@@ -53,13 +53,18 @@ class TensorSpec:
 def cut_points(model: StagedModel, cut_stage: str | None, head_stages: int | None = None) -> list[str]:
     """Stage names after which to cut: ``[cut]`` for split, ``[cut, last middle]`` with ``head_stages``.
 
-    ``cut_stage`` null means the model's first stage (``conv1`` for LeNet).
+    ``cut_stage`` null means the first stage with parameters (``conv1`` for LeNet, ``fc1`` for the
+    MLP, whose first stage only flattens). A cut that leaves the site's bottom without parameters
+    is refused: the site would have nothing to train (its optimizer would fail at the first turn).
     ``head_stages`` is how many final stages the client keeps (U-shaped).
     """
     names = model.stage_names
-    cut = cut_stage or names[0]
+    trainable = [name for name in names if any(True for _ in model._modules[name].parameters())]
+    cut = cut_stage or (trainable[0] if trainable else names[0])
     if cut not in names:
         raise ValueError(f"unknown cut stage '{cut}'; stages of {type(model).__name__}: {names}")
+    if trainable and names.index(cut) < names.index(trainable[0]):
+        raise ValueError(f"cut stage '{cut}' leaves the site's bottom without parameters; cut at '{trainable[0]}' or later (stages: {names})")
     if head_stages is None:
         return [cut]
     middle_end = len(names) - 1 - int(head_stages)
