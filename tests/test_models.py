@@ -52,3 +52,26 @@ def test_cut_rejects_unknown_and_unordered_stages():
 def test_unknown_model_names_the_valid_ones():
     with pytest.raises(ValueError, match="valid models: .*lenet"):
         build_model("alexnet", (1, 28, 28), 10)
+
+
+def test_a_model_too_deep_for_the_input_is_refused_by_name_and_a_fitting_one_keeps_its_modes():
+    from graftfl.core.models import check_accepts
+
+    with pytest.raises(ValueError, match=r"model 'vgg11' does not accept inputs of shape \(1, 8, 8\)"):
+        check_accepts(build_model("vgg11", (1, 8, 8), 10), (1, 8, 8), "vgg11")
+    model = build_model("resnet18", (3, 32, 32), 10)  # batch norm: a one-sample batch only in eval mode
+    model.layer1.eval()
+    statistics = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    check_accepts(model, (3, 32, 32), "resnet18")
+    assert model.training and not model.layer1.training
+    assert all(torch.equal(buffer, statistics[name]) for name, buffer in model.named_buffers())
+
+
+def test_a_run_with_a_model_too_deep_for_its_data_stops_at_the_server(tmp_path):
+    from graftfl import cli
+    from graftfl.config import resolve_job_config
+
+    overrides = ["protocol=fedavg", "dataset=digits", "model=vgg11", "num_clients=2", "rounds=1", "sim.backend=inprocess",
+                 "progress=false", f"output_dir={tmp_path}"]
+    with pytest.raises(ValueError, match="model 'vgg11' does not accept inputs of shape"):
+        cli.simulate(resolve_job_config(overrides))

@@ -178,6 +178,7 @@ def test_sim_gives_the_clients_a_fresh_key_per_run_and_keeps_the_callers(tmp_pat
 def test_protocol_variants_run(tmp_path, overrides):
     grid, run_dir, rows, summary = run_in_process(tmp_path, [*overrides, "protocol.turn_batches=15"])
     assert summary["failed_turns"] == [] and len(rows) == 2
+    assert summary["cut_stage"] == ("fc1" if "model=mlp" in overrides else "conv1")
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["client_flops"] > 0 for r in rows)
     assert rows[-1]["accuracy"] > 0.2, rows[-1]
     evaluated = len(rows[-1]["eval_clients"])

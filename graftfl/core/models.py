@@ -200,3 +200,25 @@ def model_from_config(cfg, input_shape: Sequence[int], num_classes: int) -> Stag
         Output classes.
     """
     return build_model(cfg.model.name, input_shape, num_classes, **cfg.model.get("kwargs", {}))
+
+
+def check_accepts(model: nn.Module, input_shape: Sequence[int], name: str) -> None:
+    """A ``ValueError`` naming the model and the shape when ``model`` cannot take a sample of ``input_shape``.
+
+    One forward pass of a zero sample in eval mode without gradients: nothing random is drawn and no
+    statistics change; every submodule's mode is restored. The server checks its global model once
+    per run, so that a model too deep for the data (VGG11's five poolings on 8x8 digits) stops the
+    run before any site trains, instead of failing at every site with a shape error.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    except RuntimeError as err:
+        raise ValueError(f"model '{name}' does not accept inputs of shape {tuple(input_shape)}: {err}") from err
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -33,7 +33,7 @@ from flwr.app import Message, RecordDict
 
 from graftfl.core.handoff import RELAY_KEY
 from graftfl.core.meter import metrics_row
-from graftfl.core.split import MiddleStage, TopStage, activation_shape, model_parts, split_at_cut
+from graftfl.core.split import MiddleStage, TopStage, activation_shape, cut_points, model_parts, split_at_cut
 from graftfl.config import eval_where
 from graftfl.core.train import optimizer_from_config
 from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, SERVER_ROUND, max_frame_bytes
@@ -126,8 +126,8 @@ def turn_order(nodes: list[int], mode: str, seed: int, round_number: int) -> lis
 
 
 def cfg_cut_stage(run: ServerRun) -> str:
-    """The stage name the model is cut after (``protocol.cut_stage`` or the first stage)."""
-    return run.cfg.protocol.cut_stage or run.new_model().stage_names[0]
+    """The stage name the model is cut after (``protocol.cut_stage``, else the first stage with parameters)."""
+    return cut_points(run.new_model(), run.cfg.protocol.cut_stage)[0]
 
 
 class SplitRunner:

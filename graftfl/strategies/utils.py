@@ -24,7 +24,7 @@ from graftfl.core.normalization import Statistics, checked_statistics, fixed_sta
 from graftfl.core.meter import RunRecorder
 from graftfl.core.sitedata import SiteDeclaration
 from graftfl.core.split import test_selection
-from graftfl.core.models import StagedModel, model_from_config
+from graftfl.core.models import StagedModel, check_accepts, model_from_config
 from graftfl.core.train import evaluate, resolve_device, seed_everything
 from graftfl.core.wire import CONFIG_KEY
 from graftfl.strategies.checkpoint import load_checkpoint, save_checkpoint
@@ -146,6 +146,7 @@ class ServerRun:
         """The global model, initialised from ``cfg.seed`` (or from the checkpoint when resuming)."""
         seed_everything(self.cfg.seed, self.cfg.deterministic)
         model = model_from_config(self.cfg, self.input_shape, self.num_classes)
+        check_accepts(model, self.input_shape, str(self.cfg.model.name))
         if self.resume_state:
             model.load_state_dict(self.resume_state["model"])
         return model
