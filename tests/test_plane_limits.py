@@ -212,8 +212,12 @@ def test_pending_streams_are_capped_by_evicting_the_oldest():
         deadline = time.monotonic() + 10
         while sum(s.code is not None for s in streams) < 12 and time.monotonic() < deadline:
             time.sleep(0.05)
-        evicted = [s for s in streams if s.code is not None]
-        assert len(evicted) == 12 and all(s.code == grpc.StatusCode.CANCELLED for s in evicted)
+        ended = [s for s in streams if s.code is not None]
+        # evicted (CANCELLED), or, on a loaded machine, refused by gRPC's cap on concurrent streams
+        # (RESOURCE_EXHAUSTED) before an evicted stream's thread was free again; either way only the
+        # 4 newest stay open (without eviction 12 would)
+        assert len(ended) == 12 and all(s.code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED) for s in ended)
+        assert any(s.code == grpc.StatusCode.CANCELLED for s in ended)
         assert server.open_streams() == 4
         results: dict = {}
         legit_turn(server, act_shape, 2, results).join(timeout=10)
