@@ -304,22 +304,9 @@ class DataPlaneServer:
         """
         with self.lock:
             turn = self._authenticate(str(header.get("token", "")), turn)
-            turn.bytes_up += size
-            turn.frames += 1
-            turn.last_frame_at = time.monotonic()
-            if turn.first_frame_at is None:
-                turn.first_frame_at = turn.last_frame_at
-            if size > self.max_frame_bytes:
-                raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, f"frame of {size} bytes exceeds the limit of {self.max_frame_bytes} bytes")
             kind = header["kind"]
-            if kind == "end":
-                turn.ended_cleanly = True
+            if not turn.admit(kind, size, self.max_frame_bytes):
                 return turn, None
-            if turn.accept is not None and kind not in turn.accept:
-                raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, f"frame kind '{kind}' is not accepted in this turn (it accepts {sorted(turn.accept)})")
-            turn.kind_counts[kind] = turn.kind_counts.get(kind, 0) + 1
-            if turn.max_batches is not None and turn.kind_counts[kind] > turn.max_batches:
-                raise FrameRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more '{kind}' frames than the turn's {turn.max_batches} batches")
             specs = self.stage.input_specs(kind, turn.state)
             if specs is None:
                 raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected frame kind '{kind}' at this point of the turn")

@@ -6,6 +6,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import grpc
+
 from graftfl.transport.checks import FrameRejected
 
 log = logging.getLogger("graftfl.transport.server")  # where the server's rejections were always logged
@@ -31,6 +33,26 @@ class Turn:
     accept: frozenset[str] | None = None  # frame kinds this turn accepts (None: whatever the stage expects)
     max_batches: int | None = None  # most frames of any one kind (None: no cap)
     kind_counts: dict = field(default_factory=dict)
+
+    def admit(self, kind: str, size: int, max_frame_bytes: int) -> bool:
+        """Count a frame of ``kind`` and ``size`` bytes against this turn's limits (:class:`FrameRejected` beyond
+        them); False for ``end``, which ends the turn cleanly."""
+        self.bytes_up += size
+        self.frames += 1
+        self.last_frame_at = time.monotonic()
+        if self.first_frame_at is None:
+            self.first_frame_at = self.last_frame_at
+        if size > max_frame_bytes:
+            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, f"frame of {size} bytes exceeds the limit of {max_frame_bytes} bytes")
+        if kind == "end":
+            self.ended_cleanly = True
+            return False
+        if self.accept is not None and kind not in self.accept:
+            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, f"frame kind '{kind}' is not accepted in this turn (it accepts {sorted(self.accept)})")
+        self.kind_counts[kind] = self.kind_counts.get(kind, 0) + 1
+        if self.max_batches is not None and self.kind_counts[kind] > self.max_batches:
+            raise FrameRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more '{kind}' frames than the turn's {self.max_batches} batches")
+        return True
 
     def frames_per_second(self) -> float | None:
         """Frames served per second between the turn's first and last frame (the data plane's pace)."""
