@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from graftfl.clients.site_data import hold_out, registry_raw, registry_test_set, site_rows
 from graftfl.clients.split_defences import PrivateTurn, site_defences
-from graftfl.clients.utils import config_of, num_classes_of, partition_id_of, state_from, training_device
+from graftfl.clients.utils import config_of, num_classes_of, partition_id_of, seeded_build, state_from, training_device
 from graftfl.config import eval_where
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY, client_key, decrypt_state, encrypt_state
 from graftfl.core.meter import train_flops_per_sample
@@ -138,8 +138,11 @@ def prepare_role(cfg, message: Message, context: Context, build_role: RoleBuilde
     if handoff == "relay":  # ... but the parts only the sites hold start from the sites' secret
         key = key if key is not None else relay_key(context)
         seed_torch(relay_init_seed(key, cfg), device)
-    model = model_from_config(cfg, input_shape, num_classes)
-    role = build_role(cfg, model, input_shape, num_classes, device)
+    role = seeded_build(
+        (id(cfg), build_role, tuple(input_shape), int(num_classes), str(device)),
+        lambda: build_role(cfg, model_from_config(cfg, input_shape, num_classes), input_shape, num_classes, device),
+        lambda built: built.modules(), anchor=cfg, reusable=cfg.privacy.name != "dpsgd",
+    )
     role.optimizer = role_optimizer(cfg, role)
     role.defences = site_defences(cfg, num_classes)  # what the site applies before tensors leave it (defence block)
     content = message.content
