@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import io
 import os
 from functools import partial
 from typing import Callable
@@ -39,6 +38,7 @@ from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY, client_key, decrypt_sta
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import model_from_config
 from graftfl.core.split import SemisupClient, hidden_label_mask
+from graftfl.core.state_codec import pack_state, unpack_state
 from graftfl.core.train import optimizer_from_config, seed_everything, seed_torch
 from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, NODE_CA_CERT, max_frame_bytes
 from graftfl.protocols import ClientProtocol
@@ -149,7 +149,7 @@ def prepare_role(cfg, message: Message, context: Context, build_role: RoleBuilde
     if handoff == "relay" and "handoff" in content and RELAY_KEY in content["handoff"]:
         load_role_state(role, decrypt_state(key, bytes(content["handoff"][RELAY_KEY])))
     elif handoff in ("local", "average") and STATE_KEY in context.state:
-        load_role_state(role, torch.load(io.BytesIO(bytes(context.state[STATE_KEY]["state"])), map_location="cpu", weights_only=True))
+        load_role_state(role, unpack_state(bytes(context.state[STATE_KEY]["state"])))
     if handoff == "average" and AVERAGE_KEY in content:
         load_role_arrays(role, content[AVERAGE_KEY])
     return role
@@ -251,9 +251,7 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
     if handoff == "relay":
         records["handoff"] = ConfigRecord({RELAY_KEY: encrypt_state(key, role_state(role))})
     else:
-        buffer = io.BytesIO()
-        torch.save(role_state(role), buffer)
-        context.state[STATE_KEY] = ConfigRecord({"state": buffer.getvalue()})
+        context.state[STATE_KEY] = ConfigRecord({"state": pack_state(role_state(role))})
         if handoff == "average":
             records[AVERAGE_KEY] = role_arrays(role)
     return Message(content=RecordDict(records), reply_to=message)

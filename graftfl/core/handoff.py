@@ -1,7 +1,7 @@
 """Client-side encryption of relayed bottom weights (``protocol.handoff=relay``).
 
-The finishing client serialises its bottom (and optimizer) state with
-``torch.save`` and seals it with AES-256-GCM; the server stores and forwards the
+The finishing client serialises its bottom (and optimizer) state
+(:func:`graftfl.core.state_codec.pack_state`) and seals it with AES-256-GCM; the server stores and forwards the
 ciphertext only. The key belongs to the clients:
 
 - node-config ``split-key`` (32 bytes as 64 hex characters or base64), given to
@@ -25,6 +25,8 @@ import os
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from graftfl.core.state_codec import MAGIC as STATE_MAGIC
+from graftfl.core.state_codec import pack_state, unpack_state
 from graftfl.core.wire import NODE_SPLIT_KEY
 
 KEY_NODE_CONFIG = NODE_SPLIT_KEY
@@ -69,14 +71,18 @@ def client_key(node_config: dict) -> bytes:
 
 
 def encrypt_state(key: bytes, state: dict) -> bytes:
-    """``nonce || AES-GCM(torch.save(state))``."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
+    """``nonce || AES-GCM(pack_state(state))``."""
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, buffer.getvalue(), ASSOCIATED_DATA)
+    return nonce + AESGCM(key).encrypt(nonce, pack_state(state), ASSOCIATED_DATA)
 
 
 def decrypt_state(key: bytes, blob: bytes) -> dict:
-    """Inverse of :func:`encrypt_state`; a wrong key or tampered blob raises ``InvalidTag``."""
+    """Inverse of :func:`encrypt_state`; a wrong key or tampered blob raises ``InvalidTag``.
+
+    A state sealed before 2026-12-01 (a checkpoint to resume from) holds ``torch.save``'s zip
+    instead, read with ``torch.load(weights_only=True)``.
+    """
     plain = AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], ASSOCIATED_DATA)
+    if plain[: len(STATE_MAGIC)] == STATE_MAGIC:
+        return unpack_state(plain)
     return torch.load(io.BytesIO(plain), map_location="cpu", weights_only=True)
