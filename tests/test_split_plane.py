@@ -416,11 +416,14 @@ def test_frames_exchanged_in_memory_get_the_replies_and_byte_counts_of_grpc(wire
     assert all(torch.equal(a, b) for a, b in zip(grpc_weights, memory_weights, strict=True))
 
 
-def test_a_frame_handed_over_in_memory_is_what_its_bytes_decode_to():
+@pytest.mark.parametrize("meta", [{}, {"step": 4, "loss": 0.1 + 0.2, "ok": True, "none": None, "name": "é"},
+                                  {"pair": (1, 2), 3: "x", "nested": {"a": [1.5]}}])
+def test_a_frame_handed_over_in_memory_is_what_its_bytes_decode_to(meta):
+    """Meta-less headers are kept per turn and flat meta skips the JSON round trip: the same header, meta and size either way."""
     from graftfl.transport.frames import FrameError, as_delivered, decode_frame
 
-    frame = Frame("train", {"activations": torch.randn(3, 5) * 1e3, "labels": torch.tensor([2, 0, 1], dtype=torch.int32)}, {"step": 4}, "tok")
-    for wire_dtype in ("float32", "float16", "bfloat16"):
+    frame = Frame("train", {"activations": torch.randn(3, 5) * 1e3, "labels": torch.tensor([2, 0, 1], dtype=torch.int32)}, meta, "tok")
+    for wire_dtype in ("float32", "float16", "bfloat16", "float32"):  # float32 twice: a kept header the second time
         raw = encode_frame(frame, wire_dtype)
         header, delivered, size = as_delivered(frame, wire_dtype)
         decoded = decode_frame(raw)
@@ -428,6 +431,9 @@ def test_a_frame_handed_over_in_memory_is_what_its_bytes_decode_to():
         assert (delivered.kind, delivered.meta, delivered.token) == (decoded.kind, decoded.meta, decoded.token)
         assert all(torch.equal(delivered.tensors[k], decoded.tensors[k]) and delivered.tensors[k].dtype == decoded.tensors[k].dtype
                    for k in decoded.tensors)
+        delivered.meta["added by the receiver"] = 1  # its own copy: the next frame's header is not changed
+    with pytest.raises(FrameError, match="'token' a string"):  # refused as the bytes would be, kept header or not
+        as_delivered(Frame("train", {"activations": torch.zeros(3, 5)}, meta, 7))
     sent = frame.tensors["activations"].clone()
     as_delivered(frame, "float32")[1].tensors["activations"].add_(1.0)  # a copy: the receiver cannot change what the sender holds
     assert torch.equal(frame.tensors["activations"], sent)
