@@ -14,6 +14,7 @@ from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from graftfl.core.frozen_config import FrozenConfig, plain
 from graftfl.protocols import load_phase, load_protocol, phase_names, protocol_names
 
 GROUPS = ("protocol", "dataset", "model", "privacy", "partition", "dedup", "experiment")
@@ -332,8 +333,10 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def to_container(cfg: DictConfig) -> dict:
-    """The config as plain dicts and lists with interpolations resolved."""
+def to_container(cfg: DictConfig | FrozenConfig) -> dict:
+    """The config as plain dicts and lists with interpolations resolved (a site's :class:`FrozenConfig` has none)."""
+    if isinstance(cfg, FrozenConfig):
+        return plain(cfg)
     return OmegaConf.to_container(cfg, resolve=True)
 
 

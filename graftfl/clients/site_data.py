@@ -29,8 +29,9 @@ import torch
 from flwr.app import Context
 from omegaconf import DictConfig
 
-from graftfl.config import eval_where, from_container, is_site_dataset, normalization_of
+from graftfl.config import eval_where, is_site_dataset, normalization_of
 from graftfl.core.data import RawDataset, raw_from_config
+from graftfl.core.frozen_config import FrozenConfig
 from graftfl.core.partition import partition_indices
 from graftfl.core.normalization import Statistics, fixed_statistics, standardized, to_unit
 from graftfl.core.site_stats import standardize
@@ -114,7 +115,7 @@ def registry_raw(cfg: DictConfig, context: Context) -> RawDataset:
     """The registry dataset's raw public arrays as this site reads them: node-config ``data-root`` wins over ``dataset.root``."""
     data_cfg = cfg.dataset
     if NODE_DATA_ROOT in context.node_config:
-        data_cfg = from_container({**dict(data_cfg), "root": str(context.node_config[NODE_DATA_ROOT])})
+        data_cfg = FrozenConfig({**dict(data_cfg), "root": str(context.node_config[NODE_DATA_ROOT])})
     return raw_from_config(data_cfg)
 
 
