@@ -85,32 +85,36 @@ def test_not_reusable_or_not_resettable_builds_every_time():
     assert seeded_build(("np",), with_non_persistent_buffer, _as_dict) is not first
 
 
-SPLIT_RUNS = {  # protocol + handoff -> overrides
-    "split-relay": ["protocol=split"],
-    "split-local": ["protocol=split", "protocol.handoff=local"],
-    "ushaped": ["protocol=ushaped"],
-    "semisup": ["protocol=semisup"],
+REUSING_RUNS = {  # name -> (the client module that builds, overrides); every run: 2 sites, 2 rounds
+    "split-relay": ("graftfl.clients.split_turns", ["protocol=split"]),
+    "split-local": ("graftfl.clients.split_turns", ["protocol=split", "protocol.handoff=local"]),
+    "ushaped": ("graftfl.clients.split_turns", ["protocol=ushaped"]),
+    "semisup": ("graftfl.clients.split_turns", ["protocol=semisup"]),
+    "dssgd": ("graftfl.clients.dssgd", ["protocol=dssgd", "protocol.order=round_robin", "protocol.theta_download=0.5"]),  # first-round models
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SPLIT_RUNS))
-def test_split_sites_reusing_their_part_end_as_with_fresh_builds(name, tmp_path, monkeypatch):
-    """Every turn after a site's first reuses the thread's part; the run ends with the weights and figures of fresh builds."""
+@pytest.mark.parametrize("name", list(REUSING_RUNS))
+def test_sites_reusing_their_seeded_part_end_as_with_fresh_builds(name, tmp_path, monkeypatch):
+    """Every seeded build after a thread's first is a reuse; the run ends with the weights and figures of fresh builds."""
+    import importlib
+
     from graftfl import cli
-    from graftfl.clients import split_turns
     from graftfl.config import resolve_job_config
     from tests.test_sim_fastpath import COMMON, trained_rows, weights_of
 
+    module_name, extra = REUSING_RUNS[name]
+    client = importlib.import_module(module_name)
     monkeypatch.setenv("GRAFTFL_SPLIT_KEY", "11" * 32)
-    built = []
-    monkeypatch.setattr(split_turns, "seeded_build", lambda key, build, *args, **kwargs: seeded_build(
+    built, calls = [], []
+    monkeypatch.setattr(client, "seeded_build", lambda key, build, *args, **kwargs: calls.append(1) or seeded_build(
         key, lambda: built.append(1) or build(), *args, **kwargs))
-    overrides = [*SPLIT_RUNS[name], *COMMON, "sim.backend=inprocess", "eval.where=site"]
+    overrides = [*extra, *COMMON, "sim.backend=inprocess", "eval.where=site"]
     run_reused = cli.simulate(resolve_job_config([*overrides, f"output_dir={tmp_path / 'reused'}"]))
-    assert len(built) == 1  # 2 sites x 2 rounds of training and evaluation turns, one build
+    assert len(built) == 1 and len(calls) > 1  # one build in the run's thread, every later call a reuse
 
-    monkeypatch.setattr(split_turns, "seeded_build", lambda key, build, *args, **kwargs: build())
+    monkeypatch.setattr(client, "seeded_build", lambda key, build, *args, **kwargs: build())
     run_fresh = cli.simulate(resolve_job_config([*overrides, f"output_dir={tmp_path / 'fresh'}"]))
     reused_weights, fresh_weights = weights_of(run_reused), weights_of(run_fresh)
     assert sorted(reused_weights) == sorted(fresh_weights)

@@ -21,6 +21,7 @@ from graftfl.clients.utils import (
     model_holding,
     num_classes_of,
     partition_id_of,
+    seeded_build,
     state_from,
 )
 from graftfl.config import eval_where
@@ -43,12 +44,15 @@ def local_model(cfg, context: Context, input_shape, num_classes: int) -> torch.n
 
     A stored model overwrites every weight, so it goes into this thread's module of the same
     architecture (``model_holding``) instead of a freshly initialised one; nothing after this
-    draws from torch's global generator unseeded, so the run computes the same.
+    draws from torch's global generator unseeded, so the run computes the same. The seeded
+    initial model is the thread's last one reset where a fresh build would repeat it
+    (``seeded_build``: the first round's participants all start from it).
     """
     if LOCAL_MODEL_KEY in context.state:
         return model_holding(cfg, input_shape, num_classes, state_from(context.state[LOCAL_MODEL_KEY])).cpu()
     seed_torch(int(cfg.seed), torch.device("cpu"))  # the same initial weights as the server's global model (built on the CPU)
-    return model_from_config(cfg, input_shape, num_classes)
+    return seeded_build((id(cfg), PROTOCOL, tuple(input_shape), int(num_classes)), lambda: model_from_config(cfg, input_shape, num_classes),
+                        lambda model: {"model": model}, anchor=cfg, reusable=cfg.privacy.name != "dpsgd").cpu()
 
 
 def download_into(model: torch.nn.Module, download: ArrayRecord) -> int:
