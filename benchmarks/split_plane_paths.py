@@ -130,12 +130,15 @@ def render(payload: dict) -> str:
         f"{payload['grpc_plane_threads']} over gRPC; median of {payload['repeats']} interleaved "
         f"repetitions of {payload['steps'] - WARMUP} steps. Command: `{payload['command']}`.",
         "",
-        "| path | ms per step | steps/s vs whole model |",
-        "|---|---:|---:|",
+        "| path | ms per step | steps/s vs whole model (medians) | the same, paired: median of each repetition's ratio |",
+        "|---|---:|---:|---:|",
     ]
     for name, label in PATHS.items():
         ms = payload["median_ms"][name]
-        lines.append(f"| {label} | {ms:.3f} | {whole_ms / ms:.2f} |")
+        lines.append(f"| {label} | {ms:.3f} | {whole_ms / ms:.2f} | {payload['paired_ratio'][name]:.2f} |")
+    lines += ["", "The paired ratio compares each path with the whole model measured beside it in the same repetition: this VM",
+              "switches between a fast and a slow phase (the whole model's step in each repetition is in the JSON), and a",
+              "ratio of medians can pair figures from different phases."]
     return "\n".join(lines) + "\n"
 
 
@@ -162,6 +165,7 @@ def main() -> int:
         "torch": torch.__version__, "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
         "plane_threads": args.plane_threads, "grpc_plane_threads": grpc_threads, "command": "python benchmarks/split_plane_paths.py", "all_ms": runs,
         "median_ms": {name: statistics.median(ms) for name, ms in runs.items()}, "load_average_1min_after": os.getloadavg()[0],
+        "paired_ratio": {name: statistics.median(w / x for w, x in zip(runs["whole"], ms, strict=True)) for name, ms in runs.items()},
     }
     write_results("split_plane_paths", payload, render(payload))
     return 0
