@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 import os
 
 import grpc
@@ -70,6 +71,8 @@ BAD_FRAMES = {
     "negative label": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(good_frame(s, turn.token, labels=torch.full((BATCH,), -1)))),
     "unknown kind": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: encode_frame(Frame("backward", {"gradient": torch.zeros(BATCH, *s)}, token=turn.token))),
     "garbage": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: b"hello, data plane"),
+    # a header within the size limit, nested deeper than the JSON parser recurses
+    "deep header": (grpc.StatusCode.INVALID_ARGUMENT, lambda s, turn: b"GFL1" + struct.pack(">I", 60_000) + b"[" * 30_000 + b"]" * 30_000),
 }
 
 
@@ -77,7 +80,7 @@ MESSAGE_HINTS = {
     "wrong token": "token", "wrong shape": "shape", "batch mismatch": "batch", "wrong dtype": "dtype", "nan": "NaN", "one nan": "NaN",
     "cancelling infinities": "NaN or infinite",
     "infinite": "infinite", "oversize": "exceeds the limit", "label too big": "labels must lie", "negative label": "labels must lie",
-    "unknown kind": "unexpected frame kind", "garbage": "magic",
+    "unknown kind": "unexpected frame kind", "garbage": "magic", "deep header": "not JSON",
 }
 
 

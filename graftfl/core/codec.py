@@ -7,7 +7,9 @@ A tensor travels as raw little-endian bytes plus its shape and wire dtype name;
 from __future__ import annotations
 
 import io
+import json
 import math
+import struct
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -121,3 +123,24 @@ def assign_flat_parameters(model: torch.nn.Module, flat: torch.Tensor) -> None:
             count = param.numel()
             param.copy_(flat[offset : offset + count].view_as(param))
             offset += count
+
+
+def json_prefixed(data: bytes, magic: bytes, max_length: int, what: str, noun: str,
+                  error: type[ValueError] = ValueError) -> tuple[object, int]:
+    """The JSON after ``magic`` and its big-endian u32 length in ``data``, and the offset of the byte after it.
+
+    The data plane's frames and the split hand-off's training states start this way. A wrong
+    magic, a length over ``max_length`` or past the end, or text that is not JSON (nesting too
+    deep for the parser included) raises ``error``, naming ``what`` (the kind of data) and
+    ``noun`` (its JSON part).
+    """
+    start = len(magic) + 4
+    if len(data) < start or data[: len(magic)] != magic:
+        raise error(f"not a graftfl {what} (bad magic)")
+    (length,) = struct.unpack(">I", data[len(magic) : start])
+    if length > max_length or start + length > len(data):
+        raise error(f"{noun} length {length} is invalid")
+    try:
+        return json.loads(data[start : start + length]), start + length
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise error(f"{noun} is not JSON: {err}") from err

@@ -26,6 +26,8 @@ import struct
 
 import torch
 
+from graftfl.core.codec import json_prefixed
+
 MAGIC = b"GFS1"
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in (
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")}
@@ -45,18 +47,10 @@ def pack_state(state) -> bytes:
 
 def unpack_state(data: bytes):
     """Inverse of :func:`pack_state`: writable CPU tensors; ``ValueError`` for anything it did not write."""
-    if len(data) < 8 or data[:4] != MAGIC:
-        raise ValueError("not a graftfl training state (bad magic)")
-    (length,) = struct.unpack(">I", data[4:8])
-    if length > MAX_OUTLINE_BYTES or 8 + length > len(data):
-        raise ValueError(f"training state outline length {length} is invalid")
-    try:
-        outline = json.loads(data[8 : 8 + length])
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ValueError(f"training state outline is not JSON: {err}") from err
+    outline, offset = json_prefixed(data, MAGIC, MAX_OUTLINE_BYTES, "training state", "training state outline")
     if not isinstance(outline, dict) or not isinstance(outline.get("tensors"), list) or "tree" not in outline:
         raise ValueError("training state outline needs 'tree' and a 'tensors' list")
-    tensors, offset = [], 8 + length
+    tensors = []
     for entry in outline["tensors"]:
         tensor, offset = _tensor_at(data, offset, entry)
         tensors.append(tensor)

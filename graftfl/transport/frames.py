@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from graftfl.core.codec import FLOAT_WIRE_DTYPES, WIRE_DTYPES, tensor_from_bytes, tensor_to_bytes, wire_dtype
+from graftfl.core.codec import FLOAT_WIRE_DTYPES, WIRE_DTYPES, json_prefixed, tensor_from_bytes, tensor_to_bytes, wire_dtype
 
 MAGIC = b"GFL1"
 MAX_HEADER_BYTES = 64 * 1024
@@ -116,16 +116,8 @@ def _delivered(tensor: torch.Tensor, dtype_name: str) -> torch.Tensor:
 
 def parse_header(raw: bytes) -> tuple[dict, int]:
     """The JSON header of ``raw`` and the offset of the first payload byte."""
-    if len(raw) < 8 or raw[:4] != MAGIC:
-        raise FrameError("not a graftfl data-plane frame (bad magic)")
-    (length,) = struct.unpack(">I", raw[4:8])
-    if length > MAX_HEADER_BYTES or 8 + length > len(raw):
-        raise FrameError(f"frame header length {length} is invalid")
-    try:
-        header = json.loads(raw[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FrameError(f"frame header is not JSON: {err}") from err
-    return checked_header(header, length), 8 + length
+    header, offset = json_prefixed(raw, MAGIC, MAX_HEADER_BYTES, "data-plane frame", "frame header", FrameError)
+    return checked_header(header, offset - 8), offset
 
 
 def checked_header(header, length: int) -> dict:
