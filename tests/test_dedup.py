@@ -331,6 +331,13 @@ def test_single_site_and_bad_replies_do_not_break_the_coordinator():
     assert coordinator.report()["not_checked"] == [[0, 1]]
 
 
+def test_a_report_nested_past_the_json_parser_fails_its_site_not_the_server():
+    coordinator = DedupCoordinator(2, session="s")
+    deep = "[" * 200_000 + "]" * 200_000  # under the report's 1 MiB limit
+    coordinator.accept("finish", {1: {}}, {1: {"report": deep}})
+    assert set(coordinator.failed) == {1} and "RecursionError" in coordinator.failed[1]
+
+
 # ----------------------------------------------------------------- images ---
 
 def _blocks_image(seed: int, size: int = 128) -> np.ndarray:

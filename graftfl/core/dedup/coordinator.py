@@ -102,8 +102,8 @@ class DedupCoordinator:
                 continue
             try:
                 self._take(step, rank, message, reply)
-            except (TypeError, ValueError, KeyError) as error:
-                self.fail(rank, step, f"bad reply: {error}")
+            except (TypeError, ValueError, KeyError, RecursionError) as error:  # RecursionError: JSON nested past the parser's depth
+                self.fail(rank, step, f"bad reply: {type(error).__name__}: {str(error)[:200]}")
 
     def _take(self, step: str, rank: int, message: Message, reply: Mapping[str, Any]) -> None:
         info = self.site_info[rank]

@@ -67,7 +67,7 @@ def open_envelope(mac_key: bytes, frame: Any, *, kind: str, session: str, sender
     start = len(MAGIC) + 4
     try:
         header = json.loads(body[start : start + header_len])
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nested past the parser's depth
         raise DedupProtocolError(f"{what}: header is not JSON ({error})") from error
     if not isinstance(header, dict):
         raise DedupProtocolError(f"{what}: header is not a JSON object")
