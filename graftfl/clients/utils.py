@@ -185,6 +185,11 @@ def local_train(
 _BUILT = threading.local()  # per thread: the module one message leaves for the next
 
 
+def load_resets(module: torch.nn.Module) -> bool:
+    """Whether a strict ``load_state_dict`` sets all of ``module``'s state (no non-persistent buffers, which it skips)."""
+    return not any(m._non_persistent_buffers_set for m in module.modules())
+
+
 def module_holding(key, build: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], reusable: bool = True) -> torch.nn.Module:
     """``build()``'s module with ``state`` loaded: the one the last call of this thread built, when its ``key`` is the same.
 
@@ -200,8 +205,7 @@ def module_holding(key, build: Callable[[], torch.nn.Module], state: dict[str, t
         module = cached[1]
     else:
         module = build()
-        whole_state = not any(m._non_persistent_buffers_set for m in module.modules())
-        _BUILT.module = (key, module) if whole_state and reusable else None
+        _BUILT.module = (key, module) if reusable and load_resets(module) else None
     module.load_state_dict(state, strict=True)
     for parameter in module.parameters():
         parameter.grad = None
@@ -248,8 +252,7 @@ def seeded_build(key: tuple, build: Callable[[], R], modules_of: Callable[[R], d
         return cached.built
     built = build()
     modules = modules_of(built)
-    submodules = [m for module in modules.values() for m in module.modules()]
-    keep = reusable and all(m.training and not m._non_persistent_buffers_set for m in submodules)
+    keep = reusable and all(load_resets(module) and all(m.training for m in module.modules()) for module in modules.values())
     first = {name: {k: v.detach().clone() for k, v in module.state_dict().items()} for name, module in modules.items()} if keep else {}
     _SEEDED.entry = _SeededBuild(key, anchor, built, first, rng_before, torch.get_rng_state()) if keep else None
     return built

@@ -31,12 +31,23 @@ def wire_dtype(name: str) -> torch.dtype:
     return WIRE_DTYPES[name]
 
 
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a CPU, contiguous ``tensor`` (``bfloat16`` as its 16-bit pattern: NumPy has no such type)."""
+    return (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy().tobytes()
+
+
+def tensor_of_raw(data, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A writable tensor of ``shape`` and ``dtype`` from :func:`raw_bytes`'s bytes (the caller checked the length)."""
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.int16 if dtype == torch.bfloat16 else dtype
+    tensor = torch.frombuffer(bytearray(data), dtype=storage).reshape(shape)
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+
 def tensor_to_bytes(tensor: torch.Tensor, dtype_name: str = "float32") -> bytes:
     """Raw bytes of ``tensor`` cast to the wire dtype ``dtype_name``."""
-    cast = tensor.detach().to("cpu", wire_dtype(dtype_name)).contiguous()
-    if cast.dtype == torch.bfloat16:
-        cast = cast.view(torch.int16)
-    return cast.numpy().tobytes()
+    return raw_bytes(tensor.detach().to("cpu", wire_dtype(dtype_name)).contiguous())
 
 
 def tensor_from_bytes(data: bytes, shape: Iterable[int], dtype_name: str, out_dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
@@ -46,10 +57,7 @@ def tensor_from_bytes(data: bytes, shape: Iterable[int], dtype_name: str, out_dt
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise ValueError(f"payload has {len(data)} bytes, shape {shape} in {dtype_name} needs {expected}")
-    storage = torch.int16 if dtype == torch.bfloat16 else dtype
-    tensor = torch.frombuffer(bytearray(data), dtype=storage).reshape(shape)
-    if dtype == torch.bfloat16:
-        tensor = tensor.view(torch.bfloat16)
+    tensor = tensor_of_raw(data, shape, dtype)
     return tensor.to(out_dtype) if out_dtype is not None and dtype.is_floating_point else tensor
 
 

@@ -59,7 +59,7 @@ def cut_points(model: StagedModel, cut_stage: str | None, head_stages: int | Non
     ``head_stages`` is how many final stages the client keeps (U-shaped).
     """
     names = model.stage_names
-    trainable = [name for name in names if any(True for _ in model._modules[name].parameters())]
+    trainable = [name for name in names if next(model.get_submodule(name).parameters(), None) is not None]
     cut = cut_stage or (trainable[0] if trainable else names[0])
     if cut not in names:
         raise ValueError(f"unknown cut stage '{cut}'; stages of {type(model).__name__}: {names}")

@@ -26,7 +26,7 @@ import struct
 
 import torch
 
-from graftfl.core.codec import json_prefixed
+from graftfl.core.codec import json_prefixed, raw_bytes, tensor_of_raw
 
 MAGIC = b"GFS1"
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in (
@@ -41,8 +41,7 @@ def pack_state(state) -> bytes:
     tensors: list[torch.Tensor] = []
     outline = {"tree": _outline(state, tensors), "tensors": [{"dtype": _NAMES[t.dtype], "shape": list(t.shape)} for t in tensors]}
     text = json.dumps(outline, allow_nan=True).encode()
-    payloads = [t.view(torch.int16) if t.dtype == torch.bfloat16 else t for t in tensors]
-    return b"".join([MAGIC, struct.pack(">I", len(text)), text, *(t.numpy().tobytes() for t in payloads)])
+    return b"".join([MAGIC, struct.pack(">I", len(text)), text, *(raw_bytes(t) for t in tensors)])
 
 
 def unpack_state(data: bytes):
@@ -91,11 +90,7 @@ def _tensor_at(data: bytes, offset: int, entry) -> tuple[torch.Tensor, int]:
     size = math.prod(shape) * dtype.itemsize
     if offset + size > len(data):
         raise ValueError(f"tensor ({shape}, {entry['dtype']}) runs past the end of the training state")
-    if size == 0:
-        return torch.empty(shape, dtype=dtype), offset
-    storage = torch.int16 if dtype == torch.bfloat16 else dtype
-    tensor = torch.frombuffer(bytearray(data[offset : offset + size]), dtype=storage).reshape(shape)
-    return (tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor), offset + size
+    return tensor_of_raw(data[offset : offset + size], tuple(shape), dtype), offset + size
 
 
 def _tree(node, tensors: list[torch.Tensor]):
