@@ -52,10 +52,11 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None, ray_address: str | 
     from graftfl.clients.split_turns import ALLOW_SERVER_EVAL_ENV
     from graftfl.core.dedup.keys import SALT_ENV_VAR as DEDUP_SALT_ENV
     from graftfl.core.handoff import KEY_ENV as SPLIT_KEY_ENV
-    from graftfl.sim import inprocess_threads, run_inprocess, sim_backend
+    from graftfl.sim import inprocess_threads, inprocess_workers, run_inprocess, sim_backend
     from graftfl.sim.node_ids import partition_ordered_node_ids
 
-    backend = sim_backend(cfg)  # a config error before anything starts
+    backend = sim_backend(cfg)  # config errors before anything starts
+    client_workers = inprocess_workers(cfg)
     if backend == "inprocess" and ray_cluster.ray_address_of(cfg, ray_address):
         raise ConfigError("sim.backend=inprocess runs without Ray: drop sim.ray_address / --ray-address, or use sim.backend=ray")
 
@@ -90,7 +91,7 @@ def simulate(cfg, data_dir: str | os.PathLike | None = None, ray_address: str | 
     try:
         if backend == "inprocess":  # graftfl.sim: same apps, one process, no Ray (docs/benchmarks.md, "Simulation backends")
             run_inprocess(make_server_app(cfg), client_app, num_supernodes=cfg.num_clients, client_threads=inprocess_threads(cfg),
-                          seed=int(cfg.seed))
+                          seed=int(cfg.seed), client_workers=client_workers)
         else:
             if ray_address:  # after the GRAFTFL_* variables above are set: the cluster's workers get them from here
                 ray_cluster.attach(ray_address)

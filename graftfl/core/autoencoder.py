@@ -29,6 +29,7 @@ from torch import nn
 
 from graftfl.core.data import make_loader
 from graftfl.core.models import StagedModel, mlp, register_model
+from graftfl.core.overlap import overlapping
 from graftfl.core.train import evaluate, make_optimizer, seed_torch, train
 from graftfl.core.weights_file import load_weights_file
 
@@ -106,7 +107,8 @@ def train_autoencoder(
     seed_torch(seed, device)
     loader = make_loader(x, x, batch_size, shuffle=True, seed=seed)
     optimizer = make_optimizer("adam", model.parameters(), lr)
-    result = train(model, loader, optimizer, device=device, epochs=epochs, loss_fn=_reconstruction_loss)
+    with overlapping(model):  # batches from the loader's own generator: another simulated client may run meanwhile
+        result = train(model, loader, optimizer, device=device, epochs=epochs, loss_fn=_reconstruction_loss)
     return {"ae_loss": result["loss"], "steps": result["steps"], "samples": result["samples"]}
 
 

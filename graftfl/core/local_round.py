@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from graftfl.core.data import DatasetSplits, make_loader, per_row_loader
+from graftfl.core.overlap import overlapping
 from graftfl.core.partition import partition_indices
 from graftfl.core.privacy import History, PrivateTraining, dpsgd_config_from
 from graftfl.core.train import optimizer_from_config, seed_torch, train
@@ -42,7 +43,8 @@ def train_round(
     loop = dict(device=device, epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps,
                 show_progress=show_progress)
     if dp_config is None:
-        result = train(model, loader, optimizer, **loop)
+        with overlapping(model):  # batches from the loader's own generator: another simulated client may run meanwhile
+            result = train(model, loader, optimizer, **loop)
         return {"train_loss": result["loss"], "steps": result["steps"], "samples": result["samples"]}, list(history or [])
     model.train()  # Opacus refuses a model in eval mode, as a baseline's model is after last round's evaluation
     private = PrivateTraining(dp_config, history)

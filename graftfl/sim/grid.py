@@ -29,6 +29,12 @@ Flower's simulation does, this grid does too:
 - ``send_and_receive`` returns the replies that arrived within ``timeout`` seconds. A
   client is never interrupted (nor is a Ray actor): after the timeout no further
   message is started, and a client that hangs holds up the run.
+
+With ``client_workers`` > 1 the messages run on that many threads instead, each with the
+clients' torch thread count (:mod:`graftfl.sim.workers`), as Ray runs several actors: with one
+torch thread per client no thread starts an OpenMP pool, and on 2 cores two LeNet clients
+train at about twice the rate of one. Only their training loops overlap
+(:mod:`graftfl.core.overlap`), so a run computes what it computes one client at a time.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from uuid import uuid4
 
@@ -50,6 +57,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from graftfl.sim.node_ids import seeded_ids
+from graftfl.sim.workers import ClientWorkers
 from graftfl.sim.messages import copy_message, copy_records, error_reply, instruction_problems, mark_delivered, reply_problems
 
 log = logging.getLogger(__name__)
@@ -90,13 +98,21 @@ class InProcessGrid(Grid):
     seed : int, optional
         Node ids from :func:`graftfl.sim.node_ids.seeded_ids` (the same in every run with this
         seed, as ``graftfl sim`` gives the Ray backend); None: drawn at random, as Flower does.
+    client_workers : int
+        Messages served side by side (``sim.client_workers``): 1 runs them in the asking thread;
+        more runs them on that many :class:`~graftfl.sim.workers.ClientWorkers`, each node's in
+        the order pushed, with only the clients' training loops overlapping.
     """
 
-    def __init__(self, client_app: ClientApp, num_supernodes: int, client_threads: int | None = None, seed: int | None = None):
+    def __init__(self, client_app: ClientApp, num_supernodes: int, client_threads: int | None = None, seed: int | None = None,
+                 client_workers: int = 1):
         if int(num_supernodes) < 1:
             raise ValueError(f"num_supernodes must be >= 1, got {num_supernodes}")
+        if int(client_workers) < 1:
+            raise ValueError(f"client_workers must be >= 1, got {client_workers}")
         self.client_app = client_app
         self.client_threads = client_threads
+        self._workers = ClientWorkers(int(client_workers), client_threads) if int(client_workers) > 1 else None
         run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
         run.primary_task_id = 1
         self._run = run
@@ -166,6 +182,8 @@ class InProcessGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """The replies for ``message_ids``, after every queued message has been run (each reply is returned once)."""
+        if self._workers is not None:
+            self._serve_side_by_side(None, lambda: True)
         while self._run_next():
             pass
         with self._lock:
@@ -175,14 +193,19 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``, run the queue and return the replies that arrived within ``timeout`` seconds (None: all).
 
-        Clients run in the calling thread, so a client is never interrupted: once the timeout has
-        passed no further message is started, and a reply that came in after it stays for
-        :meth:`pull_messages` (as a late reply stays in Flower's link state).
+        Clients run in the calling thread (or on the workers, ``client_workers`` > 1), and a client is
+        never interrupted: once the timeout has passed no further message is started, and a reply that
+        came in after it stays for :meth:`pull_messages` (as a late reply stays in Flower's link state).
+        Replies come in the order their messages were pushed.
         """
-        waiting = set(self.push_messages(messages))
+        pushed = list(self.push_messages(messages))
+        waiting = set(pushed)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         in_time = lambda: deadline is None or time.monotonic() < deadline  # noqa: E731
+        if self._workers is not None:
+            arrived = self._serve_side_by_side(waiting, in_time)
+            return [mark_delivered(arrived[message_id]) for message_id in pushed if message_id in arrived]  # in the order pushed
         while waiting and in_time():
             with self._lock:
                 arrived = [message_id for message_id in waiting if message_id in self._replies]
@@ -198,6 +221,8 @@ class InProcessGrid(Grid):
         with self._lock:
             self._stopped = True
             self._pending.clear()
+        if self._workers is not None:
+            self._workers.close()
 
     def _run_next(self) -> bool:
         """Run the oldest queued message in this thread and store its reply; False when the queue was empty."""
@@ -212,6 +237,54 @@ class InProcessGrid(Grid):
                 with self._lock:
                     self._replies[message.metadata.message_id] = reply
             return True
+
+    def _serve_side_by_side(self, waiting: set[str] | None, in_time: Callable[[], bool]) -> dict[str, Message]:
+        """Serve queued messages on the workers until every id in ``waiting`` has its reply (None: the queue is empty).
+
+        A node's messages start in the order pushed, one at a time. Once ``in_time()`` is false no
+        further message starts; those running finish (a client is never interrupted). Returns the
+        replies to ``waiting`` that arrived while ``in_time()`` held, taken out of the store.
+        """
+        collected: dict[str, Message] = {}
+        running: dict[Future, int] = {}  # the message being served -> its node
+        with self._serving:
+            while True:
+                if in_time():
+                    with self._lock:
+                        for message_id in (waiting or set()) - collected.keys():
+                            if message_id in self._replies:
+                                collected[message_id] = self._replies.pop(message_id)
+                wanted = waiting is None or len(collected) < len(waiting)
+                while wanted and in_time() and len(running) < self._workers.count:
+                    message = self._next_startable(set(running.values()))
+                    if message is None:
+                        break
+                    running[self._workers.submit(self._serve_one, message)] = message.metadata.dst_node_id
+                if not running:
+                    return collected
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    del running[future]
+                    future.result()  # a client's exception is already its error reply: this raises only the grid's own faults
+
+    def _next_startable(self, busy_nodes: set[int]) -> Message | None:
+        """The oldest queued message whose node is free and has no older message queued, taken off the queue."""
+        with self._lock:
+            passed: set[int] = set()
+            for message in self._pending:
+                node = message.metadata.dst_node_id
+                if node not in busy_nodes and node not in passed:
+                    self._pending.remove(message)
+                    return message
+                passed.add(node)
+        return None
+
+    def _serve_one(self, message: Message) -> None:
+        """A worker's part: run ``message``'s ClientApp and store the reply."""
+        reply = self.handle(mark_delivered(message))
+        if reply is not None:
+            with self._lock:
+                self._replies[message.metadata.message_id] = reply
 
     def handle(self, message: Message) -> Message | None:
         """Run the ClientApp on ``message`` with its node's context; the reply to store (None when Flower would drop it)."""
@@ -235,6 +308,7 @@ class InProcessGrid(Grid):
             reply = error_reply(message, err)
             reply.metadata.__dict__["_message_id"] = str(uuid4())
         finally:
-            self.client_seconds += time.perf_counter() - started
-            self.messages_handled += 1
+            with self._lock:  # workers may finish at the same time
+                self.client_seconds += time.perf_counter() - started
+                self.messages_handled += 1
         return copy_message(reply)  # the client may keep references into its reply

@@ -39,17 +39,25 @@ def inprocess_threads(cfg) -> int | None:
     return int(threads)
 
 
+def inprocess_workers(cfg) -> int:
+    """Messages an in-process simulation serves side by side: ``sim.client_workers`` (1 when absent)."""
+    workers = (cfg.get("sim") or {}).get("client_workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, (int, float)) or not float(workers).is_integer() or int(workers) < 1:
+        raise ConfigError(f"sim.client_workers must be a whole number >= 1, got {workers!r}")
+    return int(workers)
+
+
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, client_threads: int | None = None,
-                  seed: int | None = None) -> InProcessGrid:
+                  seed: int | None = None, client_workers: int = 1) -> InProcessGrid:
     """Run ``server_app`` to the end with ``num_supernodes`` virtual SuperNodes running ``client_app`` in this process.
 
     The ServerApp runs in the calling thread, and so do the clients, one message at a time,
     when the ServerApp asks the grid for replies (the split data plane's gRPC server has
-    threads of its own). ``seed``: node ids in partition order, the same in every run with it
+    threads of its own); ``client_workers`` > 1: on that many worker threads, side by side. ``seed``: node ids in partition order, the same in every run with it
     (:mod:`graftfl.sim.node_ids`). What the ServerApp raises is raised here. Returns the (closed) grid, whose
     ``messages_handled`` and ``client_seconds`` say how much client work there was.
     """
-    grid = InProcessGrid(client_app, num_supernodes, client_threads=client_threads, seed=seed)
+    grid = InProcessGrid(client_app, num_supernodes, client_threads=client_threads, seed=seed, client_workers=client_workers)
     run_id = grid.run.run_id
     # Messages the ServerApp creates take their run and source from the task identity (as run_simulation sets it).
     TaskIdentity.task_id = 1
