@@ -78,6 +78,8 @@ def overrides_for(protocol: str, clients: int, backend: str, args, workdir: Path
         f"train.batch_size={args.batch_size}", "train.local_epochs=1", f"client_resources.num_cpus={args.threads}",
         "eval.where=server", "dataset.test_size=100", f"sim.backend={backend}", f"output_dir={workdir / backend}",
     ] + ([f"train.lr={args.lr}"] if args.lr is not None else []) + (["flush_denormal=true"] if args.flush_denormal else [])
+    if backend == "inprocess" and args.client_workers > 1:  # the same threads in all, one per worker: as Ray's actors share the cores
+        common += [f"sim.client_workers={args.client_workers}", f"sim.client_threads={max(1, args.threads // args.client_workers)}"]
     if args.workload == "gpu":
         common += ["dataset=medmnist", f"dataset.subset={GPU_SYNTHETIC}", f"dataset.root={workdir}", "dataset.download=false",
                    "model=cnn", f"device={args.device}", f"client_resources.num_gpus={args.num_gpus if args.device == 'cuda' else 0}",
@@ -114,6 +116,7 @@ def federated_run(protocol: str, clients: int, backend: str, args, workdir: Path
         samples_per_round = clients * per_client * int(cfg.train.local_epochs)
     return {
         "protocol": protocol, "clients_per_round": clients, "backend": backend, "rounds": len(fit_rows),
+        "client_workers": args.client_workers if backend == "inprocess" else 1,
         "samples": samples_per_round * len(fit_rows), "fit_s": sum(round_s), "last_round_s": round_s[-1],
         "samples_per_s": samples_per_round * len(fit_rows) / sum(round_s), "last_round_samples_per_s": samples_per_round / round_s[-1],
         "server_eval_s": eval_s, "command_s": total_s, "overrides": overrides, "batch_size": int(cfg.train.batch_size),
@@ -221,7 +224,8 @@ def output_name(args) -> str:
 
 def row_key(row: dict) -> tuple:
     """What identifies a measured configuration (a newer measurement of it replaces the older one)."""
-    return row["workload"], int(row.get("samples_per_client", 60)), row["protocol"], row["clients_per_round"], row["backend"]
+    return (row["workload"], int(row.get("samples_per_client", 60)), row["protocol"], row["clients_per_round"], row["backend"],
+            int(row.get("client_workers", 1)))
 
 
 def main() -> int:
@@ -245,6 +249,8 @@ def main() -> int:
     parser.add_argument("--population", type=int, default=1000, help="--gpu: clients in all (pfl-research: 1,000)")
     parser.add_argument("--gpu-clients-per-round", type=int, default=50, help="--gpu: clients per round (pfl-research: 50)")
     parser.add_argument("--num-gpus", type=float, default=0.1, help="Ray client_resources.num_gpus (pfl-research configured Flower with 0.1)")
+    parser.add_argument("--client-workers", type=int, default=1, help="in-process: sim.client_workers, each worker with "
+                        "--threads / workers torch threads (the centralized side keeps --threads)")
     parser.add_argument("--lr", type=float, default=None, help="train.lr for every run (default: the config's, 0.05)")
     parser.add_argument("--flush-denormal", action="store_true", help="flush_denormal=true on both sides: the runs' config key, and "
                         "torch.set_flush_denormal for the centralized fits (other numerics than the default; writes *_ftz.{json,md})")

@@ -55,11 +55,17 @@ def table(results: list[dict], args, commands: list[str], load: list[float]) -> 
     for r in map(with_best_central, results):
         protocol = r["protocol"] + (f" (lr {r['lr_override']:g})" if r.get("lr_override") is not None else "")
         paired = f"{r['R_paired']:.2f}" if "R_paired" in r else "–"  # rows measured before pairing
-        lines.append(f"| {r['workload']} | {r.get('samples_per_client', 60)} | {protocol} | {r['clients_per_round']} | {r['backend']} | {r['samples_per_s']:.0f} "
+        lines.append(f"| {r['workload']} | {r.get('samples_per_client', 60)} | {protocol} | {r['clients_per_round']} | {backend_label(r)} | {r['samples_per_s']:.0f} "
                      f"({r['last_round_samples_per_s']:.0f}) | {r['central_samples_per_s']:.0f} / {r['central_best_samples_per_s']:.0f} | "
                      f"{r['R']:.2f} | {r['R_last_round']:.2f} | {r['R_best_central']:.2f} | {r['R_last_round_best_central']:.2f} | {paired} | "
                      f"{r['switch_ms']:.1f} ({r['switch_steps']:.1f}) | {r['fit_s']:.1f} | {r['command_s']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def backend_label(row: dict) -> str:
+    """The backend column: ``inprocess x2`` for clients served side by side on two workers."""
+    workers = int(row.get("client_workers", 1))
+    return row["backend"] + (f" x{workers}" if workers > 1 else "")
 
 
 def report(payload: dict, args) -> str:

@@ -56,9 +56,9 @@ from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from graftfl.sim.messages import copy_message, copy_records, error_reply, instruction_problems, mark_delivered, reply_problems
 from graftfl.sim.node_ids import seeded_ids
 from graftfl.sim.workers import ClientWorkers
-from graftfl.sim.messages import copy_message, copy_records, error_reply, instruction_problems, mark_delivered, reply_problems
 
 log = logging.getLogger(__name__)
 
@@ -271,10 +271,10 @@ class InProcessGrid(Grid):
         """The oldest queued message whose node is free and has no older message queued, taken off the queue."""
         with self._lock:
             passed: set[int] = set()
-            for message in self._pending:
+            for position, message in enumerate(self._pending):
                 node = message.metadata.dst_node_id
                 if node not in busy_nodes and node not in passed:
-                    self._pending.remove(message)
+                    del self._pending[position]  # by position: deque.remove would compare messages' contents
                     return message
                 passed.add(node)
         return None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
+import torch
 from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -57,6 +59,10 @@ def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_supernodes: 
     (:mod:`graftfl.sim.node_ids`). What the ServerApp raises is raised here. Returns the (closed) grid, whose
     ``messages_handled`` and ``client_seconds`` say how much client work there was.
     """
+    threads_in_all = client_workers * (client_threads or torch.get_num_threads())
+    if client_workers > 1 and threads_in_all > (os.cpu_count() or 1):  # more torch threads than cores: they wait on each other
+        log.warning("sim.client_workers=%d x %d torch threads each is more than this machine's %d cores", client_workers,
+                    threads_in_all // client_workers, os.cpu_count() or 1)
     grid = InProcessGrid(client_app, num_supernodes, client_threads=client_threads, seed=seed, client_workers=client_workers)
     run_id = grid.run.run_id
     # Messages the ServerApp creates take their run and source from the task identity (as run_simulation sets it).
