@@ -109,6 +109,11 @@ def test_overlapping_gives_the_lock_back_even_when_the_loop_raises():
                 raise RuntimeError("diverged")
         assert lock.locked()
     assert not lock.locked()
+    with exclusive(lock):
+        with overlapping():  # converting this client's own data (a reply's weights): no model to check
+            assert not lock.locked()
+        with overlapping(torch.nn.Sequential(torch.nn.Dropout())):
+            assert lock.locked()
     with overlapping(torch.nn.Linear(1, 1)):  # no simulation worker: nothing to release
         pass
 

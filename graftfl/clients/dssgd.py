@@ -28,6 +28,7 @@ from graftfl.config import eval_where
 from graftfl.core.codec import assign_flat_parameters, flatten_parameters
 from graftfl.core.data import dataset_from_config
 from graftfl.core.models import model_from_config
+from graftfl.core.overlap import overlapping
 from graftfl.core.privacy import secret_generator
 from graftfl.core.selective import decode_sparse, encode_sparse, make_upload, overwrite
 from graftfl.core.split import test_subset
@@ -102,7 +103,8 @@ def train(message: Message, context: Context) -> Message:
         # Privacy noise from a secret seed: the server knows the run seed and could replay seeded noise.
         generator=secret_generator() if private else torch.Generator().manual_seed(seed),
     )
-    context.state[LOCAL_MODEL_KEY] = ArrayRecord(model.state_dict())  # the full local update stays here
+    with overlapping():  # this site's tensors only: another simulated site may run meanwhile
+        context.state[LOCAL_MODEL_KEY] = ArrayRecord(model.state_dict())  # the full local update stays here
     if private:
         # Only what ε covers leaves the site: the training loss and the local model's test accuracy are
         # functions of the site's data outside the mechanism. (The data set's size is treated as public.)

@@ -53,6 +53,7 @@ from graftfl.core.autoencoder import class_grid_figure, encode, reconstruction_e
 from graftfl.core.defences import DefenceConfig, SiteDefences
 from graftfl.core.meter import train_flops_per_sample
 from graftfl.core.models import StagedModel, build_model
+from graftfl.core.overlap import overlapping
 from graftfl.core.split import test_selection
 from graftfl.core.train import round_seed, seed_torch
 from graftfl.protocols import ClientProtocol
@@ -165,12 +166,14 @@ def train_site_autoencoder(message: Message, context: Context) -> Message:
         seed=seed,
     )
     model.cpu()
-    context.state[AUTOENCODER_STATE] = ArrayRecord(model.state_dict())
+    with overlapping():  # this site's tensors only: another simulated site may run meanwhile
+        trained = ArrayRecord(model.state_dict())
+    context.state[AUTOENCODER_STATE] = trained
     flops = train_flops_per_sample(model, x, torch.nn.functional.mse_loss, x) * result["samples"]
     metrics = MetricRecord({"num-examples": len(x), "ae_loss": result["ae_loss"], "partition-id": partition_id, "client_flops": flops})
     content = RecordDict({"metrics": metrics})
-    if federated:
-        content["arrays"] = ArrayRecord(model.state_dict())
+    if federated:  # the same record as the state: the reply travels as a copy (in memory) or as bytes (deployed)
+        content["arrays"] = trained
     return Message(content, reply_to=message)
 
 

@@ -17,6 +17,7 @@ from graftfl.clients.utils import (
     state_from,
 )
 from graftfl.core.models import model_from_config
+from graftfl.core.overlap import overlapping
 from graftfl.core.train import round_seed
 from graftfl.core.wire import PARTITION_ID, ROUND_OFFSET, SERVER_ROUND
 from graftfl.protocols import ClientProtocol
@@ -36,7 +37,9 @@ def train(message: Message, context: Context) -> Message:
     seed = round_seed(cfg.seed, server_round, partition_id)
     metrics = local_train(model, x, y, cfg, context, seed, restored_history_for(message, partition_id))
     metrics[PARTITION_ID] = partition_id
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    with overlapping():  # this client's tensors only: another simulated client may run meanwhile
+        arrays = ArrayRecord(model.state_dict())
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     history = privacy_history_of(context)
     if history is not None:  # (noise, sample rate, steps) only: lets the server checkpoint the accountant
         content["privacy"] = ConfigRecord({"history": history})

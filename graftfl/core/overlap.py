@@ -7,7 +7,8 @@ draws from: another client seeding between one client's seeding and its build wo
 that build, and the run would no longer repeat. So a worker serves a message holding one lock
 (:func:`exclusive`), and a training loop that draws nothing from the global generator lets the
 lock go while it computes (:func:`overlapping`): its forward and backward passes, where the
-time is, run beside the next client's, and everything else runs one client at a time.
+time is, run beside the next client's. So does the encoding of a reply's weights, which reads
+only the client's own tensors; everything else runs one client at a time.
 
 Where no worker holds a lock (deployment, Ray, a single in-process worker) both are no-ops.
 """
@@ -39,15 +40,17 @@ def exclusive(lock: threading.Lock) -> Iterator[None]:
 
 
 @contextmanager
-def overlapping(model: nn.Module) -> Iterator[None]:
-    """Let other clients' work run while this block trains ``model``; taken back before the block's caller goes on.
+def overlapping(model: nn.Module | None = None) -> Iterator[None]:
+    """Let other clients' work run while this block runs ``model`` (or, without one, converts data); taken back after.
 
-    The block must draw nothing from torch's global random generator: its batches come from
-    a loader with a generator of its own (:func:`graftfl.core.data.make_loader`). A model
-    with modules that draw from it (dropout) keeps the lock, so its run still repeats.
+    The block must touch no state other threads use and draw nothing from torch's global
+    random generator: a training loop's batches come from a loader with a generator of its
+    own (:func:`graftfl.core.data.make_loader`); encoding a reply reads only this client's
+    tensors. A model with modules that draw from the generator (dropout) keeps the lock, so
+    its run still repeats.
     """
     lock = getattr(_held, "lock", None)
-    if lock is None or draws_global_randomness(model):
+    if lock is None or (model is not None and draws_global_randomness(model)):
         yield
         return
     lock.release()

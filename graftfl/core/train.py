@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from graftfl.core.overlap import overlapping
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU; anything else is passed to torch."""
@@ -134,11 +136,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torc
     """Loss, accuracy and per-class accuracy of ``model`` on ``(x, y)``."""
     model.to(device).eval()
     loss_sum, predictions = 0.0, []
-    for start in range(0, len(y), batch_size):
-        xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
-        logits = model(xb)
-        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-        predictions.append(logits.argmax(dim=1).cpu())
+    with overlapping(model):  # no random draw: another simulated client may run meanwhile
+        for start in range(0, len(y), batch_size):
+            xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
+            logits = model(xb)
+            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+            predictions.append(logits.argmax(dim=1).cpu())
     predicted = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
     correct = predicted == y
     classes = num_classes or int(y.max()) + 1

@@ -45,7 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from uuid import uuid4
 
 import torch
@@ -295,7 +295,8 @@ class InProcessGrid(Grid):
                           state=copy_records(stored.state), run_config=dict(stored.run_config))
         started = time.perf_counter()
         try:
-            reply = self.client_app(message=message, context=context)
+            with self._workers.client_turn() if self._workers is not None else nullcontext():
+                reply = self.client_app(message=message, context=context)
             if isinstance(reply, Message):
                 reply.metadata.__dict__["_message_id"] = str(uuid4())  # what Flower's worker sets before storing it
             problems = reply_problems(reply, message)

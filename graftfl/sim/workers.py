@@ -6,16 +6,18 @@ thread count for good, so a machine with C cores runs C / ``client_threads`` cli
 no OpenMP pool beyond its cores (``client_threads=1``: no pool at all; see the grid's module
 docstring for what a second pool costs).
 
-Each message is served holding one lock shared by the workers (:func:`graftfl.core.overlap.exclusive`):
-only the clients' training loops let it go (:func:`graftfl.core.overlap.overlapping`), so what a
-client computes, and the run's weights, are those of one client at a time with the same thread
-count (tested: ``tests/test_sim_workers.py``).
+Each ClientApp call holds one lock shared by the workers (:meth:`ClientWorkers.client_turn`): only
+the clients' training loops and reply encodings let it go (:func:`graftfl.core.overlap.overlapping`),
+so what a client computes, and the run's weights, are those of one client at a time with the same
+thread count (tested: ``tests/test_sim_workers.py``). The grid's own copies and checks of a message,
+which touch nothing shared, run outside it.
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from typing import Callable
 
 import torch
@@ -56,12 +58,12 @@ class ClientWorkers:
         torch.set_num_threads(process_threads)  # the default for threads started later: the process's, as before
 
     def submit(self, serve: Callable[..., None], *args) -> Future:
-        """Run ``serve(*args)`` on a free worker, holding the shared lock outside training loops."""
-        return self._pool.submit(self._exclusive, serve, *args)
+        """Run ``serve(*args)`` on a free worker."""
+        return self._pool.submit(serve, *args)
 
-    def _exclusive(self, serve: Callable[..., None], *args) -> None:
-        with exclusive(self.lock):
-            serve(*args)
+    def client_turn(self) -> AbstractContextManager[None]:
+        """Hold the workers' shared lock while a ClientApp runs (it lets go only where :mod:`graftfl.core.overlap` allows)."""
+        return exclusive(self.lock)
 
     def close(self) -> None:
         """Wait for the messages being served and stop the threads."""
