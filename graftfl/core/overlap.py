@@ -1,4 +1,4 @@
-"""Which part of a simulated client's work may run beside another client's: its training loop.
+"""Which parts of a simulated client's work may run beside another client's: its training loop, above all.
 
 The in-process simulation can serve several clients' messages at once, one per worker thread
 (``sim.client_workers``). Most of what a client does around its training loop touches state the
@@ -7,8 +7,8 @@ draws from: another client seeding between one client's seeding and its build wo
 that build, and the run would no longer repeat. So a worker serves a message holding one lock
 (:func:`exclusive`), and a training loop that draws nothing from the global generator lets the
 lock go while it computes (:func:`overlapping`): its forward and backward passes, where the
-time is, run beside the next client's. So does the encoding of a reply's weights, which reads
-only the client's own tensors; everything else runs one client at a time.
+time is, run beside the next client's. So do scoring a model and encoding a reply's weights,
+which read only the client's own tensors; everything else runs one client at a time.
 
 Where no worker holds a lock (deployment, Ray, a single in-process worker) both are no-ops.
 """

@@ -55,9 +55,10 @@ def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_supernodes: 
 
     The ServerApp runs in the calling thread, and so do the clients, one message at a time,
     when the ServerApp asks the grid for replies (the split data plane's gRPC server has
-    threads of its own); ``client_workers`` > 1: on that many worker threads, side by side. ``seed``: node ids in partition order, the same in every run with it
-    (:mod:`graftfl.sim.node_ids`). What the ServerApp raises is raised here. Returns the (closed) grid, whose
-    ``messages_handled`` and ``client_seconds`` say how much client work there was.
+    threads of its own); ``client_workers`` > 1: on that many worker threads, side by side.
+    ``seed``: node ids in partition order, the same in every run with it (:mod:`graftfl.sim.node_ids`).
+    What the ServerApp raises is raised here. Returns the (closed) grid, whose ``messages_handled``
+    and ``client_seconds`` (summed over the workers) say how much client work there was.
     """
     threads_in_all = client_workers * (client_threads or torch.get_num_threads())
     if client_workers > 1 and threads_in_all > (os.cpu_count() or 1):  # more torch threads than cores: they wait on each other

@@ -7,7 +7,7 @@ no OpenMP pool beyond its cores (``client_threads=1``: no pool at all; see the g
 docstring for what a second pool costs).
 
 Each ClientApp call holds one lock shared by the workers (:meth:`ClientWorkers.client_turn`): only
-the clients' training loops and reply encodings let it go (:func:`graftfl.core.overlap.overlapping`),
+the clients' training and scoring loops and reply encodings let it go (:func:`graftfl.core.overlap.overlapping`),
 so what a client computes, and the run's weights, are those of one client at a time with the same
 thread count (tested: ``tests/test_sim_workers.py``). The grid's own copies and checks of a message,
 which touch nothing shared, run outside it.
