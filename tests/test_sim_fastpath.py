@@ -154,18 +154,23 @@ def test_backend_and_thread_keys_are_checked():
         inprocess_threads(OmegaConf.create({"sim": {"client_threads": 0}}))
 
 
-def test_clients_run_with_client_threads_and_the_rest_of_the_process_keeps_its_own():
-    import threading
-
+def threads_app() -> ClientApp:
+    """Replies to ``query.threads`` with the torch thread count its client ran with."""
     app = ClientApp()
 
     @app.query("threads")
     def threads(message, context):
         return Message(RecordDict({"metrics": MetricRecord({"threads": torch.get_num_threads()})}), reply_to=message)
 
+    return app
+
+
+def test_clients_run_with_client_threads_and_the_rest_of_the_process_keeps_its_own():
+    import threading
+
     before = torch.get_num_threads()
     seen = []
-    with serving(app, 1, client_threads=before + 1) as grid:
+    with serving(threads_app(), 1, client_threads=before + 1) as grid:
         (reply,) = grid.send_and_receive([Message(RecordDict(), dst_node_id=grid.node_ids[0], message_type="query.threads")], timeout=30)
         # a thread started meanwhile (the split data plane's gRPC handlers) has the process's count, as in Flower's driver
         other = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))

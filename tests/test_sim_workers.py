@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from graftfl.config import ConfigError
 from graftfl.core.overlap import draws_global_randomness, exclusive, overlapping
 from graftfl.sim import inprocess_workers
-from tests.test_sim_fastpath import counting_app, serving, trained_rows, weights_of
+from tests.test_sim_fastpath import counting_app, serving, threads_app, trained_rows, weights_of
 
 
 def messages_to(grid, nodes, kind, **config) -> list[Message]:
@@ -119,15 +119,9 @@ def test_overlapping_gives_the_lock_back_even_when_the_loop_raises():
 
 
 def test_workers_have_the_client_threads_and_the_process_keeps_its_own():
-    app = ClientApp()
-
-    @app.query("threads")
-    def threads(message, context):
-        return Message(RecordDict({"metrics": MetricRecord({"threads": torch.get_num_threads()})}), reply_to=message)
-
     before = torch.get_num_threads()
     seen = []
-    with serving(app, 3, client_threads=before + 1, client_workers=2) as grid:
+    with serving(threads_app(), 3, client_threads=before + 1, client_workers=2) as grid:
         messages = [Message(RecordDict(), dst_node_id=node, message_type="query.threads") for node in grid.node_ids]
         replies = list(grid.send_and_receive(messages, timeout=30))
         other = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
