@@ -260,6 +260,11 @@ def test_open_envelope_refuses_forgery_and_oversize():
     forged = body + hmac.new(SaltedKeys.from_salt(SALT).mac_key, body, hashlib.sha256).digest()
     with pytest.raises(DedupProtocolError, match="not a JSON object"):
         other.server_response(1, forged)
+    for body, reason in ((MAGIC + struct.pack(">I", 999) + b"{}", r"from site 1: header length 999 is invalid"),
+                         (MAGIC + struct.pack(">I", 3) + b"{x}", r"from site 1: header is not JSON")):
+        tagged = body + hmac.new(SaltedKeys.from_salt(SALT).mac_key, body, hashlib.sha256).digest()
+        with pytest.raises(DedupProtocolError, match=reason):
+            other.server_response(1, tagged)
     small = DedupSite(["a-patient"], SALT, DedupConfig(max_message_bytes=1024))
     small.begin("s1", 0, 2)
     with pytest.raises(DedupProtocolError, match="exceeds the limit"):

@@ -18,6 +18,8 @@ import json
 import struct
 from typing import Any
 
+from graftfl.core.codec import json_prefixed
+
 MAGIC = b"GFDD\x01"
 TAG_BYTES = 32
 MAX_HEADER_BYTES = 4096
@@ -61,14 +63,10 @@ def open_envelope(mac_key: bytes, frame: Any, *, kind: str, session: str, sender
     body, tag = frame[:-TAG_BYTES], frame[-TAG_BYTES:]
     if not hmac.compare_digest(tag, hmac.new(mac_key, body, hashlib.sha256).digest()):
         raise DedupProtocolError(f"{what}: authentication failed (altered in transit, or the sites do not share the same dedup salt)")
-    (header_len,) = struct.unpack(">I", body[len(MAGIC) : len(MAGIC) + 4])
-    if header_len > MAX_HEADER_BYTES or len(MAGIC) + 4 + header_len > len(body):
-        raise DedupProtocolError(f"{what}: bad header length {header_len}")
-    start = len(MAGIC) + 4
-    try:
-        header = json.loads(body[start : start + header_len])
-    except (ValueError, RecursionError) as error:  # RecursionError: nested past the parser's depth
-        raise DedupProtocolError(f"{what}: header is not JSON ({error})") from error
+    try:  # the same "magic | length | JSON" start as the data plane's frames, parsed by the same code
+        header, payload_start = json_prefixed(body, MAGIC, MAX_HEADER_BYTES, "dedup message", "header", DedupProtocolError)
+    except DedupProtocolError as error:
+        raise DedupProtocolError(f"{what}: {error}") from error
     if not isinstance(header, dict):
         raise DedupProtocolError(f"{what}: header is not a JSON object")
     expected = {"kind": kind, "session": session, "sender": sender, "receiver": receiver}
@@ -77,4 +75,4 @@ def open_envelope(mac_key: bytes, frame: Any, *, kind: str, session: str, sender
             raise DedupProtocolError(f"{what}: header {field}={header.get(field)!r}, expected {value!r} (misrouted or replayed)")
     if not isinstance(header.get("count"), int) or header["count"] < 0:
         raise DedupProtocolError(f"{what}: bad element count {header.get('count')!r}")
-    return header, body[start + header_len :]
+    return header, body[payload_start:]
