@@ -97,3 +97,31 @@ def test_fedavg_counts_whole_messages_both_ways(tmp_path):
     row = round_row(1, {"accuracy": 0.5, "loss": 1.0}, strategy.client_rows, strategy.bytes_down, 0.1, strategy.client_errors, strategy.failed_bytes_up)
     assert row["bytes_up"] == sum(message_nbytes(r) for r in good) + message_nbytes(bad)
     assert row["bytes_down"] == sum(message_nbytes(m) for m in messages)
+
+
+def test_the_byte_count_walks_the_objects_flower_walks_without_hashing_chunks_again(monkeypatch):
+    """nested_objects takes a chunk's id from its Array: the same objects and ids as Flower's walk, no chunk hashed."""
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE as CHUNK
+    from flwr.supercore.inflatable import inflatable_object
+
+    from graftfl.strategies.utils import nested_objects
+
+    floats = CHUNK // 4
+    content = RecordDict({
+        "arrays": ArrayRecord({"zeros": Array(np.zeros(2 * floats + 3, np.float32)), "same": Array(np.zeros(2 * floats + 3, np.float32)),
+                               "ramp": Array(np.arange(floats + 1, dtype=np.float32))}),
+        "more": ArrayRecord({"b": Array(np.ones(7, np.float32))}),
+        "config": ConfigRecord({"k": "v"}), "metrics": MetricRecord({"loss": 0.5}),
+    })
+    with flower_task_identity():
+        message = Message(content=content, dst_node_id=7, message_type="train.fedavg")
+    expected = get_all_nested_objects(message)
+    walked = nested_objects(message)
+    assert list(walked) == list(expected)  # same ids, same post-order
+    assert [type(obj) for obj in walked.values()] == [type(obj) for obj in expected.values()]
+    pushed = pushed_by_flower(message)
+    hashed: list[int] = []
+    real = inflatable_object.get_object_id
+    monkeypatch.setattr(inflatable_object, "get_object_id", lambda content: hashed.append(len(content)) or real(content))
+    assert message_nbytes(message) == pushed
+    assert hashed and max(hashed) < 1000  # containers and metadata only: every chunk's id was known

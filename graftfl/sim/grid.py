@@ -56,7 +56,9 @@ from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from graftfl.sim.messages import copy_message, copy_records, error_reply, instruction_problems, mark_delivered, reply_problems
+from graftfl.sim.messages import (
+    copy_message, copy_records, error_reply, hash_arrays, instruction_problems, mark_delivered, reply_problems,
+)
 from graftfl.sim.node_ids import seeded_ids
 from graftfl.sim.workers import ClientWorkers
 
@@ -304,6 +306,7 @@ class InProcessGrid(Grid):
                 log.error("reply of node %s to %s dropped: %s", node_id, message.metadata.message_type, "; ".join(problems))
                 return None
             self.contexts[node_id] = context
+            hash_arrays(reply)  # as a SuperNode's push does, beside other clients: the ServerApp's thread counts its bytes
         except Exception as err:  # every failure of a client becomes its error reply; the run goes on
             log.error("node %s failed on %s: %s", node_id, message.metadata.message_type, err)
             reply = error_reply(message, err)

@@ -26,8 +26,31 @@ log = logging.getLogger(__name__)
 
 
 def copy_array(array: Array) -> Array:
-    """A new :class:`~flwr.app.Array` with the same dtype, shape, storage type and (immutable) bytes."""
-    return Array(dtype=array.dtype, shape=tuple(int(size) for size in array.shape), stype=array.stype, data=bytes(array.data))
+    """A new :class:`~flwr.app.Array` with the same dtype, shape, storage type and (immutable) bytes.
+
+    An id Flower has computed for ``array`` (the SHA-256 of its deflated bytes) and its cut chunks
+    go with the copy: they follow from those four, which the copy shares. Setting any of them on
+    either array drops that array's id and chunks (Flower's ``Array.__setattr__``), so a changed
+    array is hashed again.
+    """
+    copied = Array(dtype=array.dtype, shape=tuple(int(size) for size in array.shape), stype=array.stype, data=bytes(array.data))
+    computed = array.__dict__
+    if "_object_id" in computed and "_chunks" in computed and not array.is_dirty:
+        copied.__dict__.update(_object_id=computed["_object_id"], _chunks=list(computed["_chunks"]), _is_dirty=False)
+    return copied
+
+
+def hash_arrays(message: Message) -> None:
+    """Compute the ids of ``message``'s arrays and their chunks now (kept on the arrays and their copies).
+
+    In a deployment the SuperNode hashes a reply's objects when it pushes them, in the client's own
+    process. The in-process grid does it in the thread that served the client, beside other clients,
+    instead of in the ServerApp's thread when it counts the reply's bytes.
+    """
+    if message.has_content():
+        for record in message.content.array_records.values():
+            for array in record.values():
+                array.object_id  # noqa: B018 (a property that computes and keeps the id and the chunks)
 
 
 def copy_records(records: RecordDict) -> RecordDict:
@@ -35,7 +58,9 @@ def copy_records(records: RecordDict) -> RecordDict:
     copied = RecordDict()
     for name, record in records.items():
         if isinstance(record, ArrayRecord):
-            copied[name] = ArrayRecord({key: copy_array(array) for key, array in record.items()})
+            copied[name] = arrays = ArrayRecord()  # filled item by item: ArrayRecord(dict) would copy each Array again
+            for key, array in record.items():
+                arrays[key] = copy_array(array)
         elif isinstance(record, ConfigRecord):
             copied[name] = ConfigRecord(copy.deepcopy(dict(record)))
         elif isinstance(record, MetricRecord):

@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message.arraychunk import ArrayChunk
 from flwr.common.constant import SType
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
+from flwr.supercore.inflatable.inflatable_object import InflatableObject, no_object_id_recompute
 from omegaconf import DictConfig
 
 from graftfl.audit.record import AuditRecorder
@@ -200,7 +200,7 @@ def message_nbytes(message_or_recorddict: Message | RecordDict) -> int:
     """
     total = 0
     with no_object_id_recompute():  # as Flower's push: each object's id is hashed once, not again by every parent
-        objects = get_all_nested_objects(message_or_recorddict)
+        objects = nested_objects(message_or_recorddict)
     for object_id, obj in objects.items():
         size = _DEFLATED_SIZES.get(object_id)
         if size is None:  # an object id is the hash of the deflated bytes: the same id, the same size
@@ -209,6 +209,26 @@ def message_nbytes(message_or_recorddict: Message | RecordDict) -> int:
             size = _DEFLATED_SIZES[object_id] = _deflated_size(obj)
         total += size
     return int(total)
+
+
+def nested_objects(root: InflatableObject) -> dict[str, InflatableObject]:
+    """``get_all_nested_objects(root)`` (every object of the tree under its id), taking a child's id from its
+    parent's ``children`` instead of hashing the child again.
+
+    Flower's walk asks every object for its ``object_id``; an :class:`~flwr.app.message.arraychunk.ArrayChunk`
+    keeps no id, so each chunk of a reply was hashed again (SHA-256 over the whole update), though its
+    Array keeps the ids of its chunks from when they were cut. Both walks list the same objects under the
+    same ids, in the same post-order.
+    """
+    found: dict[str, InflatableObject] = {}
+
+    def visit(obj: InflatableObject, object_id: str) -> None:
+        for child_id, child in (obj.children or {}).items():
+            visit(child, child_id)
+        found[object_id] = obj
+
+    visit(root, root.object_id)
+    return found
 
 
 def _deflated_size(obj) -> int:
