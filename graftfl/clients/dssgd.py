@@ -88,22 +88,24 @@ def train(message: Message, context: Context) -> Message:
     seed = round_seed(cfg.seed, server_round, partition_id)
     x, y = local_data(cfg, context)
     model = local_model(cfg, context, x.shape[1:], num_classes_of(cfg, context))
-    downloaded = download_into(model, message.content["download"])
-    before = flatten_parameters(model).clone()
+    with overlapping():  # this site's model and message only: another simulated site may run meanwhile
+        downloaded = download_into(model, message.content["download"])
+        before = flatten_parameters(model).clone()
     metrics = local_train(model, x, y, cfg, context, seed=seed)
-    delta = flatten_parameters(model).cpu() - before  # training may have moved the model to the GPU
     private = protocol.selection == "sparse_vector"
-    upload = make_upload(
-        delta,
-        theta_upload=float(protocol.theta_upload),
-        selection=protocol.selection,
-        threshold=protocol.threshold,
-        clip=protocol.clip,
-        upload_epsilon=protocol.upload_epsilon,
-        # Privacy noise from a secret seed: the server knows the run seed and could replay seeded noise.
-        generator=secret_generator() if private else torch.Generator().manual_seed(seed),
-    )
-    with overlapping():  # this site's tensors only: another simulated site may run meanwhile
+    # Privacy noise from a secret seed: the server knows the run seed and could replay seeded noise.
+    generator = secret_generator() if private else torch.Generator().manual_seed(seed)
+    with overlapping():  # this site's tensors and its own generator, nothing from torch's global one
+        delta = flatten_parameters(model).cpu() - before  # training may have moved the model to the GPU
+        upload = make_upload(
+            delta,
+            theta_upload=float(protocol.theta_upload),
+            selection=protocol.selection,
+            threshold=protocol.threshold,
+            clip=protocol.clip,
+            upload_epsilon=protocol.upload_epsilon,
+            generator=generator,
+        )
         context.state[LOCAL_MODEL_KEY] = ArrayRecord(model.state_dict())  # the full local update stays here
     if private:
         # Only what ε covers leaves the site: the training loss and the local model's test accuracy are

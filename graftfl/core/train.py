@@ -142,8 +142,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torc
             logits = model(xb)
             loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
             predictions.append(logits.argmax(dim=1).cpu())
-    predicted = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
-    correct = predicted == y
-    classes = num_classes or int(y.max()) + 1
-    per_class = [float(correct[y == c].float().mean()) if (y == c).any() else float("nan") for c in range(classes)]
+        predicted = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+        correct = predicted == y
+        classes = num_classes or int(y.max()) + 1
+        per_class = [float(correct[y == c].float().mean()) if (y == c).any() else float("nan") for c in range(classes)]
     return {"loss": loss_sum / max(len(y), 1), "accuracy": float(correct.float().mean()), "per_class_accuracy": per_class}
