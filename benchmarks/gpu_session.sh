@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue 15's GPU measurements for one lent machine, in the order they matter, each time-boxed so that the
+# whole fits one device call (15 minutes of device time a session, the machine's start included).
+#
+#   bash benchmarks/gpu_wheels.sh                                           # here: .whl/
+#   device run: command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 600
+#
+# What comes back under $OUT: sim_throughput_gpu.{json,md} (the rows measured, merged into the file's
+# earlier H200 rows), gpu_check.{json,md}, the GPU's name and a log; copy them to docs/benchmarks/ here.
+# The first runs are the in-process backend with clients side by side (sim.client_workers=K, one torch
+# thread each, launching into the one CUDA context) against the centralized side with K threads, then one
+# client at a time with this code, then the CUDA paths check.
+#
+# A dry run here, in a Python 3.12 environment without graftfl's packages (as the device's image):
+#   DRY_RUN=1 PYTHON=/path/to/python3.12 PIP="pip --python /path/to/python3.12" OUT=/tmp/out bash benchmarks/gpu_session.sh
+# runs the same steps on the CPU with 200 clients of 50 images, into sim_throughput_gpu_dryrun.{json,md}.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/graftfl-gpu-out}
+PYTHON=${PYTHON:-python3}
+PIP=${PIP:-$PYTHON -m pip}
+SITE=${SITE:-/tmp/site}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/session.log") 2>&1
+started=$SECONDS
+# shellcheck disable=SC2086
+$PIP install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
+export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::UserWarning
+if [ -n "${DRY_RUN:-}" ]; then
+  workload=(--device cpu --population 200 --output sim_throughput_gpu_dryrun)
+  results=sim_throughput_gpu_dryrun
+else
+  workload=()
+  results=sim_throughput_gpu
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+fi
+"$PYTHON" -c "import torch, flwr; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'flwr', flwr.__version__)" || exit 1
+
+step() {  # step SECONDS COMMAND...: run COMMAND for at most SECONDS
+  local budget=$1
+  shift
+  echo "== $(date -u +%H:%M:%S) ($((SECONDS - started)) s in) at most ${budget} s: $*"
+  timeout "$budget" "$@" || echo "== exit $? (124: out of time)"
+}
+fed() {  # fed WORKERS N: the pfl CIFAR-10 workload in-process, N clients per round, WORKERS clients side by side
+  step 150 "$PYTHON" benchmarks/sim_throughput.py --gpu --backends inprocess --gpu-clients-per-round "$2" \
+    --client-workers "$1" --threads "$1" --repeats 2 --merge "${workload[@]}"
+  cp "docs/benchmarks/$results.json" "docs/benchmarks/$results.md" "$OUT"/ 2>/dev/null
+}
+fed 4 100
+fed 8 100
+fed 1 100
+fed 4 50
+if [ -z "${DRY_RUN:-}" ]; then
+  step 90 "$PYTHON" benchmarks/gpu_check.py && cp docs/benchmarks/gpu_check.json docs/benchmarks/gpu_check.md "$OUT"/
+fi
+echo "== done in $((SECONDS - started)) s"
