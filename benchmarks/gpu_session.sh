@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 15's GPU measurements for one lent machine, in the order they matter, each time-boxed so that the
-# whole fits one device call (15 minutes of device time a session, the machine's start included).
+# whole fits one device call (at most 600 s a call; 4 x 120 s + 60 s here; 15 minutes of device time a session).
 #
 #   bash benchmarks/gpu_wheels.sh                                           # here: .whl/
 #   device run: command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 600
@@ -43,7 +43,7 @@ step() {  # step SECONDS COMMAND...: run COMMAND for at most SECONDS
   timeout "$budget" "$@" || echo "== exit $? (124: out of time)"
 }
 fed() {  # fed WORKERS N: the pfl CIFAR-10 workload in-process, N clients per round, WORKERS clients side by side
-  step 150 "$PYTHON" benchmarks/sim_throughput.py --gpu --backends inprocess --gpu-clients-per-round "$2" \
+  step 120 "$PYTHON" benchmarks/sim_throughput.py --gpu --backends inprocess --gpu-clients-per-round "$2" \
     --client-workers "$1" --threads "$1" --repeats 2 --merge "${workload[@]}"
   cp "docs/benchmarks/$results.json" "docs/benchmarks/$results.md" "$OUT"/ 2>/dev/null
 }
@@ -52,6 +52,6 @@ fed 8 100
 fed 1 100
 fed 4 50
 if [ -z "${DRY_RUN:-}" ]; then
-  step 90 "$PYTHON" benchmarks/gpu_check.py && cp docs/benchmarks/gpu_check.json docs/benchmarks/gpu_check.md "$OUT"/
+  step 60 "$PYTHON" benchmarks/gpu_check.py && cp docs/benchmarks/gpu_check.json docs/benchmarks/gpu_check.md "$OUT"/
 fi
 echo "== done in $((SECONDS - started)) s"
