@@ -305,8 +305,8 @@ class InProcessGrid(Grid):
             if problems:
                 log.error("reply of node %s to %s dropped: %s", node_id, message.metadata.message_type, "; ".join(problems))
                 return None
-            self.contexts[node_id] = context
             hash_arrays(reply)  # as a SuperNode's push does, beside other clients: the ServerApp's thread counts its bytes
+            self.contexts[node_id] = context
         except Exception as err:  # every failure of a client becomes its error reply; the run goes on
             log.error("node %s failed on %s: %s", node_id, message.metadata.message_type, err)
             reply = error_reply(message, err)
