@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -73,11 +74,13 @@ def run_row(row: dict, overrides: list[str], runs_dir: Path, audit_settings: lis
     started = time.monotonic()
     run_id = f"privacy-{row['name']}-{time.strftime('%Y%m%d-%H%M%S')}"  # a fresh folder: never resumes an old row
     command = [sys.executable, "-m", "graftfl.cli", "sim", *overrides, f"output_dir={runs_dir}", f"run_id={run_id}"]
-    sim = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, **{name: str(value) for name, value in (row.get("env") or {}).items()}}  # a row's site-side settings
+    sim = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if sim.returncode != 0:
         return {"status": "failed", "why": f"graftfl sim failed: {sim.stderr.strip()[-600:]}"}
     run_dir = runs_dir / run_id
-    audit = subprocess.run([sys.executable, "-m", "graftfl.cli", "audit", "--run", str(run_dir), *audit_settings], cwd=ROOT, capture_output=True, text=True)
+    audit = subprocess.run([sys.executable, "-m", "graftfl.cli", "audit", "--run", str(run_dir), *audit_settings], cwd=ROOT, capture_output=True,
+                           text=True, env=env)
     if audit.returncode != 0:
         return {"status": "failed", "why": f"graftfl audit failed: {audit.stderr.strip()[-600:]}", "run": str(run_dir)}
     return {"status": "ok", "run": str(run_dir), "seconds": round(time.monotonic() - started, 1), **figures_of(run_dir)}
@@ -198,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                f"Measured {time.strftime('%Y-%m-%d')} by `benchmarks/privacy_table.py{' --quick' if args.quick else ''}`.")
     results = []
     kept = earlier_rows(out / "privacy.json", {row["name"] for row in rows}) if args.rows else []
+    if kept:  # the table's own date stays that of its other rows
+        earlier = json.loads((out / "privacy.json").read_text())["setting"].split(" Partial:")[0].split(" Measured again")[0]
+        setting = f"{earlier} Measured again {time.strftime('%Y-%m-%d')} (`--rows`): {', '.join(row['name'] for row in rows)}."
     for row in rows:
         overrides = row_overrides(row, args.quick)
         why = refusal(overrides)

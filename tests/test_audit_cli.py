@@ -202,3 +202,42 @@ def test_privacy_table_reads_its_figures_from_the_runs_json_and_composes_every_u
     assert f"{figures['label_auc']:.3f}" in text and "needs defence.x" in text
     table.plot([result, skipped], tmp_path / "privacy.png")
     assert (tmp_path / "privacy.png").stat().st_size > 0
+
+
+def test_a_dpsgd_split_run_is_audited_only_with_its_sites_audit_sampling_seed(tmp_path, capsys, monkeypatch):
+    """DP-SGD's Poisson batches come from the OS CSPRNG; a site given an audit seed by its operator draws them so that
+    the evaluator (with the same seed) knows which records each recorded frame holds: the labels the server received
+    match the replayed rows frame for frame, in both rounds, and the audit scores the run."""
+    from omegaconf import OmegaConf
+
+    from graftfl.audit.record import load_entry
+    from graftfl.clients.split_defences import AUDIT_SAMPLING_ENV, AUDIT_SAMPLING_NODE_CONFIG
+    from graftfl.commands.audit_data import NotAuditable, recorded_rows
+
+    cfg = compose_config(["dataset=digits", "num_clients=2", "rounds=2", "progress=false", f"output_dir={tmp_path}", "protocol=split",
+                          "privacy=dpsgd", "privacy.noise_multiplier=1.0", "protocol.turn_batches=8", "audit.record=true"])
+    monkeypatch.delenv(AUDIT_SAMPLING_ENV, raising=False)
+    with flower_task_identity(run_id=7):
+        run_dir = run_protocol(FakeGrid(2, run_id=7, node_config={"split-key": SPLIT_KEY, AUDIT_SAMPLING_NODE_CONFIG: "4242"}), cfg)
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    entries = [entry for entry in load_index(run_dir)["entries"] if entry["kind"] == "split_turn"]
+    assert sorted((entry["round"], entry["partition"]) for entry in entries) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    with pytest.raises(NotAuditable, match=AUDIT_SAMPLING_ENV):  # the evaluator without the seed cannot tell the rows
+        recorded_rows(run_cfg, entries[0], load_entry(run_dir, entries[0]))
+    monkeypatch.setenv(AUDIT_SAMPLING_ENV, "4243")  # a wrong seed does not pass for the right one
+    for entry in entries[:1]:
+        tensors = load_entry(run_dir, entry)
+        try:
+            _, labels = recorded_rows(run_cfg, entry, tensors)
+        except NotAuditable:
+            continue  # another number of rows: refused
+        assert not torch.equal(labels, tensors["labels"])
+    monkeypatch.setenv(AUDIT_SAMPLING_ENV, "4242")
+    for entry in entries:
+        tensors = load_entry(run_dir, entry)
+        x, labels = recorded_rows(run_cfg, entry, tensors)
+        assert torch.equal(labels, tensors["labels"]) and len(x) == int(tensors["train_rows"].sum()) > 0
+    code, report, printed = audit(run_dir, capsys)
+    assert code == 0, printed
+    assert report["attacks"]["label_leakage"]["auc"] == 1.0  # labels travel in the clear: DP-SGD covers the weights, not them
+    assert report["summary"]["inversion_ssim"] is not None

@@ -10,14 +10,34 @@ turn's metrics.
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 from flwr.app import ConfigRecord, Context
 
 from graftfl.core.defences import DefenceConfig, SiteDefences
 from graftfl.core.privacy import DpSgdConfig, dpsgd_config_from, history_from_json, history_to_json
-from graftfl.core.split_private import PrivateRole, noise_generator
+from graftfl.core.split_private import PrivateRole, audit_sampling_generator, noise_generator
+
+logger = logging.getLogger(__name__)
 
 PRIVACY_STATE_KEY = "split-privacy"
+# Evaluation runs only: a seed for the Poisson batches, set by the site's operator (never by the server's config)
+# so that ``graftfl audit`` (given the same seed in its environment) can tell which records each recorded frame holds.
+AUDIT_SAMPLING_NODE_CONFIG = "audit-sampling-seed"
+AUDIT_SAMPLING_ENV = "GRAFTFL_AUDIT_SAMPLING_SEED"
+
+
+def audit_sampling_seed(node_config) -> int | None:
+    """The site's audit sampling seed (node config, else the environment), or None: batches from the OS CSPRNG."""
+    value = node_config.get(AUDIT_SAMPLING_NODE_CONFIG, os.environ.get(AUDIT_SAMPLING_ENV, ""))
+    if str(value).strip() == "":
+        return None
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{AUDIT_SAMPLING_NODE_CONFIG} / {AUDIT_SAMPLING_ENV} must be a whole number, got {value!r}") from None
 
 
 def site_defences(cfg, num_classes: int) -> SiteDefences:
@@ -45,9 +65,11 @@ class PrivateTurn:
         The site's training records.
     steps : int
         Optimizer steps of this turn (as many Poisson batches are drawn).
+    partition_id : int
+        This site's partition (with an audit sampling seed, part of its batches' seed).
     """
 
-    def __init__(self, cfg, context: Context, role, num_samples: int, steps: int):
+    def __init__(self, cfg, context: Context, role, num_samples: int, steps: int, partition_id: int):
         self.context, self.private = context, None
         sample_rate = min(1.0, int(cfg.train.batch_size) / max(int(num_samples), 1))
         config = split_dpsgd_config(cfg, steps, sample_rate)
@@ -55,8 +77,18 @@ class PrivateTurn:
             return
         state = context.state.get(PRIVACY_STATE_KEY)
         history = history_from_json(state.get("history") if state is not None else None)
+        self.turn = int(state.get("turns", 0) if state is not None else 0) + 1  # this site's own count, not the server's round
         device = next(role.bottom.parameters()).device
-        self.private = PrivateRole(role, config, num_samples, int(cfg.train.batch_size), history, noise_generator=noise_generator(device))
+        self.private = PrivateRole(role, config, num_samples, int(cfg.train.batch_size), history, noise_generator=noise_generator(device),
+                                   sampling_generator=self._audit_sampling(context, partition_id))
+
+    def _audit_sampling(self, context: Context, partition_id: int) -> torch.Generator | None:
+        seed = audit_sampling_seed(context.node_config)
+        if seed is None:
+            return None  # the OS CSPRNG
+        logger.warning("privacy=dpsgd with an audit sampling seed (%s): this site's Poisson batches can be replayed by whoever "
+                       "holds the seed, and its epsilon does not hold against them; for evaluation runs only", AUDIT_SAMPLING_NODE_CONFIG)
+        return audit_sampling_generator(seed, partition_id, self.turn)
 
     def batches(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         """Under DP-SGD as many Poisson batches as ``batches`` (fresh draws); otherwise ``batches`` unchanged."""
@@ -74,5 +106,5 @@ class PrivateTurn:
         if self.private is None:
             return {}
         self.private.close()
-        self.context.state[PRIVACY_STATE_KEY] = ConfigRecord({"history": history_to_json(self.private.history)})
+        self.context.state[PRIVACY_STATE_KEY] = ConfigRecord({"history": history_to_json(self.private.history), "turns": self.turn})
         return {"epsilon": self.private.epsilon(), "noise_multiplier": self.private.noise_multiplier}

@@ -217,7 +217,7 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
     x, y, _, _ = site_rows(cfg, context)
     role = prepare_role(cfg, message, context, build_role, tuple(x.shape[1:]), num_classes_of(cfg, context), key)
     batches, progress = turn_batches(cfg, context, len(y), partition_id)
-    private = PrivateTurn(cfg, context, role, len(y), len(batches))  # privacy=dpsgd: Poisson batches, DP-SGD on the site's parts
+    private = PrivateTurn(cfg, context, role, len(y), len(batches), partition_id)  # privacy=dpsgd: Poisson batches, DP-SGD on the site's parts
     batches = private.batches(batches)
     hidden = hidden_label_mask(len(y), cfg.protocol.unlabeled_fraction, cfg.seed * 31 + partition_id) if isinstance(role, SemisupClient) else None
     fields = message.content["config"]

@@ -6,21 +6,25 @@ Two different holders, kept apart on purpose:
   test split, which no site trains on (sites hold partitions of the train split);
 - **the evaluator** (this command, scoring an attack) re-derives the sites' rows from the
   run's config — :func:`site_train_rows` and :func:`recorded_rows`, which replay the site's
-  own seeded batch order — only to compare reconstructions and guesses with the truth. An
-  attack never sees them; this is the evaluator's privilege, not the attacker's.
+  own seeded batch order (under DP-SGD: the Poisson batches of a site given an audit sampling
+  seed, :func:`poisson_row_indices`) — only to compare reconstructions and guesses with the
+  truth. An attack never sees them; this is the evaluator's privilege, not the attacker's.
 """
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import torch
 
 from graftfl.clients.site_data import site_rows
+from graftfl.clients.split_defences import AUDIT_SAMPLING_ENV, AUDIT_SAMPLING_NODE_CONFIG
 from graftfl.clients.split_turns import PROGRESS_KEY, turn_batches
 from graftfl.config import is_site_dataset
 from graftfl.core.data import dataset_from_config
 from graftfl.core.split import hidden_label_mask
+from graftfl.core.split_private import audit_sampling_generator, poisson_indices
 
 
 class NotAuditable(ValueError):
@@ -79,6 +83,23 @@ def turn_row_indices(cfg, partition: int, turn_number: int, num_rows: int) -> li
     return batches
 
 
+def poisson_row_indices(cfg, entry: dict, num_rows: int, steps: int) -> list[torch.Tensor]:
+    """Evaluator only: the non-empty Poisson batches of a DP-SGD turn (an empty one sends no frame).
+
+    A site draws them from the OS CSPRNG unless its operator gave it an audit sampling seed
+    (``graftfl.clients.split_defences``); the evaluator needs the same seed in its environment.
+    """
+    seed = os.environ.get(AUDIT_SAMPLING_ENV, "").strip()
+    if not seed:
+        raise NotAuditable(f"privacy=dpsgd: the sites drew their Poisson batches from the OS CSPRNG, so which records a recorded frame "
+                           f"holds cannot be re-derived; to audit an evaluation run, give its sites an audit sampling seed (node config "
+                           f"{AUDIT_SAMPLING_NODE_CONFIG} or {AUDIT_SAMPLING_ENV}) and set {AUDIT_SAMPLING_ENV} for this command")
+    rate = min(1.0, int(cfg.train.batch_size) / max(num_rows, 1))
+    generator = audit_sampling_generator(int(seed), int(entry["partition"]), int(entry["round"]))  # a site's n-th turn is round n
+    batches = [poisson_indices(num_rows, rate, generator) for _ in range(steps)]
+    return [indices for indices in batches if len(indices)]
+
+
 def recorded_rows(cfg, entry: dict, tensors: dict, kind: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluator only: the true inputs and labels behind the recorded frames of one split turn, row for row.
 
@@ -87,6 +108,8 @@ def recorded_rows(cfg, entry: dict, tensors: dict, kind: str = "train") -> tuple
     """
     x, y = site_train_rows(cfg, entry["partition"])
     batches = turn_row_indices(cfg, entry["partition"], entry["round"], len(y))
+    if cfg.privacy.name == "dpsgd":
+        batches = poisson_row_indices(cfg, entry, len(y), len(batches))
     hidden = None
     if cfg.protocol.name == "semisup":  # only labeled rows travel; a batch without any sends no frame at all
         hidden = hidden_label_mask(len(y), cfg.protocol.unlabeled_fraction, int(cfg.seed) * 31 + int(entry["partition"]))

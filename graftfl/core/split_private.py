@@ -27,6 +27,22 @@ import torch
 from graftfl.core.privacy import DpSgdConfig, History, PrivateTraining, secret_generator
 
 
+def poisson_indices(num_samples: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of one Poisson batch of ``num_samples`` records: each independently with probability ``sample_rate``."""
+    return (torch.rand(int(num_samples), generator=generator, dtype=torch.float64) < float(sample_rate)).nonzero().flatten()
+
+
+def audit_sampling_generator(audit_seed: int, partition: int, turn: int) -> torch.Generator:
+    """The Poisson batches' generator of a site's ``turn``-th DP-SGD turn (1-based) in an audited evaluation run.
+
+    Only where the site's operator gave it an audit seed (``graftfl.clients.split_defences``),
+    so that the evaluator can tell which records a recorded frame holds. Whoever holds the
+    seed can replay the batches, which DP-SGD's amplification by sampling assumes nobody can:
+    the reported ε does not hold against the seed's holder.
+    """
+    return torch.Generator().manual_seed(((int(audit_seed) * 1_000_003 + int(partition)) * 1_000_033 + int(turn)) % 2**63)
+
+
 def noise_generator(device: torch.device | str) -> torch.Generator:
     """A generator on ``device`` (Opacus draws the noise where the parameters are) seeded from the OS CSPRNG."""
     return torch.Generator(device=torch.device(device)).manual_seed(secrets.randbits(63))
@@ -71,7 +87,7 @@ class PrivateRole:
 
     def poisson_batch(self) -> torch.Tensor:
         """Indices of one Poisson batch: each record independently with probability q (may be empty)."""
-        return (torch.rand(self.num_samples, generator=self.sampling, dtype=torch.float64) < self.sample_rate).nonzero().flatten()
+        return poisson_indices(self.num_samples, self.sample_rate, self.sampling)
 
     def empty_step(self) -> None:
         """An empty Poisson batch: nothing is exchanged, but the optimizer takes its noisy step and the accountant counts it."""
