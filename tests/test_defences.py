@@ -380,3 +380,18 @@ def test_misconfigured_defences_name_what_is_valid(overrides, message):
     with pytest.raises(ConfigError) as error:
         compose_config(["dataset=digits", *overrides])
     assert message in str(error.value)
+
+
+def test_the_audit_sampling_seed_is_the_sites_own_setting_and_a_whole_number(monkeypatch):
+    from graftfl.clients.split_defences import AUDIT_SAMPLING_ENV, audit_sampling_seed
+    from graftfl.core.split_private import audit_sampling_generator, poisson_indices
+
+    monkeypatch.delenv(AUDIT_SAMPLING_ENV, raising=False)
+    assert audit_sampling_seed({}) is None and audit_sampling_seed({"audit-sampling-seed": " "}) is None  # unset: the OS CSPRNG
+    assert audit_sampling_seed({"audit-sampling-seed": "12"}) == 12
+    monkeypatch.setenv(AUDIT_SAMPLING_ENV, "34")
+    assert audit_sampling_seed({}) == 34 and audit_sampling_seed({"audit-sampling-seed": "12"}) == 12  # node config first
+    with pytest.raises(ValueError, match="audit-sampling-seed .* whole number"):
+        audit_sampling_seed({"audit-sampling-seed": "seed"})
+    draws = lambda turn: poisson_indices(500, 0.1, audit_sampling_generator(12, 0, turn))  # noqa: E731
+    assert torch.equal(draws(1), draws(1)) and not torch.equal(draws(1), draws(2))  # replayable, and fresh every turn

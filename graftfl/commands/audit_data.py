@@ -13,13 +13,12 @@ Two different holders, kept apart on purpose:
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import torch
 
 from graftfl.clients.site_data import site_rows
-from graftfl.clients.split_defences import AUDIT_SAMPLING_ENV, AUDIT_SAMPLING_NODE_CONFIG
+from graftfl.clients.split_defences import AUDIT_SAMPLING_ENV, AUDIT_SAMPLING_NODE_CONFIG, audit_sampling_seed
 from graftfl.clients.split_turns import PROGRESS_KEY, turn_batches
 from graftfl.config import is_site_dataset
 from graftfl.core.data import dataset_from_config
@@ -89,13 +88,13 @@ def poisson_row_indices(cfg, entry: dict, num_rows: int, steps: int) -> list[tor
     A site draws them from the OS CSPRNG unless its operator gave it an audit sampling seed
     (``graftfl.clients.split_defences``); the evaluator needs the same seed in its environment.
     """
-    seed = os.environ.get(AUDIT_SAMPLING_ENV, "").strip()
-    if not seed:
+    seed = audit_sampling_seed({})  # the evaluator's environment (a value that is not a whole number: a clear error)
+    if seed is None:
         raise NotAuditable(f"privacy=dpsgd: the sites drew their Poisson batches from the OS CSPRNG, so which records a recorded frame "
                            f"holds cannot be re-derived; to audit an evaluation run, give its sites an audit sampling seed (node config "
                            f"{AUDIT_SAMPLING_NODE_CONFIG} or {AUDIT_SAMPLING_ENV}) and set {AUDIT_SAMPLING_ENV} for this command")
     rate = min(1.0, int(cfg.train.batch_size) / max(num_rows, 1))
-    generator = audit_sampling_generator(int(seed), int(entry["partition"]), int(entry["round"]))  # a site's n-th turn is round n
+    generator = audit_sampling_generator(seed, int(entry["partition"]), int(entry["round"]))  # a site's n-th turn is round n
     batches = [poisson_indices(num_rows, rate, generator) for _ in range(steps)]
     return [indices for indices in batches if len(indices)]
 
