@@ -22,7 +22,10 @@ PIP=${PIP:-$PYTHON -m pip}
 SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/session.log") 2>&1
+tee_pid=$!
 started=$SECONDS
+deadline=$((started + 570))  # the call's 600 s, less a margin to copy the results
+touch "$OUT/.started"  # results newer than this were written by this session
 # shellcheck disable=SC2086
 $PIP install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::UserWarning
@@ -36,22 +39,37 @@ else
 fi
 "$PYTHON" -c "import torch, flwr; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'flwr', flwr.__version__)" || exit 1
 
-step() {  # step SECONDS COMMAND...: run COMMAND for at most SECONDS
-  local budget=$1
+step() {  # step SECONDS COMMAND...: run COMMAND for at most SECONDS (less if the call's time runs out); its exit status
+  local budget=$1 left=$((deadline - SECONDS)) rc=0
   shift
+  [ "$left" -lt "$budget" ] && budget=$left
+  if [ "$budget" -lt 20 ]; then
+    echo "== skipped (${left} s left): $*"
+    return 1
+  fi
   echo "== $(date -u +%H:%M:%S) ($((SECONDS - started)) s in) at most ${budget} s: $*"
-  timeout "$budget" "$@" || echo "== exit $? (124: out of time)"
+  timeout "$budget" "$@" || rc=$?
+  [ "$rc" -eq 0 ] || echo "== exit $rc (124: out of time)"
+  return "$rc"
+}
+keep() {  # keep FILE...: copy to $OUT the files this session wrote (not the checkout's older ones)
+  local file
+  for file in "$@"; do
+    if [ "$file" -nt "$OUT/.started" ]; then cp "$file" "$OUT"/; fi
+  done
 }
 fed() {  # fed WORKERS N: the pfl CIFAR-10 workload in-process, N clients per round, WORKERS clients side by side
   step 120 "$PYTHON" benchmarks/sim_throughput.py --gpu --backends inprocess --gpu-clients-per-round "$2" \
     --client-workers "$1" --threads "$1" --repeats 2 --merge "${workload[@]}"
-  cp "docs/benchmarks/$results.json" "docs/benchmarks/$results.md" "$OUT"/ 2>/dev/null
+  keep "docs/benchmarks/$results.json" "docs/benchmarks/$results.md"  # written when a run ends (one cut short writes nothing)
 }
 fed 4 100
 fed 8 100
 fed 1 100
 fed 4 50
 if [ -z "${DRY_RUN:-}" ]; then
-  step 60 "$PYTHON" benchmarks/gpu_check.py && cp docs/benchmarks/gpu_check.json docs/benchmarks/gpu_check.md "$OUT"/
+  step 60 "$PYTHON" benchmarks/gpu_check.py && keep docs/benchmarks/gpu_check.json docs/benchmarks/gpu_check.md
 fi
 echo "== done in $((SECONDS - started)) s"
+exec >&- 2>&-  # let tee see the end of the log, and wait for it to write it all
+wait "$tee_pid" 2>/dev/null || true

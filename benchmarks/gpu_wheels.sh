@@ -19,10 +19,13 @@ wcwidth websockets"
 # name==version for each needed package, as installed here (names compared lower-case, '_' as '-')
 pins=$("$PY" -m pip freeze | awk -F'==' -v needed=" $(echo $NEEDED) " \
   '{name = tolower($1); gsub("_", "-", name); if (index(needed, " " name " ")) print $0}')
+found=$(echo "$pins" | awk -F'==' '{name = tolower($1); gsub("_", "-", name); print name}')
+missing=$(for name in $NEEDED; do echo "$found" | grep -qx "$name" || echo "$name"; done)
+[ -z "$missing" ] || { echo "not installed in $PY's venv (make install first): $(echo $missing)" >&2; exit 1; }
 wheel_pins=$(echo "$pins" | grep -iv '^antlr4')
-[ "$(echo "$pins" | wc -l)" -ge 40 ] || { echo "expected about 44 pinned packages in $PY's venv, found: $pins" >&2; exit 1; }
 platforms=""
 for glibc in 17 24 27 28 31 34 35; do platforms="$platforms --platform manylinux_2_${glibc}_x86_64"; done
+rm -rf .whl  # one version of each package: two would stop the install on the device
 mkdir -p .whl
 # shellcheck disable=SC2086
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

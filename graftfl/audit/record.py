@@ -140,10 +140,11 @@ class AuditRecorder:
             if self._room_for(_nbytes(tensors), f"{kind} frames"):
                 frames["frames"].append((kind, position, tensors))
 
-    def end_turn(self, state: dict, round_number: int, partition: int) -> None:
+    def end_turn(self, state: dict, round_number: int, partition: int, site_turn: int | None = None) -> None:
         """Write the frames of the turn whose state is ``state``: one file per turn, frames concatenated by kind.
 
-        Frames of turns that never reached here (failed turns) are discarded.
+        Frames of turns that never reached here (failed turns) are discarded. ``site_turn``: the
+        turn number the site reported (DP-SGD: which of its turns' Poisson batches these are).
         """
         if not self.enabled:
             return
@@ -164,7 +165,7 @@ class AuditRecorder:
                 tensors[f"{kind}_batch"] = torch.tensor([position for position, _ in frames])  # frame index of its kind in the turn
                 tensors[f"{kind}_rows"] = torch.tensor([len(next(iter(t.values()))) for _, t in frames])
             self._save(f"split_r{round_number}_p{partition}.pt", tensors, kind="split_turn", round=int(round_number), partition=int(partition),
-                       frames={k: int(v) for k, v in turn["counts"].items()})
+                       frames={k: int(v) for k, v in turn["counts"].items()}, **({} if site_turn is None else {"site_turn": int(site_turn)}))
             handoff = getattr(self, "_handoff", None)
             if getattr(handoff, "mode", None) == "average" and handoff.round_weights:  # the parts this site just handed back
                 parts = {key: torch.as_tensor(value) for key, value in handoff.round_weights[-1][1].to_torch_state_dict().items()}

@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Context
 from graftfl.core.defences import DefenceConfig, SiteDefences
 from graftfl.core.privacy import DpSgdConfig, dpsgd_config_from, history_from_json, history_to_json
 from graftfl.core.split_private import PrivateRole, audit_sampling_generator, noise_generator
+from graftfl.core.wire import DP_TURN_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ class PrivateTurn:
             return
         state = context.state.get(PRIVACY_STATE_KEY)
         history = history_from_json(state.get("history") if state is not None else None)
-        self.turn = int(state.get("turns", 0) if state is not None else 0) + 1  # this site's own count, not the server's round
+        # this site's own count of completed DP turns, not the server's round: a failed turn keeps no state, and its retry
+        # (with an audit seed) draws the same batches, as if it had not happened; the count goes up with each reply
+        self.turn = int(state.get("turns", 0) if state is not None else 0) + 1
         device = next(role.bottom.parameters()).device
         self.private = PrivateRole(role, config, num_samples, int(cfg.train.batch_size), history, noise_generator=noise_generator(device),
                                    sampling_generator=self._audit_sampling(context, partition_id))
@@ -107,4 +110,4 @@ class PrivateTurn:
             return {}
         self.private.close()
         self.context.state[PRIVACY_STATE_KEY] = ConfigRecord({"history": history_to_json(self.private.history), "turns": self.turn})
-        return {"epsilon": self.private.epsilon(), "noise_multiplier": self.private.noise_multiplier}
+        return {"epsilon": self.private.epsilon(), "noise_multiplier": self.private.noise_multiplier, DP_TURN_KEY: self.turn}

@@ -87,14 +87,16 @@ def poisson_row_indices(cfg, entry: dict, num_rows: int, steps: int) -> list[tor
 
     A site draws them from the OS CSPRNG unless its operator gave it an audit sampling seed
     (``graftfl.clients.split_defences``); the evaluator needs the same seed in its environment.
+    The turn is the one the site reported (``site_turn``: its count of completed DP turns),
+    else the round.
     """
     seed = audit_sampling_seed({})  # the evaluator's environment (a value that is not a whole number: a clear error)
     if seed is None:
-        raise NotAuditable(f"privacy=dpsgd: the sites drew their Poisson batches from the OS CSPRNG, so which records a recorded frame "
-                           f"holds cannot be re-derived; to audit an evaluation run, give its sites an audit sampling seed (node config "
-                           f"{AUDIT_SAMPLING_NODE_CONFIG} or {AUDIT_SAMPLING_ENV}) and set {AUDIT_SAMPLING_ENV} for this command")
+        raise NotAuditable(f"privacy=dpsgd: unless its sites were given an audit sampling seed (node config {AUDIT_SAMPLING_NODE_CONFIG} "
+                           f"or {AUDIT_SAMPLING_ENV}), they drew their Poisson batches from the OS CSPRNG and which records a recorded "
+                           f"frame holds cannot be re-derived; if they were, set {AUDIT_SAMPLING_ENV} to the same seed for this command")
     rate = min(1.0, int(cfg.train.batch_size) / max(num_rows, 1))
-    generator = audit_sampling_generator(seed, int(entry["partition"]), int(entry["round"]))  # a site's n-th turn is round n
+    generator = audit_sampling_generator(seed, int(entry["partition"]), int(entry.get("site_turn", entry["round"])))
     batches = [poisson_indices(num_rows, rate, generator) for _ in range(steps)]
     return [indices for indices in batches if len(indices)]
 
@@ -104,6 +106,7 @@ def recorded_rows(cfg, entry: dict, tensors: dict, kind: str = "train") -> tuple
 
     ``kind`` is the frame kind (``train`` for split/semisup, ``forward``/``backward`` for
     ushaped). Semisup sends only the labeled rows of each batch; those are the rows here.
+    Every frame's row count must be that of its replayed batch.
     """
     x, y = site_train_rows(cfg, entry["partition"])
     batches = turn_row_indices(cfg, entry["partition"], entry["round"], len(y))
@@ -113,13 +116,13 @@ def recorded_rows(cfg, entry: dict, tensors: dict, kind: str = "train") -> tuple
     if cfg.protocol.name == "semisup":  # only labeled rows travel; a batch without any sends no frame at all
         hidden = hidden_label_mask(len(y), cfg.protocol.unlabeled_fraction, int(cfg.seed) * 31 + int(entry["partition"]))
         batches = [indices for indices in batches if (~hidden[indices]).any()]
-    rows = []
-    for position in tensors[f"{kind}_batch"].tolist():
-        indices = batches[position]
-        rows.append(indices if hidden is None else indices[~hidden[indices]])
+    positions, recorded = tensors[f"{kind}_batch"].tolist(), tensors[f"{kind}_rows"].tolist()
+    rows = [batches[position] if hidden is None else batches[position][~hidden[batches[position]]]
+            for position in positions if position < len(batches)]
+    if [len(indices) for indices in rows] != recorded:
+        why = ("a failed turn, a changed config" if cfg.privacy.name != "dpsgd" else
+               f"a wrong or missing {AUDIT_SAMPLING_ENV}, a failed turn, a changed config")
+        raise NotAuditable(f"the {len(recorded)} frames recorded in {entry['file']} ({sum(recorded)} rows) do not match the replayed batches "
+                           f"({sum(len(r) for r in rows)} rows): the site's batches could not be re-derived ({why})")
     indices = torch.cat(rows)
-    expected = int(tensors[f"{kind}_rows"].sum())
-    if len(indices) != expected:
-        raise NotAuditable(f"recorded {expected} rows in {entry['file']} but the replayed batches have {len(indices)}: "
-                           "the site's batch order could not be re-derived (a failed turn or a changed config)")
     return x[indices], y[indices]
