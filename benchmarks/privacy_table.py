@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         overrides = row_overrides(row, args.quick)
         why = refusal(overrides)
-        base = {"name": row["name"], "protocol": row["protocol"], "defence": row["defence"], "overrides": overrides}
+        base = {"name": row["name"], "protocol": row["protocol"], "defence": row["defence"], "overrides": overrides,
+                **({"env": row["env"]} if row.get("env") else {})}
         if why is not None:
             results.append({**base, "status": "skipped", "why": f"this checkout refuses the overrides: {why}"})
         else:
