@@ -60,7 +60,7 @@ keep() {  # keep FILE...: copy to $OUT the files this session wrote (not the che
 }
 fed() {  # fed WORKERS N: the pfl CIFAR-10 workload in-process, N clients per round, WORKERS clients side by side
   step 120 "$PYTHON" benchmarks/sim_throughput.py --gpu --backends inprocess --gpu-clients-per-round "$2" \
-    --client-workers "$1" --threads "$1" --repeats 2 --merge "${workload[@]}"
+    --client-workers "$1" --threads "$1" --repeats 2 --merge ${workload[@]+"${workload[@]}"}  # (an empty array under set -u: bash < 4.4)
   keep "docs/benchmarks/$results.json" "docs/benchmarks/$results.md"  # written when a run ends (one cut short writes nothing)
 }
 fed 4 100
