@@ -72,7 +72,7 @@ def test_a_site_decodes_a_record_as_flower_does():
     from flwr.app import ArrayRecord
 
     from graftfl.clients.utils import state_from
-    from graftfl.strategies.utils import array_values
+    from graftfl.strategies.wire_bytes import array_values
 
     state = {"w": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "empty": torch.zeros(0)}
     record = ArrayRecord(state)

@@ -16,7 +16,8 @@ from graftfl.core.codec import flatten_parameters
 from graftfl.core.models import model_from_config
 from graftfl.core.selective import coordinate_budget, decode_sparse, encode_sparse, sparse_nbytes
 from graftfl.strategies.checkpoint import load_checkpoint
-from graftfl.strategies.utils import CONFIG_KEY, ServerRun, message_nbytes
+from graftfl.strategies.utils import CONFIG_KEY, ServerRun
+from graftfl.strategies.wire_bytes import message_nbytes
 from tests.conftest import read_metrics as rows_of
 from tests.dssgd_helpers import LocalGrid, server_identity
 from tests.dssgd_helpers import run_local as run_dssgd_locally

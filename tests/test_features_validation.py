@@ -241,7 +241,7 @@ def test_bad_service_replies_are_rejected_and_the_others_scored(tmp_path):
 
 def test_bytes_are_every_serialized_message_both_ways_refused_replies_included(tmp_path):
     """Issue 11: bytes are the serialized Flower messages (config included), not the tensor payloads."""
-    from graftfl.strategies.utils import message_nbytes
+    from graftfl.strategies.wire_bytes import message_nbytes
 
     grid = ScriptedGrid([HONEST, *TAMPERED], upload_content)
     features = feature_run(tmp_path, grid)

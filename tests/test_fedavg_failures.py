@@ -64,7 +64,7 @@ def test_configure_train_routes_flowers_messages_to_the_graftfl_client_and_count
     assert sorted(m.metadata.dst_node_id for m in messages) == [100, 101, 102]
     assert {m.metadata.message_type for m in messages} == {"train.fedavg"}
     assert float(messages[0].content["config"]["lr"]) == 0.1 and int(messages[0].content["config"]["server-round"]) == 1
-    from graftfl.strategies.utils import message_nbytes
+    from graftfl.strategies.wire_bytes import message_nbytes
 
     # the whole serialized messages: three copies of the model plus config and metadata
     assert strategy.sent == 3 and strategy.bytes_down == sum(message_nbytes(m) for m in messages) > 3 * 5 * 4

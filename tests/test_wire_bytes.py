@@ -10,7 +10,8 @@ from flwr.supercore.inflatable.inflatable_utils import push_objects
 
 from graftfl.config import compose_config
 from graftfl.strategies.fedavg import FedAvgWithMetrics, round_row
-from graftfl.strategies.utils import ServerRun, message_nbytes, messages_nbytes
+from graftfl.strategies.utils import ServerRun
+from graftfl.strategies.wire_bytes import message_nbytes, messages_nbytes
 from tests.conftest import flower_task_identity
 from tests.test_fedavg_failures import failed_reply, reply_metadata
 
@@ -104,7 +105,7 @@ def test_the_byte_count_walks_the_objects_flower_walks_without_hashing_chunks_ag
     from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE as CHUNK
     from flwr.supercore.inflatable import inflatable_object
 
-    from graftfl.strategies.utils import nested_objects
+    from graftfl.strategies.wire_bytes import nested_objects
 
     floats = CHUNK // 4
     content = RecordDict({

@@ -29,7 +29,8 @@ from graftfl.core.dedup import DedupConfig, DedupCoordinator
 from graftfl.core.meter import metrics_row
 from graftfl.core.wire import CONFIG_RECORD, DEDUP_RECORD
 from graftfl.protocols import ServerPhase
-from graftfl.strategies.utils import ServerRun, message_nbytes, messages_nbytes
+from graftfl.strategies.utils import ServerRun
+from graftfl.strategies.wire_bytes import message_nbytes, messages_nbytes
 
 PHASE = "dedup"
 REPORT_NAME = "dedup.json"

@@ -16,7 +16,8 @@ from graftfl.config import eval_where
 from graftfl.core.meter import metrics_row
 from graftfl.core.wire import PRIVACY_HISTORIES, ROUND_OFFSET
 from graftfl.protocols import ServerProtocol
-from graftfl.strategies.utils import ServerRun, array_values, in_partition_order, message_nbytes, messages_nbytes, site_evaluation_row, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, in_partition_order, site_evaluation_row, wait_for_nodes
+from graftfl.strategies.wire_bytes import array_values, message_nbytes, messages_nbytes
 
 PROTOCOL = "fedavg"
 NUM_EXAMPLES = "num-examples"  # Flower's FedAvg weights each reply by this metric

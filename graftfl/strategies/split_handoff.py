@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY
-from graftfl.strategies.utils import arrays_nbytes
+from graftfl.strategies.wire_bytes import arrays_nbytes
 
 
 @dataclass

@@ -39,7 +39,8 @@ from graftfl.core.train import optimizer_from_config
 from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, DP_TURN_KEY, SERVER_ROUND, max_frame_bytes
 from graftfl.strategies.split_config import serves_in_memory, stage_threads
 from graftfl.strategies.split_handoff import HandoffState
-from graftfl.strategies.utils import ServerRun, message_nbytes, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, wait_for_nodes
+from graftfl.strategies.wire_bytes import message_nbytes
 from graftfl.transport.server import DataPlaneServer
 
 

@@ -20,7 +20,7 @@ the other sites.
 
 Traffic (``bytes_up``, ``bytes_down`` of each row) is the serialized size of every
 Flower message exchanged since the previous row, config included, error replies and
-refused replies too (:func:`graftfl.strategies.utils.message_nbytes`); the features
+refused replies too (:func:`graftfl.strategies.wire_bytes.message_nbytes`); the features
 protocol has no data plane.
 """
 
@@ -52,7 +52,8 @@ from graftfl.strategies.features.replies import (
 )
 from graftfl.strategies.features.store import Chunk, ChunkRules, FeatureStore, InvalidChunk
 from graftfl.strategies.features.tables import service_tables
-from graftfl.strategies.utils import ServerRun, message_nbytes, messages_nbytes, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, wait_for_nodes
+from graftfl.strategies.wire_bytes import message_nbytes, messages_nbytes
 
 logger = logging.getLogger(__name__)
 STORE_FILE = "features.db"
