@@ -238,3 +238,37 @@ def test_a_dpsgd_split_run_is_audited_only_with_its_sites_audit_sampling_seed(tm
     assert code == 0, printed
     assert report["attacks"]["label_leakage"]["auc"] == 1.0  # labels travel in the clear: DP-SGD covers the weights, not them
     assert report["summary"]["inversion_ssim"] is not None
+
+
+def test_the_audit_replays_the_turn_a_site_completed_not_the_round_after_a_failed_turn(tmp_path, capsys):
+    """A site whose round-1 turn crashed keeps no progress, so its round-2 turn draws its first turn's batches: the site
+    reports its own count of completed turns, and the evaluator's replay of that turn gives the rows whose labels the
+    server received, frame for frame; replaying the round instead does not."""
+    from omegaconf import OmegaConf
+
+    from graftfl.audit.record import load_entry
+    from graftfl.clients import split as split_client
+    from graftfl.commands.audit_data import NotAuditable, recorded_rows
+    from tests.test_split_runs import crash_after
+
+    cfg = compose_config(["dataset=digits", "num_clients=2", "rounds=3", "progress=false", f"output_dir={tmp_path}", "protocol=split",
+                          "protocol.turn_batches=8", "audit.record=true"])
+    grid = FakeGrid(2, run_id=7, node_config={"split-key": SPLIT_KEY}, faults={(1, 100): crash_after(2, split_client.train)})
+    with flower_task_identity(run_id=7):
+        run_dir = run_protocol(grid, cfg)
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    entries = sorted((e for e in load_index(run_dir)["entries"] if e["kind"] == "split_turn"), key=lambda e: (e["partition"], e["round"]))
+    assert [(e["partition"], e["round"], e["site_turn"]) for e in entries] == [(0, 2, 1), (0, 3, 2), (1, 1, 1), (1, 2, 2), (1, 3, 3)]
+    for entry in entries:
+        tensors = load_entry(run_dir, entry)
+        x, labels = recorded_rows(run_cfg, entry, tensors)
+        assert torch.equal(labels, tensors["labels"]) and len(x) == len(labels) > 0
+    for entry in entries[:2]:  # the round is one turn ahead of what partition 0 drew
+        tensors = load_entry(run_dir, entry)
+        try:
+            _, labels = recorded_rows(run_cfg, {key: value for key, value in entry.items() if key != "site_turn"}, tensors)
+        except NotAuditable:
+            continue
+        assert not torch.equal(labels, tensors["labels"])
+    code, report, printed = audit(run_dir, capsys)
+    assert code == 0, printed

@@ -144,7 +144,7 @@ class AuditRecorder:
         """Write the frames of the turn whose state is ``state``: one file per turn, frames concatenated by kind.
 
         Frames of turns that never reached here (failed turns) are discarded. ``site_turn``: the
-        turn number the site reported (DP-SGD: which of its turns' Poisson batches these are).
+        site's count of its completed turns, this one included (which of its turns' batches these are).
         """
         if not self.enabled:
             return

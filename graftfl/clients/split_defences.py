@@ -19,7 +19,6 @@ from flwr.app import ConfigRecord, Context
 from graftfl.core.defences import DefenceConfig, SiteDefences
 from graftfl.core.privacy import DpSgdConfig, dpsgd_config_from, history_from_json, history_to_json
 from graftfl.core.split_private import PrivateRole, audit_sampling_generator, noise_generator
-from graftfl.core.wire import DP_TURN_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +67,13 @@ class PrivateTurn:
         Optimizer steps of this turn (as many Poisson batches are drawn).
     partition_id : int
         This site's partition (with an audit sampling seed, part of its batches' seed).
+    turn : int
+        This site's count of its completed turns, this one included (with an audit sampling
+        seed, part of its batches' seed): a failed turn keeps no state, so its retry draws the
+        same batches, as if it had not happened.
     """
 
-    def __init__(self, cfg, context: Context, role, num_samples: int, steps: int, partition_id: int):
+    def __init__(self, cfg, context: Context, role, num_samples: int, steps: int, partition_id: int, turn: int):
         self.context, self.private = context, None
         sample_rate = min(1.0, int(cfg.train.batch_size) / max(int(num_samples), 1))
         config = split_dpsgd_config(cfg, steps, sample_rate)
@@ -78,20 +81,17 @@ class PrivateTurn:
             return
         state = context.state.get(PRIVACY_STATE_KEY)
         history = history_from_json(state.get("history") if state is not None else None)
-        # this site's own count of completed DP turns, not the server's round: a failed turn keeps no state, and its retry
-        # (with an audit seed) draws the same batches, as if it had not happened; the count goes up with each reply
-        self.turn = int(state.get("turns", 0) if state is not None else 0) + 1
         device = next(role.bottom.parameters()).device
         self.private = PrivateRole(role, config, num_samples, int(cfg.train.batch_size), history, noise_generator=noise_generator(device),
-                                   sampling_generator=self._audit_sampling(context, partition_id))
+                                   sampling_generator=self._audit_sampling(context, partition_id, int(turn)))
 
-    def _audit_sampling(self, context: Context, partition_id: int) -> torch.Generator | None:
+    def _audit_sampling(self, context: Context, partition_id: int, turn: int) -> torch.Generator | None:
         seed = audit_sampling_seed(context.node_config)
         if seed is None:
             return None  # the OS CSPRNG
         logger.warning("privacy=dpsgd with an audit sampling seed (%s): this site's Poisson batches can be replayed by whoever "
                        "holds the seed, and its epsilon does not hold against them; for evaluation runs only", AUDIT_SAMPLING_NODE_CONFIG)
-        return audit_sampling_generator(seed, partition_id, self.turn)
+        return audit_sampling_generator(seed, partition_id, turn)
 
     def batches(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         """Under DP-SGD as many Poisson batches as ``batches`` (fresh draws); otherwise ``batches`` unchanged."""
@@ -109,5 +109,5 @@ class PrivateTurn:
         if self.private is None:
             return {}
         self.private.close()
-        self.context.state[PRIVACY_STATE_KEY] = ConfigRecord({"history": history_to_json(self.private.history), "turns": self.turn})
-        return {"epsilon": self.private.epsilon(), "noise_multiplier": self.private.noise_multiplier, DP_TURN_KEY: self.turn}
+        self.context.state[PRIVACY_STATE_KEY] = ConfigRecord({"history": history_to_json(self.private.history)})
+        return {"epsilon": self.private.epsilon(), "noise_multiplier": self.private.noise_multiplier}

@@ -40,7 +40,7 @@ from graftfl.core.models import model_from_config
 from graftfl.core.split import SemisupClient, hidden_label_mask
 from graftfl.core.state_codec import pack_state, unpack_state
 from graftfl.core.train import optimizer_from_config, seed_everything, seed_torch
-from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, NODE_CA_CERT, max_frame_bytes
+from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, NODE_CA_CERT, SITE_TURN_KEY, max_frame_bytes
 from graftfl.protocols import ClientProtocol
 from graftfl.transport.client import DataPlaneClient
 
@@ -178,14 +178,19 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> l
 
 
 def turn_batches(cfg, context: Context, num_samples: int, partition_id: int) -> tuple[list[torch.Tensor], dict]:
-    """This turn's batches (continuing where the last turn stopped) and the progress after it."""
+    """This turn's batches (continuing where the last turn stopped) and the progress after it.
+
+    The progress also counts the site's completed turns (``turns``, this one included): a
+    failed turn keeps no progress and a site left out of a round takes no turn, so the
+    count, not the server's round, tells which batches a turn drew (``graftfl audit``).
+    """
     progress = dict(context.state[PROGRESS_KEY]) if PROGRESS_KEY in context.state else {"epoch": 0, "batch": 0}
-    epoch, position = int(progress["epoch"]), int(progress["batch"])
+    epoch, position, turns = int(progress["epoch"]), int(progress["batch"]), int(progress.get("turns", 0)) + 1
     seed = int(cfg.seed) * 1_009 + partition_id
     wanted = cfg.protocol.turn_batches
     if wanted is None:  # a turn is local_epochs whole epochs
         batches = [b for e in range(epoch, epoch + int(cfg.train.local_epochs)) for b in epoch_batches(num_samples, cfg.train.batch_size, seed, e)]
-        return batches, {"epoch": epoch + int(cfg.train.local_epochs), "batch": 0}
+        return batches, {"epoch": epoch + int(cfg.train.local_epochs), "batch": 0, "turns": turns}
     batches: list[torch.Tensor] = []
     while len(batches) < int(wanted):
         epoch_list = epoch_batches(num_samples, cfg.train.batch_size, seed, epoch)
@@ -194,7 +199,7 @@ def turn_batches(cfg, context: Context, num_samples: int, partition_id: int) -> 
         position += len(take)
         if position >= len(epoch_list):
             epoch, position = epoch + 1, 0
-    return batches, {"epoch": epoch, "batch": position}
+    return batches, {"epoch": epoch, "batch": position, "turns": turns}
 
 
 def flops_per_sample(role, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -217,7 +222,8 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
     x, y, _, _ = site_rows(cfg, context)
     role = prepare_role(cfg, message, context, build_role, tuple(x.shape[1:]), num_classes_of(cfg, context), key)
     batches, progress = turn_batches(cfg, context, len(y), partition_id)
-    private = PrivateTurn(cfg, context, role, len(y), len(batches), partition_id)  # privacy=dpsgd: Poisson batches, DP-SGD on the site's parts
+    # privacy=dpsgd: Poisson batches (with an audit sampling seed: this turn's own), DP-SGD on the site's parts
+    private = PrivateTurn(cfg, context, role, len(y), len(batches), partition_id, progress["turns"])
     batches = private.batches(batches)
     hidden = hidden_label_mask(len(y), cfg.protocol.unlabeled_fraction, cfg.seed * 31 + partition_id) if isinstance(role, SemisupClient) else None
     fields = message.content["config"]
@@ -244,6 +250,7 @@ def train_turn(message: Message, context: Context, build_role: RoleBuilder) -> M
         "client_flops": flops_per_sample(role, x, y) * samples,
         "plane_bytes_up": plane.bytes_up,
         "plane_bytes_down": plane.bytes_down,
+        SITE_TURN_KEY: progress["turns"],
         **privacy_metrics,
     }
     records = {"metrics": MetricRecord(metrics)}

@@ -69,10 +69,10 @@ def site_train_rows(cfg, partition: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def turn_row_indices(cfg, partition: int, turn_number: int, num_rows: int) -> list[torch.Tensor]:
-    """Evaluator only: the row indices of each batch of the site's ``turn_number``-th turn (1-based).
+    """Evaluator only: the row indices of each batch of the site's ``turn_number``-th completed turn (1-based).
 
     Replays :func:`graftfl.clients.split_turns.turn_batches` from the first turn, as the
-    site's progress advances (every earlier turn assumed completed).
+    site's progress advances with each turn it completes.
     """
     context = _site_context(cfg, partition)
     batches: list[torch.Tensor] = []
@@ -82,13 +82,21 @@ def turn_row_indices(cfg, partition: int, turn_number: int, num_rows: int) -> li
     return batches
 
 
+def site_turn(entry: dict) -> int:
+    """Which of its turns a recorded split turn was: the count of completed turns its site reported.
+
+    A recording made before sites reported it has only the round, which is the same number
+    only where the site took part in, and completed, every round before it.
+    """
+    return int(entry.get("site_turn", entry["round"]))
+
+
 def poisson_row_indices(cfg, entry: dict, num_rows: int, steps: int) -> list[torch.Tensor]:
     """Evaluator only: the non-empty Poisson batches of a DP-SGD turn (an empty one sends no frame).
 
     A site draws them from the OS CSPRNG unless its operator gave it an audit sampling seed
     (``graftfl.clients.split_defences``); the evaluator needs the same seed in its environment.
-    The turn is the one the site reported (``site_turn``: its count of completed DP turns),
-    else the round.
+    The turn is the one the site reported (:func:`site_turn`).
     """
     seed = audit_sampling_seed({})  # the evaluator's environment (a value that is not a whole number: a clear error)
     if seed is None:
@@ -96,7 +104,7 @@ def poisson_row_indices(cfg, entry: dict, num_rows: int, steps: int) -> list[tor
                            f"or {AUDIT_SAMPLING_ENV}), they drew their Poisson batches from the OS CSPRNG and which records a recorded "
                            f"frame holds cannot be re-derived; if they were, set {AUDIT_SAMPLING_ENV} to the same seed for this command")
     rate = min(1.0, int(cfg.train.batch_size) / max(num_rows, 1))
-    generator = audit_sampling_generator(seed, int(entry["partition"]), int(entry.get("site_turn", entry["round"])))
+    generator = audit_sampling_generator(seed, int(entry["partition"]), site_turn(entry))
     batches = [poisson_indices(num_rows, rate, generator) for _ in range(steps)]
     return [indices for indices in batches if len(indices)]
 
@@ -109,7 +117,7 @@ def recorded_rows(cfg, entry: dict, tensors: dict, kind: str = "train") -> tuple
     Every frame's row count must be that of its replayed batch.
     """
     x, y = site_train_rows(cfg, entry["partition"])
-    batches = turn_row_indices(cfg, entry["partition"], entry["round"], len(y))
+    batches = turn_row_indices(cfg, entry["partition"], site_turn(entry), len(y))
     if cfg.privacy.name == "dpsgd":
         batches = poisson_row_indices(cfg, entry, len(y), len(batches))
     hidden = None
@@ -120,8 +128,8 @@ def recorded_rows(cfg, entry: dict, tensors: dict, kind: str = "train") -> tuple
     rows = [batches[position] if hidden is None else batches[position][~hidden[batches[position]]]
             for position in positions if position < len(batches)]
     if [len(indices) for indices in rows] != recorded:
-        why = ("a failed turn, a changed config" if cfg.privacy.name != "dpsgd" else
-               f"a wrong or missing {AUDIT_SAMPLING_ENV}, a failed turn, a changed config")
+        why = ("a changed config, or a recording without the site's turn count after a failed or skipped turn" if cfg.privacy.name != "dpsgd" else
+               f"a wrong or missing {AUDIT_SAMPLING_ENV}, a changed config")
         raise NotAuditable(f"the {len(recorded)} frames recorded in {entry['file']} ({sum(recorded)} rows) do not match the replayed batches "
                            f"({sum(len(r) for r in rows)} rows): the site's batches could not be re-derived ({why})")
     indices = torch.cat(rows)

@@ -27,7 +27,7 @@ DROPPED_ROWS = "dropped-rows"  # dedup: JSON list of the site's row indices (loa
 # -- fields of the config record (server -> site)
 CONFIG_KEY = "graftfl-config"  # the resolved run config as JSON (the server is the source of truth)
 SERVER_ROUND = "server-round"  # Flower's own key
-DP_TURN_KEY = "dp-turn"  # a split site's count of its completed DP-SGD turns, this one included (audit: which batches)
+SITE_TURN_KEY = "site-turn"  # a split site's count of its completed turns, this one included (audit: which batches)
 ROUND_OFFSET = "round-offset"  # rounds done before a resume (Flower counts from 1 again)
 PRIVACY_HISTORIES = "privacy-histories"  # JSON {partition id: accountant history} sent on resume
 DATA_PLANE_ADDRESS = "data-plane-address"  # split: where the turn's gRPC stream goes

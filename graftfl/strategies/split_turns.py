@@ -36,7 +36,7 @@ from graftfl.core.meter import metrics_row
 from graftfl.core.split import MiddleStage, TopStage, activation_shape, cut_points, model_parts, split_at_cut
 from graftfl.config import eval_where
 from graftfl.core.train import optimizer_from_config
-from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, DP_TURN_KEY, SERVER_ROUND, max_frame_bytes
+from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, SERVER_ROUND, SITE_TURN_KEY, max_frame_bytes
 from graftfl.strategies.split_config import serves_in_memory, stage_threads
 from graftfl.strategies.split_handoff import HandoffState
 from graftfl.strategies.utils import ServerRun, wait_for_nodes
@@ -213,7 +213,7 @@ class SplitRunner:
         partition = int(metrics.get("partition-id", -1))
         self.partition_of[node] = partition
         self.handoff.accept(reply, int(metrics.get("samples", 0)))
-        self.run.audit.end_turn(turn.state, round_number, partition, metrics.get(DP_TURN_KEY))
+        self.run.audit.end_turn(turn.state, round_number, partition, metrics.get(SITE_TURN_KEY))
         handed_back = message_nbytes(reply)  # the whole reply (metrics, hand-off), as for the message sent
         return {
             "partition-id": partition,
