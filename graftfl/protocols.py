@@ -241,6 +241,7 @@ BUILTIN_PROTOCOLS = {
 BUILTIN_PHASES: dict[str, dict] = {
     "dedup": dict(server="graftfl.strategies.dedup", client="graftfl.clients.dedup"),  # dedup=psi
     "normalize": dict(server="graftfl.strategies.normalize", client="graftfl.clients.normalize"),
+    "roster": dict(server="graftfl.strategies.roster", client="graftfl.clients.roster"),  # phases=[roster]
 }
 
 for _name, _parts in BUILTIN_PROTOCOLS.items():

@@ -137,14 +137,17 @@ def assert_deployment(stderr: str, config: dict, num_nodes: int, tls: bool = Fal
 @needs_proc
 def test_deploy_local_ushaped_over_a_tls_data_plane(tmp_path):
     """``--auth`` (implies ``--tls``): throwaway CA, registered SuperNode keys, and the split data plane serves TLS
-    with deploy-local's certificates; labels stay at the sites; each SuperNode trains on its node-config partition."""
+    with deploy-local's certificates; labels stay at the sites; each SuperNode trains on its node-config partition;
+    the roster phase puts the SuperLink's random node ids in partition order (the turn order)."""
     run_dir, stderr = run_deploy_local(["--auth", "protocol=ushaped", "protocol.handoff=local", "protocol.turn_batches=3",
-                                        "dataset=digits", "num_clients=2", "rounds=1"], tmp_path, timeout=400)
+                                        "dataset=digits", "num_clients=2", "rounds=1", "phases=[roster]"], tmp_path, timeout=400)
     assert run_dir.parent == tmp_path / "runs"
     config = assert_run_directory(run_dir, num_clients=2, rounds=1, protocol="ushaped")
     assert_deployment(stderr, config, num_nodes=2, auth=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["data_plane_tls"] is True and summary["failed_turns"] == []
+    roster = summary["phases"]["roster"]
+    assert list(roster["partitions"].values()) == [0, 1] and roster["failures"] == []
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert len(rows) == 1 and rows[0]["accuracy"] > 0.0 and rows[0]["clients"] == [0, 1]  # both SuperNodes trained
 

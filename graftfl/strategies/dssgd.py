@@ -107,7 +107,7 @@ class SelectiveServer:
 
     def download_message(self, node: int, server_round: int) -> Message:
         """The ``train.dssgd`` message for ``node``: the global parameters it downloads this round (all, or a chosen fraction)."""
-        generator = torch.Generator().manual_seed(int(self.cfg.seed) * 7919 + server_round * 131 + node % 100_003)
+        generator = torch.Generator().manual_seed(int(self.cfg.seed) * 7919 + server_round * 131 + self.run.site_key(node))
         indices = choose_download(self.cfg.protocol.download, float(self.cfg.protocol.theta_download), self.params, self.stats, generator)
         values = self.params if indices is None else self.params[indices]
         self.run.audit.dssgd_download(node, self.params)
@@ -259,7 +259,7 @@ def run(grid: Grid, run: ServerRun) -> dict:
     cfg = run.cfg
     server = SelectiveServer(run)
     ledger = ParticipantLedger(cfg.protocol.upload_epsilon)
-    nodes = wait_for_nodes(grid, cfg.num_clients, cfg.timeout_s)
+    nodes = run.in_site_order(wait_for_nodes(grid, cfg.num_clients, cfg.timeout_s))
     run.round_seconds()
     rejected_total = failed_total = 0
     for server_round in range(run.first_round, cfg.rounds + 1):

@@ -160,7 +160,7 @@ class SplitRunner:
     def run_rounds(self) -> dict:
         """Start the data plane, run every round's turns and evaluations, and stop it; returns the run summary."""
         cfg = self.cfg
-        nodes = wait_for_nodes(self.grid, cfg.num_clients, cfg.timeout_s)
+        nodes = self.run.in_site_order(wait_for_nodes(self.grid, cfg.num_clients, cfg.timeout_s))
         self.plane = start_data_plane(cfg, self.stage)
         log.info(f"[{self.protocol}] data plane on {self.plane.address} (tls={self.plane.tls}, handoff={cfg.protocol.handoff})")
         try:

@@ -57,6 +57,7 @@ class ServerRun:
         self._raw: RawDataset | None = None
         self._data: DatasetSplits | None = None
         self._federated_statistics: Statistics | None = None
+        self._site_partitions: dict[int, int] | None = None  # the roster phase's {node: partition}
         self._round_started = time.monotonic()
 
     @property
@@ -95,6 +96,20 @@ class ServerRun:
         channels = len(mean) if self.site_data else self.raw.input_shape[0]
         self._federated_statistics = checked_statistics(mean, std, channels, "the normalize phase's result")
         self._data = None
+
+    def install_site_partitions(self, partitions: dict[int, int]) -> None:
+        """Keep the roster phase's result: each placed site's partition id."""
+        self._site_partitions = dict(partitions)
+
+    def in_site_order(self, nodes: list[int]) -> list[int]:
+        """``nodes`` in the roster's partition order (sites without a place after, by node id); by node id without a roster."""
+        placed = self._site_partitions or {}
+        return sorted(nodes, key=lambda node: (node not in placed, placed.get(node, 0), node))
+
+    def site_key(self, node: int) -> int:
+        """A number for ``node`` in what a seeded choice per site draws from: its roster partition, else its node id (mod 100,003)."""
+        placed = self._site_partitions or {}
+        return placed[node] if node in placed else node % 100_003
 
     @property
     def input_shape(self) -> tuple[int, ...]:
