@@ -272,3 +272,28 @@ def test_the_audit_replays_the_turn_a_site_completed_not_the_round_after_a_faile
         assert not torch.equal(labels, tensors["labels"])
     code, report, printed = audit(run_dir, capsys)
     assert code == 0, printed
+
+
+def test_a_sites_turn_count_is_untrusted_by_the_server_and_bounded_by_the_evaluator(tmp_path, runs):
+    """A site may report anything as its turn count: NaN must not take the server down (the recording keeps no count),
+    and a count beyond the round (which would have the evaluator replay a quadrillion turns) is refused."""
+    from omegaconf import OmegaConf
+
+    from graftfl.audit.record import load_entry
+    from graftfl.commands.audit_data import NotAuditable, recorded_rows
+
+    def lie(node, reply):
+        if reply.metadata.message_type == "train.split" and not reply.has_error():
+            reply.content["metrics"]["site-turn"] = float("nan")
+        return reply
+
+    cfg = compose_config(["dataset=digits", "num_clients=2", "rounds=1", "progress=false", f"output_dir={tmp_path}", "protocol=split",
+                          "protocol.turn_batches=4", "audit.record=true"])
+    with flower_task_identity(run_id=7):
+        run_dir = run_protocol(FakeGrid(2, run_id=7, node_config={"split-key": SPLIT_KEY}, tamper=lie), cfg)
+    entries = [e for e in load_index(run_dir)["entries"] if e["kind"] == "split_turn"]
+    assert len(entries) == 2 and all("site_turn" not in e for e in entries)
+    recorded = runs["split"]
+    entry = next(e for e in load_index(recorded)["entries"] if e["kind"] == "split_turn")
+    with pytest.raises(NotAuditable, match="at most one turn a round"):
+        recorded_rows(OmegaConf.load(recorded / "config.yaml"), {**entry, "site_turn": 10**15}, load_entry(recorded, entry))

@@ -86,9 +86,13 @@ def site_turn(entry: dict) -> int:
     """Which of its turns a recorded split turn was: the count of completed turns its site reported.
 
     A recording made before sites reported it has only the round, which is the same number
-    only where the site took part in, and completed, every round before it.
+    only where the site took part in, and completed, every round before it. A site cannot have
+    completed more turns than there were rounds: a larger count is refused, not replayed.
     """
-    return int(entry.get("site_turn", entry["round"]))
+    turn = int(entry.get("site_turn", entry["round"]))
+    if not 1 <= turn <= int(entry["round"]):
+        raise NotAuditable(f"{entry['file']}: the site reported turn {turn} in round {entry['round']} (a site completes at most one turn a round)")
+    return turn
 
 
 def poisson_row_indices(cfg, entry: dict, num_rows: int, steps: int) -> list[torch.Tensor]:

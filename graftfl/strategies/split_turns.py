@@ -39,7 +39,7 @@ from graftfl.core.train import optimizer_from_config
 from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, SERVER_ROUND, SITE_TURN_KEY, max_frame_bytes
 from graftfl.strategies.split_config import serves_in_memory, stage_threads
 from graftfl.strategies.split_handoff import HandoffState
-from graftfl.strategies.utils import ServerRun, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, claimed_whole_number, wait_for_nodes
 from graftfl.strategies.wire_bytes import message_nbytes
 from graftfl.transport.server import DataPlaneServer
 
@@ -213,7 +213,7 @@ class SplitRunner:
         partition = int(metrics.get("partition-id", -1))
         self.partition_of[node] = partition
         self.handoff.accept(reply, int(metrics.get("samples", 0)))
-        self.run.audit.end_turn(turn.state, round_number, partition, metrics.get(SITE_TURN_KEY))
+        self.run.audit.end_turn(turn.state, round_number, partition, claimed_whole_number(metrics, SITE_TURN_KEY))
         handed_back = message_nbytes(reply)  # the whole reply (metrics, hand-off), as for the message sent
         return {
             "partition-id": partition,

@@ -198,13 +198,19 @@ def wait_for_nodes(grid, count: int, timeout_s: float) -> list[int]:
         time.sleep(0.5)
 
 
+def claimed_whole_number(metrics: dict, key: str) -> int | None:
+    """The whole number a reply's metrics claim under ``key``, or None when it is missing or not one (a reply is untrusted)."""
+    try:
+        value = metrics.get(key)
+        return int(value) if value is not None and float(value).is_integer() else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def claimed_partition(metrics: dict) -> int:
     """The partition id a reply claims, or -1 when it is missing or not an integer (a reply is untrusted)."""
-    try:
-        value = metrics.get("partition-id", -1)
-        return int(value) if float(value).is_integer() else -1
-    except (TypeError, ValueError, OverflowError):
-        return -1
+    value = claimed_whole_number(metrics, "partition-id")
+    return -1 if value is None else value
 
 
 def in_partition_order(replies: Iterable[Message]) -> list[Message]:
