@@ -55,6 +55,13 @@ def fractional_count(arrays: dict, metrics: dict):
     return arrays, {**metrics, "num-examples": 2.5}
 
 
+def metric(key: str, value):
+    """One metric of the reply replaced by ``value``."""
+    def attack(arrays: dict, metrics: dict):
+        return arrays, {**metrics, key: value}
+    return attack
+
+
 ATTACKS = {
     "1e30": (scaled(1e30), [], "exceeds"),  # 1e30 is finite: only the norm bound catches it
     "nan": (scaled(float("nan")), [], "non-finite"),
@@ -65,6 +72,10 @@ ATTACKS = {
     "huge-count": (huge_count, ["protocol.max_examples_per_site=5000"], "exceeds protocol.max_examples_per_site=5000"),
     "zero-count": (zero_count, [], "positive integer"),
     "fractional-count": (fractional_count, [], "positive integer"),
+    # a NaN partition id stopped the server (int(nan) in its bookkeeping), a NaN metric poisoned the averaged metrics
+    "nan-partition-id": (metric("partition-id", float("nan")), [], "metric 'partition-id' is nan"),
+    "negative-partition-id": (metric("partition-id", -3), [], "partition-id must be a whole number >= 0"),
+    "inf-loss": (metric("train_loss", float("inf")), [], "metric 'train_loss' is inf"),
 }
 
 

@@ -14,9 +14,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from graftfl.config import eval_where
 from graftfl.core.meter import metrics_row
-from graftfl.core.wire import PRIVACY_HISTORIES, ROUND_OFFSET
+from graftfl.core.wire import PARTITION_ID, PRIVACY_HISTORIES, ROUND_OFFSET
 from graftfl.protocols import ServerProtocol
-from graftfl.strategies.utils import ServerRun, in_partition_order, site_evaluation_row, wait_for_nodes
+from graftfl.strategies.utils import ServerRun, claimed_whole_number, in_partition_order, site_evaluation_row, wait_for_nodes
 from graftfl.strategies.wire_bytes import array_values, message_nbytes, messages_nbytes
 
 PROTOCOL = "fedavg"
@@ -63,7 +63,14 @@ def reply_problem(content: RecordDict, reference: dict[str, np.ndarray], max_exa
             squared_distance += float(np.sum(difference * difference))
     if max_update_norm is not None and not math.sqrt(squared_distance) <= max_update_norm:  # also catches overflow to inf
         return f"update L2 norm {math.sqrt(squared_distance):.4g} exceeds protocol.max_update_norm={max_update_norm}"
-    count = content["metrics"].get(NUM_EXAMPLES)
+    metrics = content["metrics"]
+    for key, value in metrics.items():  # a NaN count or partition id stopped the server; a NaN metric poisons the averaged metrics
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"metric '{key}' is {value}"
+    partition = claimed_whole_number(metrics, PARTITION_ID)
+    if partition is None or partition < 0:
+        return f"{PARTITION_ID} must be a whole number >= 0, got {metrics.get(PARTITION_ID)!r}"
+    count = metrics.get(NUM_EXAMPLES)
     if isinstance(count, bool) or not isinstance(count, (int, float)) or not float(count).is_integer() or count < 1:
         return f"{NUM_EXAMPLES} must be a positive integer, got {count!r}"
     if max_examples is not None and count > max_examples:
