@@ -275,8 +275,9 @@ def test_the_audit_replays_the_turn_a_site_completed_not_the_round_after_a_faile
 
 
 def test_a_sites_turn_count_is_untrusted_by_the_server_and_bounded_by_the_evaluator(tmp_path, runs):
-    """A site may report anything as its turn count: NaN must not take the server down (the recording keeps no count),
-    and a count beyond the round (which would have the evaluator replay a quadrillion turns) is refused."""
+    """A site may report anything as its turn count: one that is not a whole number is not recorded (NaN took the server
+    down; a NaN metric now has the whole reply refused, tests/test_malformed_replies.py), and a count beyond the round
+    (which would have the evaluator replay a quadrillion turns) is refused."""
     from omegaconf import OmegaConf
 
     from graftfl.audit.record import load_entry
@@ -284,7 +285,7 @@ def test_a_sites_turn_count_is_untrusted_by_the_server_and_bounded_by_the_evalua
 
     def lie(node, reply):
         if reply.metadata.message_type == "train.split" and not reply.has_error():
-            reply.content["metrics"]["site-turn"] = float("nan")
+            reply.content["metrics"]["site-turn"] = 1.5
         return reply
 
     cfg = compose_config(["dataset=digits", "num_clients=2", "rounds=1", "progress=false", f"output_dir={tmp_path}", "protocol=split",

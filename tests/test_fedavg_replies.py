@@ -13,7 +13,8 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 from graftfl.config import ConfigError, compose_config, validate
 from graftfl.server_app.app import run_protocol
 from graftfl.strategies.checkpoint import load_checkpoint
-from graftfl.strategies.fedavg import FedAvgWithMetrics, reply_problem
+from graftfl.strategies.fedavg import FedAvgWithMetrics
+from graftfl.strategies.replies import reply_problem
 from graftfl.strategies.utils import ServerRun
 from tests.conftest import flower_task_identity
 from tests.helpers import FakeGrid
@@ -74,7 +75,7 @@ ATTACKS = {
     "fractional-count": (fractional_count, [], "positive integer"),
     # a NaN partition id stopped the server (int(nan) in its bookkeeping), a NaN metric poisoned the averaged metrics
     "nan-partition-id": (metric("partition-id", float("nan")), [], "metric 'partition-id' is nan"),
-    "negative-partition-id": (metric("partition-id", -3), [], "partition-id must be a whole number >= 0"),
+    "negative-partition-id": (metric("partition-id", -3), [], "partition-id must be whole numbers >= 0"),
     "inf-loss": (metric("train_loss", float("inf")), [], "metric 'train_loss' is inf"),
 }
 

@@ -34,7 +34,8 @@ from graftfl.core.selective import (
 from graftfl.core.wire import SERVER_ROUND
 from graftfl.protocols import ServerProtocol
 from graftfl.config import eval_where
-from graftfl.strategies.utils import ServerRun, claimed_partition, evaluate_at_sites, require_choice, wait_for_nodes
+from graftfl.strategies.replies import claimed_partition
+from graftfl.strategies.utils import ServerRun, evaluate_at_sites, require_choice, wait_for_nodes
 from graftfl.strategies.wire_bytes import array_values, message_nbytes, messages_nbytes
 
 PROTOCOL = "dssgd"

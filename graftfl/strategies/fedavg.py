@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Iterable
 
 import numpy as np
@@ -14,68 +13,14 @@ from flwr.serverapp.strategy import FedAvg
 
 from graftfl.config import eval_where
 from graftfl.core.meter import metrics_row
-from graftfl.core.wire import PARTITION_ID, PRIVACY_HISTORIES, ROUND_OFFSET
+from graftfl.core.wire import PRIVACY_HISTORIES, ROUND_OFFSET
 from graftfl.protocols import ServerProtocol
-from graftfl.strategies.utils import ServerRun, claimed_whole_number, in_partition_order, site_evaluation_row, wait_for_nodes
-from graftfl.strategies.wire_bytes import array_values, message_nbytes, messages_nbytes
+from graftfl.strategies.replies import reply_problem
+from graftfl.strategies.utils import ServerRun, in_partition_order, site_evaluation_row, wait_for_nodes
+from graftfl.strategies.wire_bytes import message_nbytes, messages_nbytes
 
 PROTOCOL = "fedavg"
-NUM_EXAMPLES = "num-examples"  # Flower's FedAvg weights each reply by this metric
 logger = logging.getLogger(__name__)
-
-
-def reply_problem(content: RecordDict, reference: dict[str, np.ndarray], max_examples: int | None = None,
-                  max_update_norm: float | None = None) -> str | None:
-    """Why a site's FedAvg reply must not enter the average, or ``None`` when it may.
-
-    A malicious site can otherwise move the global model anywhere (1e30 or NaN weights) or
-    dominate the weighted average by claiming a huge ``num-examples``.
-
-    Parameters
-    ----------
-    content : RecordDict
-        The reply's content: one ArrayRecord ``arrays`` and one MetricRecord ``metrics``.
-    reference : dict of str to numpy.ndarray
-        The global model the server sent this round: the reply must have exactly its keys,
-        shapes and dtypes.
-    max_examples : int, optional
-        Largest ``num-examples`` accepted (``protocol.max_examples_per_site``); ``None`` trusts the count.
-    max_update_norm : float, optional
-        Largest L2 distance of the reply from ``reference`` (``protocol.max_update_norm``); ``None`` is unbounded.
-    """
-    if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
-        return (f"expected one ArrayRecord 'arrays' and one MetricRecord 'metrics', got arrays {list(content.array_records)} "
-                f"and metrics {list(content.metric_records)}")
-    arrays = content["arrays"]
-    if set(arrays.keys()) != set(reference):
-        missing, extra = sorted(set(reference) - set(arrays.keys())), sorted(set(arrays.keys()) - set(reference))
-        return f"array keys differ from the model sent (missing {missing}, unexpected {extra})"
-    squared_distance = 0.0
-    for key, expected in reference.items():
-        array = arrays[key]
-        if tuple(array.shape) != expected.shape or array.dtype != str(expected.dtype):
-            return f"array '{key}' is {array.dtype}{list(array.shape)}, the model sent {expected.dtype}{list(expected.shape)}"
-        values = array_values(array)
-        if values.dtype.kind in "fc" and not np.isfinite(values).all():
-            return f"array '{key}' has non-finite values"
-        if max_update_norm is not None:
-            difference = values.astype(np.float64) - expected.astype(np.float64)
-            squared_distance += float(np.sum(difference * difference))
-    if max_update_norm is not None and not math.sqrt(squared_distance) <= max_update_norm:  # also catches overflow to inf
-        return f"update L2 norm {math.sqrt(squared_distance):.4g} exceeds protocol.max_update_norm={max_update_norm}"
-    metrics = content["metrics"]
-    for key, value in metrics.items():  # a NaN count or partition id stopped the server; a NaN metric poisons the averaged metrics
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"metric '{key}' is {value}"
-    partition = claimed_whole_number(metrics, PARTITION_ID)
-    if partition is None or partition < 0:
-        return f"{PARTITION_ID} must be a whole number >= 0, got {metrics.get(PARTITION_ID)!r}"
-    count = metrics.get(NUM_EXAMPLES)
-    if isinstance(count, bool) or not isinstance(count, (int, float)) or not float(count).is_integer() or count < 1:
-        return f"{NUM_EXAMPLES} must be a positive integer, got {count!r}"
-    if max_examples is not None and count > max_examples:
-        return f"{NUM_EXAMPLES}={int(count)} exceeds protocol.max_examples_per_site={max_examples}"
-    return None
 
 
 class FedAvgWithMetrics(FedAvg):

@@ -20,7 +20,7 @@ import logging
 from flwr.app import Message, RecordDict
 
 from graftfl.protocols import ServerPhase
-from graftfl.strategies.utils import claimed_partition
+from graftfl.strategies.replies import claimed_partition
 
 PHASE = "roster"
 logger = logging.getLogger(__name__)

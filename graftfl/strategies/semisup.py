@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from flwr.serverapp import Grid
 
+from graftfl.core.split import build_decoder
 from graftfl.protocols import ServerProtocol
 from graftfl.strategies.utils import ServerRun
 from graftfl.strategies.split_config import validate_split_config
@@ -27,8 +28,9 @@ def validate_config(cfg) -> None:
 
 def run(grid: Grid, run: ServerRun) -> dict:
     """Run the semi-supervised split protocol: the ``split`` server part over the data plane; returns the summary."""
-    stage, top = top_stage(run)  # the same server part as split
-    summary = SplitRunner(grid, run, PROTOCOL, stage, top).run_rounds()
+    stage, top, client_parts = top_stage(run)  # the same server part as split
+    client_parts["decoder"] = build_decoder(stage.act_shape, run.input_shape)  # the sites' decoder (architecture only)
+    summary = SplitRunner(grid, run, PROTOCOL, stage, top, client_parts).run_rounds()
     return {**summary, "unlabeled_fraction": float(run.cfg.protocol.unlabeled_fraction), "alpha": float(run.cfg.protocol.alpha)}
 
 

@@ -24,8 +24,8 @@ def validate_config(cfg) -> None:
 
 def run(grid: Grid, run: ServerRun) -> dict:
     """Run split learning: the top of the model on the server, turns over the data plane; returns the summary."""
-    stage, top = top_stage(run)
-    return SplitRunner(grid, run, PROTOCOL, stage, top).run_rounds()
+    stage, top, client_parts = top_stage(run)
+    return SplitRunner(grid, run, PROTOCOL, stage, top, client_parts).run_rounds()
 
 
 SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)

@@ -38,8 +38,9 @@ from graftfl.config import eval_where
 from graftfl.core.train import optimizer_from_config
 from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, SERVER_ROUND, SITE_TURN_KEY, max_frame_bytes
 from graftfl.strategies.split_config import serves_in_memory, stage_threads
-from graftfl.strategies.split_handoff import HandoffState
-from graftfl.strategies.utils import ServerRun, claimed_whole_number, wait_for_nodes
+from graftfl.strategies.split_handoff import HandoffState, parts_signature, turn_reply_problem
+from graftfl.strategies.replies import claimed_whole_number, metrics_problem
+from graftfl.strategies.utils import ServerRun, wait_for_nodes
 from graftfl.strategies.wire_bytes import message_nbytes
 from graftfl.transport.server import DataPlaneServer
 
@@ -90,20 +91,21 @@ def train_batch_cap(cfg, run: ServerRun) -> int:
     return int(cfg.train.local_epochs) * math.ceil(int(samples) / int(cfg.train.batch_size))
 
 
-def top_stage(run: ServerRun) -> tuple[TopStage, torch.nn.Module]:
-    """The server's part for ``split`` and ``semisup``: the top of the shared-seed model (not the bottom's weights)."""
-    _bottom, top, act_shape = split_at_cut(run.new_model(), run.cfg.protocol.cut_stage, run.input_shape)
+def top_stage(run: ServerRun) -> tuple[TopStage, torch.nn.Module, dict[str, torch.nn.Module]]:
+    """The server's part for ``split`` and ``semisup``: the top of the shared-seed model, and the sites' part
+    (the bottom: its architecture only, for checking averaged parts; its weights are never used)."""
+    bottom, top, act_shape = split_at_cut(run.new_model(), run.cfg.protocol.cut_stage, run.input_shape)
     optimizer = optimizer_from_config(run.cfg.train, top.parameters())
-    return TopStage(top, optimizer, act_shape, run.num_classes, run.device), top
+    return TopStage(top, optimizer, act_shape, run.num_classes, run.device), top, {"bottom": bottom}
 
 
-def middle_stage(run: ServerRun) -> tuple[MiddleStage, torch.nn.Module]:
-    """The server's part for ``ushaped``: the middle of the shared-seed model."""
-    bottom, middle, _head = model_parts(run.new_model(), run.cfg.protocol.cut_stage, int(run.cfg.protocol.head_stages))
+def middle_stage(run: ServerRun) -> tuple[MiddleStage, torch.nn.Module, dict[str, torch.nn.Module]]:
+    """The server's part for ``ushaped``: the middle of the shared-seed model, and the sites' parts (architecture only)."""
+    bottom, middle, head = model_parts(run.new_model(), run.cfg.protocol.cut_stage, int(run.cfg.protocol.head_stages))
     act_shape = activation_shape(bottom, run.input_shape)
     out_shape = activation_shape(middle, act_shape)
     optimizer = optimizer_from_config(run.cfg.train, middle.parameters())
-    return MiddleStage(middle, optimizer, act_shape, out_shape, run.device), middle
+    return MiddleStage(middle, optimizer, act_shape, out_shape, run.device), middle, {"bottom": bottom, "head": head}
 
 
 def send_one(grid, message: Message, timeout_s: float) -> tuple[Message | None, str | None]:
@@ -146,12 +148,15 @@ class SplitRunner:
         The server's model part (from :mod:`graftfl.core.split`).
     server_part : torch.nn.Module
         The module inside ``stage`` (checkpointed each round).
+    client_parts : dict of str to torch.nn.Module
+        The sites' parts by role name (``bottom``, ``head``, ``decoder``): their architecture is
+        what an averaged hand-off must match.
     """
 
-    def __init__(self, grid, run: ServerRun, protocol: str, stage, server_part: torch.nn.Module):
+    def __init__(self, grid, run: ServerRun, protocol: str, stage, server_part: torch.nn.Module, client_parts: dict[str, torch.nn.Module]):
         self.grid, self.run, self.cfg, self.protocol = grid, run, run.cfg, protocol
         self.stage, self.server_part = stage, server_part
-        self.handoff = HandoffState(self.cfg.protocol.handoff)
+        self.handoff = HandoffState(self.cfg.protocol.handoff, expected=parts_signature(client_parts))
         self.partition_of: dict[int, int] = {}
         self.failed_turns: list[dict] = []
         self.cut_stage = cfg_cut_stage(run)
@@ -200,6 +205,10 @@ class SplitRunner:
         started = time.monotonic()
         reply, failure = send_one(self.grid, message, float(self.cfg.protocol.turn_timeout_s))
         self.plane.close_turn(turn)
+        if failure is None:
+            max_steps, max_rows = train_batch_cap(self.cfg, self.run), max(int(self.cfg.train.batch_size), int(self.cfg.eval.batch_size))
+            problem = turn_reply_problem(reply, max_steps, max_rows) or self.handoff.problem(reply)
+            failure = None if problem is None else f"refused reply: {problem}"
         if failure is not None:
             record = {
                 "round": round_number, "node": node, "partition-id": self.partition_of.get(node, -1), "reason": failure,
@@ -260,6 +269,9 @@ class SplitRunner:
         message, bytes_down = self.message(node, "evaluate", turn, round_number)
         reply, failure = send_one(self.grid, message, float(self.cfg.protocol.turn_timeout_s))
         self.plane.close_turn(turn)
+        if failure is None:  # a NaN count stopped the server
+            problem = metrics_problem(reply.content, counts=("partition-id", "count", "correct"))
+            failure = None if problem is None else f"refused reply: {problem}"
         if failure is not None:
             log.warning("evaluation on node %s failed: %s", node, failure)
             return None

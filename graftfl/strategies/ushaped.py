@@ -26,8 +26,8 @@ def validate_config(cfg) -> None:
 
 def run(grid: Grid, run: ServerRun) -> dict:
     """Run U-shaped split learning: the middle of the model on the server, head and labels at the sites."""
-    stage, middle = middle_stage(run)
-    return SplitRunner(grid, run, PROTOCOL, stage, middle).run_rounds()
+    stage, middle, client_parts = middle_stage(run)
+    return SplitRunner(grid, run, PROTOCOL, stage, middle, client_parts).run_rounds()
 
 
 SERVER_PROTOCOL = ServerProtocol(name=PROTOCOL, run=run, validate_config=validate_config)

@@ -22,6 +22,7 @@ from graftfl.core.models import StagedModel, check_accepts, model_from_config
 from graftfl.core.train import evaluate, resolve_device, seed_everything
 from graftfl.core.wire import CONFIG_KEY
 from graftfl.strategies.checkpoint import load_checkpoint, save_checkpoint
+from graftfl.strategies.replies import claimed_partition
 from graftfl.strategies.wire_bytes import message_nbytes
 
 
@@ -196,21 +197,6 @@ def wait_for_nodes(grid, count: int, timeout_s: float) -> list[int]:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(nodes)} of {count} SuperNodes connected within {timeout_s:.0f} s")
         time.sleep(0.5)
-
-
-def claimed_whole_number(metrics: dict, key: str) -> int | None:
-    """The whole number a reply's metrics claim under ``key``, or None when it is missing or not one (a reply is untrusted)."""
-    try:
-        value = metrics.get(key)
-        return int(value) if value is not None and float(value).is_integer() else None
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def claimed_partition(metrics: dict) -> int:
-    """The partition id a reply claims, or -1 when it is missing or not an integer (a reply is untrusted)."""
-    value = claimed_whole_number(metrics, "partition-id")
-    return -1 if value is None else value
 
 
 def in_partition_order(replies: Iterable[Message]) -> list[Message]:

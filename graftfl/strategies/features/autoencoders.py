@@ -16,10 +16,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from graftfl.core.autoencoder import conv_ae, train_autoencoder
 from graftfl.core.normalization import standardized
+from graftfl.strategies.replies import metrics_problem, reply_problem
 from graftfl.strategies.utils import in_partition_order
 
 PROTOCOL = "features"
 MESSAGE_TYPE = f"train.{PROTOCOL}"
+AE_METRICS = ("ae_loss", "client_flops")  # what an autoencoder reply reports besides its partition id
 logger = logging.getLogger(__name__)
 
 
@@ -34,12 +36,31 @@ class AutoencoderPhase:
         mode = self.protocol.autoencoder.training
         self.run.round_seconds()
         if mode == "local":
-            replies = self.exchange([self.message(node, MESSAGE_TYPE, phase="autoencoder") for node in self.nodes])
+            replies = self.checked(self.exchange([self.message(node, MESSAGE_TYPE, phase="autoencoder") for node in self.nodes]))
             self.log_autoencoder_round(replies)
             return None
         if mode == "federated":
             return self.federated_autoencoder()
         return self.public_autoencoder()
+
+    def checked(self, replies: list[Message], sent: ArrayRecord | None = None) -> list[Message]:
+        """The replies whose metrics (and, federated, weights) may be used; each refused one is recorded.
+
+        A site is untrusted: a NaN partition id or a missing metrics record stopped the server,
+        and federated weights of another shape or with NaN would end or poison the average
+        (the checks of FedAvg's replies against the weights ``sent``).
+        """
+        reference = None if sent is None else {key: array.numpy() for key, array in sent.items()}
+        good = []
+        for reply in replies:
+            problem = metrics_problem(reply.content, counts=("partition-id",), numbers=AE_METRICS)
+            if problem is None and reference is not None:
+                problem = reply_problem(reply.content, reference)
+            if problem is None:
+                good.append(reply)
+            else:
+                self.reject(reply.metadata.src_node_id, "autoencoder", problem)
+        return good
 
     def log_autoencoder_round(self, replies: list[Message]) -> None:
         """Record the metrics row of one autoencoder round from the sites' replies."""
@@ -62,7 +83,7 @@ class AutoencoderPhase:
         aggregator = FedAvg()  # Flower's weighted average ("num-examples") of the replies' ArrayRecords
         for server_round in range(1, int(self.protocol.autoencoder.rounds) + 1):
             messages = [self.message(node, MESSAGE_TYPE, {"arrays": arrays}, phase="autoencoder", **{"server-round": server_round}) for node in self.nodes]
-            replies = in_partition_order(self.exchange(messages))  # Flower sums in the order given
+            replies = in_partition_order(self.checked(self.exchange(messages), arrays))  # Flower sums in the order given
             if not replies:
                 raise RuntimeError("no site returned autoencoder weights")
             arrays, _ = aggregator.aggregate_train(server_round, replies)

@@ -113,9 +113,10 @@ class FeatureRun(AutoencoderPhase):
         return entry
 
     def rejection_counts(self) -> dict:
-        """Summary fields: rejected upload chunks and service replies, and every rejection with its reason."""
-        uploads = sum(1 for entry in self.rejections if entry["phase"] == "upload")
-        return {"rejected_chunks": uploads, "rejected_service_replies": len(self.rejections) - uploads, "rejections": list(self.rejections)}
+        """Summary fields: rejected autoencoder replies, upload chunks and service replies, and every rejection with its reason."""
+        counts = {phase: sum(1 for entry in self.rejections if entry["phase"] == phase) for phase in ("autoencoder", "upload", "service")}
+        return {"rejected_autoencoder_replies": counts["autoencoder"], "rejected_chunks": counts["upload"],
+                "rejected_service_replies": counts["service"], "rejections": list(self.rejections)}
 
     def log(self, **row) -> dict:
         """Log one metrics row, with the traffic of every message exchanged since the previous row."""
