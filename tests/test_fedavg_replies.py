@@ -67,16 +67,16 @@ ATTACKS = {
     "1e30": (scaled(1e30), [], "exceeds"),  # 1e30 is finite: only the norm bound catches it
     "nan": (scaled(float("nan")), [], "non-finite"),
     "inf": (scaled(float("inf")), [], "non-finite"),
-    "wrong-shape": (wrong_shape, [], "the model sent"),
+    "wrong-shape": (wrong_shape, [], "expected float32"),
     "wrong-dtype": (wrong_dtype, [], "float64"),
     "missing-key": (missing_key, [], "missing"),
     "huge-count": (huge_count, ["protocol.max_examples_per_site=5000"], "exceeds protocol.max_examples_per_site=5000"),
     "zero-count": (zero_count, [], "positive integer"),
     "fractional-count": (fractional_count, [], "positive integer"),
     # a NaN partition id stopped the server (int(nan) in its bookkeeping), a NaN metric poisoned the averaged metrics
-    "nan-partition-id": (metric("partition-id", float("nan")), [], "metric 'partition-id' is nan"),
+    "nan-partition-id": (metric("partition-id", float("nan")), [], "partition-id must be whole numbers >= 0, got [nan]"),
     "negative-partition-id": (metric("partition-id", -3), [], "partition-id must be whole numbers >= 0"),
-    "inf-loss": (metric("train_loss", float("inf")), [], "metric 'train_loss' is inf"),
+    "listed-loss": (metric("train_loss", [1.0, 2.0]), [], "are lists, not numbers"),
 }
 
 

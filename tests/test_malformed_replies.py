@@ -44,6 +44,20 @@ def relay_text(content):
     content["handoff"] = ConfigRecord({"relay-ciphertext": "not bytes"})
 
 
+def declared(data_of):
+    """The first array of the reply's first ArrayRecord keeps its declared dtype and shape; its bytes become ``data_of(array)``."""
+    def attack(content):
+        record = next(iter(content.array_records.values()))
+        key = next(iter(record.keys()))
+        array = record[key]
+        record[key] = Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=data_of(array))
+    return attack
+
+
+OTHER_SHAPE = declared(lambda array: Array(np.zeros(2)).data)  # a float64 [2] behind a float32 [16, 1, 3, 3] label
+GARBAGE = declared(lambda array: b"not an npy payload")
+
+
 def parts(change):
     """Every array of the reply's first ArrayRecord (the averaged parts, the autoencoder) rewritten by ``change``."""
     def attack(content):
@@ -56,8 +70,8 @@ def parts(change):
 
 ATTACKS = {
     "split, no metrics record": (SPLIT, "train.split", drop("metrics"), "no MetricRecord 'metrics'"),
-    "split, NaN partition id": (SPLIT, "train.split", metric("partition-id", float("nan")), "metric 'partition-id' is nan"),
-    "split, infinite samples": (SPLIT, "train.split", metric("samples", float("inf")), "metric 'samples' is inf"),
+    "split, NaN partition id": (SPLIT, "train.split", metric("partition-id", float("nan")), "partition-id must be whole numbers >= 0, got [nan]"),
+    "split, infinite samples": (SPLIT, "train.split", metric("samples", float("inf")), "samples must be whole numbers >= 0, got [inf]"),
     "split, negative steps": (SPLIT, "train.split", metric("steps", -1), "steps must be whole numbers >= 0"),
     "split, no hand-off": (SPLIT, "train.split", drop("handoff"), "no relay ciphertext"),
     "split, hand-off not bytes": (SPLIT, "train.split", relay_text, "no relay ciphertext"),
@@ -66,29 +80,35 @@ ATTACKS = {
     "average, parts of another shape": (AVERAGE, "train.split", parts(lambda first, a: np.zeros((3, 3), a.dtype) if first else a), "expected float32"),
     "average, NaN parts": (AVERAGE, "train.split", parts(lambda first, a: np.full_like(a, np.nan) if a.dtype.kind == "f" else a), "non-finite"),
     "average, a huge sample count": (AVERAGE, "train.split", metric("samples", 1e18), "exceed the turn's 2 batches"),
+    "average, data that is not its declared shape": (AVERAGE, "train.split", OTHER_SHAPE, "(declared float32[16, 1, 3, 3])"),
+    "average, bytes that are not an array": (AVERAGE, "train.split", GARBAGE, "cannot be read as an array"),
+    "split, a list where a number belongs": (SPLIT, "train.split", metric("client_flops", [1.0, 2.0]), "are lists, not numbers"),
+    "features, a list where a number belongs": (FEATURES, "train.features", metric("ae_loss", [1.0]), "are lists, not numbers"),
     "features, no metrics record": (FEATURES, "train.features", drop("metrics"), "no MetricRecord 'metrics'"),
-    "features, NaN partition id": (FEATURES, "train.features", metric("partition-id", float("nan")), "metric 'partition-id' is nan"),
+    "features, NaN partition id": (FEATURES, "train.features", metric("partition-id", float("nan")), "partition-id must be whole numbers >= 0, got [nan]"),
     "features, NaN federated autoencoder": (FEDERATED_AE, "train.features", parts(lambda first, a: np.full_like(a, np.nan) if a.dtype.kind == "f" else a),
                                             "non-finite"),
 }
 
 
-def attacked_run(tmp_path, overrides: list[str], message_type: str, attack) -> dict:
+def attacked_run(tmp_path, overrides: list[str], message_type: str, attack, num_clients: int = 2) -> tuple[dict, list[dict]]:
+    """A 2-round digits run in which node 100's replies of ``message_type`` go through ``attack``: its summary and rows."""
     def tamper(node: int, reply: Message) -> Message:
         if node == ATTACKER and reply.metadata.message_type == message_type and not reply.has_error():
             attack(reply.content)
         return reply
 
-    cfg = compose_config(["dataset=digits", "num_clients=2", "rounds=2", "progress=false", f"output_dir={tmp_path}", *overrides])
+    cfg = compose_config(["dataset=digits", f"num_clients={num_clients}", "rounds=2", "progress=false", f"output_dir={tmp_path}", *overrides])
     with flower_task_identity(run_id=7):
-        run_dir = run_protocol(FakeGrid(2, run_id=7, node_config={"split-key": "44" * 32}, tamper=tamper), cfg)
-    return json.loads((run_dir / "summary.json").read_text())
+        run_dir = run_protocol(FakeGrid(num_clients, run_id=7, node_config={"split-key": "44" * 32}, tamper=tamper), cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return json.loads((run_dir / "summary.json").read_text()), rows
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_a_malformed_reply_is_refused_with_its_reason_and_the_run_goes_on(tmp_path, name):
     overrides, message_type, attack, reason = ATTACKS[name]
-    summary = attacked_run(tmp_path, overrides, message_type, attack)
+    summary, _ = attacked_run(tmp_path, overrides, message_type, attack)
     if "failed_turns" in summary:  # split protocols: the attacker's turns count as failed, the other site's do not
         assert [(f["round"], f["node"]) for f in summary["failed_turns"]] == [(1, ATTACKER), (2, ATTACKER)]
         assert all(f["reason"].startswith("refused reply: ") and reason in f["reason"] for f in summary["failed_turns"])
@@ -100,7 +120,57 @@ def test_a_malformed_reply_is_refused_with_its_reason_and_the_run_goes_on(tmp_pa
 
 def test_a_malformed_evaluation_reply_is_left_out_of_the_pooled_accuracy(tmp_path):
     """A NaN count in a site's evaluation reply stopped the server; now that site's scores are left out."""
-    summary = attacked_run(tmp_path, [*SPLIT, "eval.where=site"], "evaluate.split", metric("count", float("nan")))
-    rows = [json.loads(line) for line in (tmp_path / summary["run_id"] / "metrics.jsonl").read_text().splitlines()]
+    summary, rows = attacked_run(tmp_path, [*SPLIT, "eval.where=site"], "evaluate.split", metric("count", float("nan")))
     assert summary["failed_turns"] == [] and len(rows) == 2
     assert all(row["accuracy"] is not None and row["eval_clients"] == [1] for row in rows)  # the honest site's scores only
+
+
+FEDAVG = ["protocol=fedavg", "model=small_cnn", "train.local_steps=2"]
+FEDAVG_ATTACKS = {
+    "data that is not its declared shape": (OTHER_SHAPE, "declared"),
+    "bytes that are not an array": (GARBAGE, "cannot be read as an array"),
+    "a privacy record without its history": (lambda content: content.__setitem__("privacy", ConfigRecord({"other": "x"})), "without a text 'history'"),
+}
+
+
+@pytest.mark.parametrize("name", list(FEDAVG_ATTACKS))
+def test_fedavg_refuses_a_malformed_update_and_averages_the_others(tmp_path, name):
+    """Labels that do not match the bytes, bytes that are no array, a privacy record without its history: each stopped
+    the server (Flower's average could not broadcast, numpy could not parse, a KeyError)."""
+    attack, reason = FEDAVG_ATTACKS[name]
+    _, rows = attacked_run(tmp_path, FEDAVG, "train.fedavg", attack, num_clients=3)
+    assert len(rows) == 2 and all(row["rejected"] == 1 and reason in row["rejected_reasons"][0] for row in rows)
+
+
+@pytest.mark.parametrize("change", ["an extra metric", "a metric left out"])
+def test_fedavg_takes_an_update_whose_metric_keys_differ_from_the_others(tmp_path, change):
+    """Flower's consistency check ended the run when one reply's metric keys differed; the average now takes the metrics
+    every reply has (the update itself is checked as before)."""
+    attack = metric("extra", 1.0) if change == "an extra metric" else (lambda content: content["metrics"].__delitem__("train_loss"))
+    _, rows = attacked_run(tmp_path, FEDAVG, "train.fedavg", attack, num_clients=3)
+    assert len(rows) == 2 and all(row["rejected"] == 0 and row["accuracy"] is not None for row in rows)
+
+
+@pytest.mark.parametrize("protocol", ["fedavg", "dssgd"])
+@pytest.mark.parametrize("attack", ["NaN count", "no metrics"])
+def test_a_malformed_site_evaluation_is_left_out_with_its_reason(tmp_path, protocol, attack):
+    """eval.where=site: a NaN num-examples or a missing metrics record in an evaluation reply stopped the server."""
+    change = metric("num-examples", float("nan")) if attack == "NaN count" else drop("metrics")
+    overrides = FEDAVG if protocol == "fedavg" else ["protocol=dssgd", "train.local_steps=2"]
+    _, rows = attacked_run(tmp_path, [*overrides, "eval.where=site"], f"evaluate.{protocol}", change, num_clients=3)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["eval_clients"] == [1, 2] and row["accuracy"] is not None
+        assert any(failure.startswith(f"node {ATTACKER}: ") for failure in row["eval_failures"])
+
+
+def test_dssgd_records_a_list_where_a_number_belongs_without_stopping(tmp_path):
+    _, rows = attacked_run(tmp_path, ["protocol=dssgd", "train.local_steps=2"], "train.dssgd", metric("client_flops", [1.0, 2.0]))
+    assert len(rows) == 2 and all(row["client_flops"] > 0 for row in rows)
+
+
+@pytest.mark.parametrize("overrides, message_type, key", [(SPLIT, "train.split", "train_loss"), (FEATURES, "train.features", "ae_loss")])
+def test_an_honest_sites_nan_loss_is_recorded_not_refused(tmp_path, overrides, message_type, key):
+    """A diverged training reports a NaN loss; that is a figure, not an attack: the turn or reply stands."""
+    summary, _ = attacked_run(tmp_path, overrides, message_type, metric(key, float("nan")))
+    assert summary.get("failed_turns", []) == [] and summary.get("rejections", []) == []

@@ -154,7 +154,8 @@ def exchange(grid: Grid, server: SelectiveServer, nodes: list[int], server_round
             logger.warning("[dssgd] round %s: node %s skipped (%s)", server_round, node, why)
             outcome["failed"].append({"node": int(node), "reason": why, "bytes_up": 0 if reply is None else message_nbytes(reply)})
             continue
-        metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+        # single numbers only: a list where the round row sums a number stopped the server
+        metrics = {k: v for k, v in reply.content["metrics"].items() if not isinstance(v, list)} if "metrics" in reply.content.metric_records else {}
         metrics["partition-id"] = claimed_partition(metrics)
         bytes_up = message_nbytes(reply)  # the whole reply: upload, metrics, metadata
         reason = server.accept(reply, server_round)

@@ -7,7 +7,7 @@ import logging
 from typing import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -15,8 +15,8 @@ from graftfl.config import eval_where
 from graftfl.core.meter import metrics_row
 from graftfl.core.wire import PRIVACY_HISTORIES, ROUND_OFFSET
 from graftfl.protocols import ServerProtocol
-from graftfl.strategies.replies import reply_problem
-from graftfl.strategies.utils import ServerRun, in_partition_order, site_evaluation_row, wait_for_nodes
+from graftfl.strategies.replies import averaged_by_flower, reply_problem
+from graftfl.strategies.utils import ServerRun, in_partition_order, site_evaluation_row, site_scores, wait_for_nodes
 from graftfl.strategies.wire_bytes import message_nbytes, messages_nbytes
 
 PROTOCOL = "fedavg"
@@ -65,10 +65,10 @@ class FedAvgWithMetrics(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """``eval.where=site``: pool the sites' held-out counts (weighted by count) and keep per-site figures."""
         replies = list(replies)
-        failures = [f"node {reply.metadata.src_node_id}: {reply.error.reason}" for reply in replies if reply.has_error()]
+        scores, failures = site_scores(replies)
         if failures:
             logger.warning("[fedavg] round %d: %d site evaluation failure(s): %s", server_round, len(failures), "; ".join(failures))
-        self.site_evaluation = site_evaluation_row([dict(reply.content["metrics"]) for reply in replies if not reply.has_error()], failures)
+        self.site_evaluation = site_evaluation_row(scores, failures)
         if self.site_evaluation["accuracy"] is None:
             return None
         return MetricRecord({"accuracy": self.site_evaluation["accuracy"], "loss": self.site_evaluation["loss"]})
@@ -117,13 +117,7 @@ class FedAvgWithMetrics(FedAvg):
             if "privacy" in reply.content:
                 partition_id = int(reply.content["metrics"]["partition-id"])
                 self.privacy_histories[str(partition_id)] = reply.content["privacy"]["history"]
-        return super().aggregate_train(server_round, [self._for_flower(reply) for reply in accepted])
-
-    @staticmethod
-    def _for_flower(reply: Message) -> Message:
-        """The checked arrays and numeric metrics only: Flower's consistency check raises (ending the run) on extra records."""
-        metrics = {key: value for key, value in reply.content["metrics"].items() if isinstance(value, (int, float))}
-        return Message(RecordDict({"arrays": reply.content["arrays"], "metrics": MetricRecord(metrics)}), metadata=reply.metadata)
+        return super().aggregate_train(server_round, averaged_by_flower(accepted))
 
 
 def round_row(server_round: int, evaluation: dict, client_rows: list[dict], bytes_down: int, wall_s: float, client_errors: list[str] = (),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from flwr.app import RecordDict
+from flwr.app import Array, Message, MetricRecord, RecordDict
 
 from graftfl.core.wire import NUM_EXAMPLES, PARTITION_ID
 from graftfl.strategies.wire_bytes import array_values
@@ -32,26 +32,59 @@ def claimed_partition(metrics: dict) -> int:
     return -1 if value is None else value
 
 
-def metrics_problem(content, counts: tuple[str, ...] = (), numbers: tuple[str, ...] = ()) -> str | None:
-    """Why a reply's metrics cannot be used, or None (a site is untrusted: a NaN count stopped the server).
+def metrics_problem(content, counts: tuple[str, ...] = (), finite: tuple[str, ...] = (), present: tuple[str, ...] = ()) -> str | None:
+    """Why a reply's metrics cannot be used, or None.
 
-    ``content`` must hold a MetricRecord ``metrics`` whose float values are all finite, whose
-    ``counts`` are whole numbers >= 0 and in which every key of ``numbers`` is present.
+    ``content`` must hold a MetricRecord ``metrics`` of single numbers (no lists), in which
+    every key of ``counts`` is a whole number >= 0, every key of ``finite`` a finite number
+    and every key of ``present`` there. Other values may be NaN or infinite: an honest site
+    whose training diverged reports a NaN loss, which the server records and never computes with.
     """
     metrics = content.metric_records.get("metrics")
     if metrics is None:
         return "no MetricRecord 'metrics'"
-    for key, value in metrics.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"metric '{key}' is {value}"
-    missing = [key for key in numbers if key not in metrics]
+    lists = [key for key, value in metrics.items() if isinstance(value, list)]
+    if lists:
+        return f"metrics {lists} are lists, not numbers"
+    missing = [key for key in (*counts, *finite, *present) if key not in metrics]
     if missing:
         return f"metrics {missing} missing"
-    whole = {key: claimed_whole_number(metrics, key) for key in counts}
-    bad = [key for key, value in whole.items() if value is None or value < 0]
+    for key in finite:
+        if not math.isfinite(metrics[key]):
+            return f"metric '{key}' is {metrics[key]}"
+    bad = [key for key in counts if claimed_whole_number(metrics, key) is None or claimed_whole_number(metrics, key) < 0]
     if bad:
-        return f"{', '.join(bad)} must be whole numbers >= 0, got {[metrics.get(key) for key in bad]}"
+        return f"{', '.join(bad)} must be whole numbers >= 0, got {[metrics[key] for key in bad]}"
     return None
+
+
+def array_problem(name: str, array: Array, shape: tuple[int, ...], dtype: str) -> str | None:
+    """Why ``array`` is not a finite ``dtype`` array of ``shape``, or None.
+
+    Its bytes are read, not only its declared shape and dtype: a site can declare one shape
+    and send another, which the average would then try to broadcast.
+    """
+    try:
+        values = array_values(array)
+    except (ValueError, TypeError, EOFError, SyntaxError) as err:
+        return f"{name} cannot be read as an array ({type(err).__name__})"
+    if (tuple(array.shape), array.dtype, values.shape, str(values.dtype)) != (tuple(shape), dtype, tuple(shape), dtype):
+        return f"{name} is {values.dtype}{list(values.shape)} (declared {array.dtype}{list(array.shape)}), expected {dtype}{list(shape)}"
+    if values.dtype.kind in "fc" and not np.isfinite(values).all():
+        return f"{name} has non-finite values"
+    return None
+
+
+def averaged_by_flower(replies: list[Message]) -> list[Message]:
+    """Checked replies as Flower's FedAvg may take them: their ``arrays`` and the metrics every one of them has.
+
+    Flower's consistency check ends the run on any other record and on metric keys that
+    differ between replies (a site adding or leaving out one metric).
+    """
+    shared = set.intersection(*(set(reply.content["metrics"].keys()) for reply in replies)) if replies else set()
+    return [Message(RecordDict({"arrays": reply.content["arrays"],
+                                "metrics": MetricRecord({key: value for key, value in reply.content["metrics"].items() if key in shared})}),
+                    metadata=reply.metadata) for reply in replies]
 
 
 def reply_problem(content: RecordDict, reference: dict[str, np.ndarray], max_examples: int | None = None,
@@ -80,14 +113,15 @@ def reply_problem(content: RecordDict, reference: dict[str, np.ndarray], max_exa
     if set(arrays.keys()) != set(reference):
         missing, extra = sorted(set(reference) - set(arrays.keys())), sorted(set(arrays.keys()) - set(reference))
         return f"array keys differ from the model sent (missing {missing}, unexpected {extra})"
+    privacy = content.config_records.get("privacy")
+    if privacy is not None and not isinstance(privacy.get("history"), str):
+        return "ConfigRecord 'privacy' without a text 'history'"
     squared_distance = 0.0
     for key, expected in reference.items():
-        array = arrays[key]
-        if tuple(array.shape) != expected.shape or array.dtype != str(expected.dtype):
-            return f"array '{key}' is {array.dtype}{list(array.shape)}, the model sent {expected.dtype}{list(expected.shape)}"
-        values = array_values(array)
-        if values.dtype.kind in "fc" and not np.isfinite(values).all():
-            return f"array '{key}' has non-finite values"
+        problem = array_problem(f"array '{key}'", arrays[key], expected.shape, str(expected.dtype))
+        if problem is not None:
+            return problem
+        values = array_values(arrays[key])
         if max_update_norm is not None:
             difference = values.astype(np.float64) - expected.astype(np.float64)
             squared_distance += float(np.sum(difference * difference))

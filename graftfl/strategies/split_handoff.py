@@ -18,8 +18,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from graftfl.core.handoff import AVERAGE_KEY, RELAY_KEY
-from graftfl.strategies.replies import metrics_problem
-from graftfl.strategies.wire_bytes import array_values, arrays_nbytes
+from graftfl.strategies.replies import array_problem, metrics_problem
+from graftfl.strategies.wire_bytes import arrays_nbytes
 
 
 def parts_signature(parts: dict[str, torch.nn.Module]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -31,11 +31,11 @@ def parts_signature(parts: dict[str, torch.nn.Module]) -> dict[str, tuple[tuple[
 def turn_reply_problem(reply: Message, max_steps: int, max_rows: int) -> str | None:
     """Why a training turn's reply is refused (the turn then counts as failed), or None.
 
-    A site is untrusted: a missing metrics record, or a count that is not a whole number
-    (NaN), stopped the server; ``samples`` weighs the site's parts in ``handoff=average``, so
+    A site is untrusted: a missing metrics record, a count that is not a whole number (NaN)
+    or a list where a number belongs stopped the server; ``samples`` weighs the site's parts in ``handoff=average``, so
     it may not exceed the rows the turn could have sent (``steps`` x ``max_rows``).
     """
-    problem = metrics_problem(reply.content, counts=("partition-id", "steps", "samples"))
+    problem = metrics_problem(reply.content, counts=("partition-id", "steps", "samples"), finite=("client_flops",))
     if problem is not None:
         return problem
     steps, samples = int(reply.content["metrics"]["steps"]), int(reply.content["metrics"]["samples"])  # whole and finite: checked
@@ -77,12 +77,9 @@ class HandoffState:
         if set(arrays.keys()) != set(self.expected):
             return f"parts' keys differ (missing {sorted(set(self.expected) - set(arrays.keys()))}, unexpected {sorted(set(arrays.keys()) - set(self.expected))})"
         for key, (shape, dtype) in self.expected.items():
-            array = arrays[key]
-            if tuple(array.shape) != shape or array.dtype != dtype:
-                return f"part '{key}' is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
-            values = array_values(array)
-            if values.dtype.kind in "fc" and not np.isfinite(values).all():
-                return f"part '{key}' has non-finite values"
+            problem = array_problem(f"part '{key}'", arrays[key], shape, dtype)
+            if problem is not None:
+                return problem
         return None
 
     def outgoing(self) -> tuple[RecordDict, int]:

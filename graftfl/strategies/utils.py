@@ -22,7 +22,7 @@ from graftfl.core.models import StagedModel, check_accepts, model_from_config
 from graftfl.core.train import evaluate, resolve_device, seed_everything
 from graftfl.core.wire import CONFIG_KEY
 from graftfl.strategies.checkpoint import load_checkpoint, save_checkpoint
-from graftfl.strategies.replies import claimed_partition
+from graftfl.strategies.replies import claimed_partition, metrics_problem
 from graftfl.strategies.wire_bytes import message_nbytes
 
 
@@ -208,6 +208,22 @@ def in_partition_order(replies: Iterable[Message]) -> list[Message]:
     return sorted(replies, key=lambda reply: (claimed_partition(dict(reply.content.get("metrics", {}))), reply.metadata.src_node_id))
 
 
+def site_scores(replies: list[Message]) -> tuple[list[dict], list[str]]:
+    """The metrics of the sites' ``evaluate`` replies that can be pooled, and why the others cannot.
+
+    A reply is untrusted: an error, a missing metrics record, or a count that is not a whole
+    number >= 0 (a NaN ``num-examples`` stopped the server) leaves that site out.
+    """
+    scores, failures = [], []
+    for reply in replies:
+        problem = reply.error.reason if reply.has_error() else metrics_problem(reply.content, counts=("num-examples", "correct", "partition-id"))
+        if problem is None:
+            scores.append(dict(reply.content["metrics"]))
+        else:
+            failures.append(f"node {reply.metadata.src_node_id}: {problem}")
+    return scores, failures
+
+
 def site_evaluation_row(replies, failures: list[str] | None = None) -> dict:
     """Pool the sites' held-out counts (weighted by count) and keep the per-site figures.
 
@@ -253,10 +269,10 @@ def evaluate_at_sites(grid, run: ServerRun, nodes: list[int], model: torch.nn.Mo
     ]
     bytes_down = sum(message_nbytes(message) for message in messages)
     replies = list(grid.send_and_receive(messages, timeout=run.cfg.timeout_s))
-    failures = [f"node {reply.metadata.src_node_id}: {reply.error.reason}" for reply in replies if reply.has_error()]
+    scores, failures = site_scores(replies)
     if len(replies) < len(nodes):
         failures.append(f"{len(nodes) - len(replies)} site(s) did not reply within timeout_s")
-    evaluation = site_evaluation_row([dict(reply.content["metrics"]) for reply in replies if not reply.has_error()], failures)
+    evaluation = site_evaluation_row(scores, failures)
     evaluation["eval_bytes_up"] = sum(message_nbytes(reply) for reply in replies)
     evaluation["eval_bytes_down"] = bytes_down
     return evaluation

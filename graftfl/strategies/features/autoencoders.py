@@ -16,12 +16,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from graftfl.core.autoencoder import conv_ae, train_autoencoder
 from graftfl.core.normalization import standardized
-from graftfl.strategies.replies import metrics_problem, reply_problem
+from graftfl.strategies.replies import averaged_by_flower, metrics_problem, reply_problem
 from graftfl.strategies.utils import in_partition_order
 
 PROTOCOL = "features"
 MESSAGE_TYPE = f"train.{PROTOCOL}"
-AE_METRICS = ("ae_loss", "client_flops")  # what an autoencoder reply reports besides its partition id
 logger = logging.getLogger(__name__)
 
 
@@ -53,7 +52,7 @@ class AutoencoderPhase:
         reference = None if sent is None else {key: array.numpy() for key, array in sent.items()}
         good = []
         for reply in replies:
-            problem = metrics_problem(reply.content, counts=("partition-id",), numbers=AE_METRICS)
+            problem = metrics_problem(reply.content, counts=("partition-id",), finite=("client_flops",), present=("ae_loss",))
             if problem is None and reference is not None:
                 problem = reply_problem(reply.content, reference)
             if problem is None:
@@ -86,7 +85,7 @@ class AutoencoderPhase:
             replies = in_partition_order(self.checked(self.exchange(messages), arrays))  # Flower sums in the order given
             if not replies:
                 raise RuntimeError("no site returned autoencoder weights")
-            arrays, _ = aggregator.aggregate_train(server_round, replies)
+            arrays, _ = aggregator.aggregate_train(server_round, averaged_by_flower(replies))
             self.log_autoencoder_round(replies)
             logger.info("[features] federated autoencoder round %s/%s", server_round, self.protocol.autoencoder.rounds)
         return arrays
