@@ -14,8 +14,9 @@ error unless ``eval.server_reveals_bottom`` acknowledges that.
 
 A round in which every turn failed stops the run with the turns' reasons.
 
-Faults: a turn whose reply is an error or does not arrive within
-``protocol.turn_timeout_s`` is recorded in ``failed_turns``; its token is
+Faults: a turn whose reply is an error, does not arrive within
+``protocol.turn_timeout_s`` or is refused (:func:`~graftfl.strategies.split_handoff.turn_reply_problem`,
+:meth:`~graftfl.strategies.split_handoff.HandoffState.problem`) is recorded in ``failed_turns``; its token is
 revoked, the server's model part stays as after the last completed step, and
 the next client continues (from the last handed-back ciphertext with relay).
 """
