@@ -336,6 +336,20 @@ def test_single_site_and_bad_replies_do_not_break_the_coordinator():
     assert coordinator.report()["not_checked"] == [[0, 1]]
 
 
+WHOLE_RESULT = ('{"pairs": {"0": {"overlap_patients": 0, "matched_images": 0, "dropped_records": 0, "seconds": 0}}, '
+                '"records": 1, "patients": 1, "dropped_records": 0}')
+
+
+@pytest.mark.parametrize("report", ["[]", '{"pairs": {"0": 5}}', WHOLE_RESULT])
+def test_a_finish_report_of_the_wrong_shape_fails_its_site_not_the_server(report):
+    """A report that is not an object, a pair result that is not one, a pair whose response the site was not sent
+    (a lower-ranked site failed honestly): each raised in the server (AttributeError, KeyError in the phase report)."""
+    coordinator = DedupCoordinator(2, session="s")
+    coordinator.accept("finish", {1: {}}, {1: {"report": report}})
+    assert set(coordinator.failed) == {1} and "bad reply" in coordinator.failed[1]
+    assert coordinator.report()["not_checked"] == [[0, 1]]
+
+
 def test_a_report_nested_past_the_json_parser_fails_its_site_not_the_server():
     coordinator = DedupCoordinator(2, session="s")
     deep = "[" * 200_000 + "]" * 200_000  # under the report's 1 MiB limit

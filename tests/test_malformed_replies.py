@@ -56,6 +56,8 @@ def declared(data_of):
 
 OTHER_SHAPE = declared(lambda array: Array(np.zeros(2)).data)  # a float64 [2] behind a float32 [16, 1, 3, 3] label
 GARBAGE = declared(lambda array: b"not an npy payload")
+ZIP = declared(lambda array: b"PK\x03\x04" + b"\x00" * 40)  # numpy's loader opens this as a zip archive (BadZipFile)
+EMPTY = declared(lambda array: b"")
 
 
 def parts(change):
@@ -82,6 +84,7 @@ ATTACKS = {
     "average, a huge sample count": (AVERAGE, "train.split", metric("samples", 1e18), "exceed the turn's 2 batches"),
     "average, data that is not its declared shape": (AVERAGE, "train.split", OTHER_SHAPE, "(declared float32[16, 1, 3, 3])"),
     "average, bytes that are not an array": (AVERAGE, "train.split", GARBAGE, "cannot be read as an array"),
+    "average, bytes numpy would open as a zip archive": (AVERAGE, "train.split", ZIP, "cannot be read as an array"),
     "split, a list where a number belongs": (SPLIT, "train.split", metric("client_flops", [1.0, 2.0]), "are lists, not numbers"),
     "features, a list where a number belongs": (FEATURES, "train.features", metric("ae_loss", [1.0]), "are lists, not numbers"),
     "features, no metrics record": (FEATURES, "train.features", drop("metrics"), "no MetricRecord 'metrics'"),
@@ -129,6 +132,7 @@ FEDAVG = ["protocol=fedavg", "model=small_cnn", "train.local_steps=2"]
 FEDAVG_ATTACKS = {
     "data that is not its declared shape": (OTHER_SHAPE, "declared"),
     "bytes that are not an array": (GARBAGE, "cannot be read as an array"),
+    "bytes numpy would open as a zip archive": (ZIP, "cannot be read as an array"),
     "a privacy record without its history": (lambda content: content.__setitem__("privacy", ConfigRecord({"other": "x"})), "without a text 'history'"),
 }
 
@@ -174,3 +178,35 @@ def test_an_honest_sites_nan_loss_is_recorded_not_refused(tmp_path, overrides, m
     """A diverged training reports a NaN loss; that is a figure, not an attack: the turn or reply stands."""
     summary, _ = attacked_run(tmp_path, overrides, message_type, metric(key, float("nan")))
     assert summary.get("failed_turns", []) == [] and summary.get("rejections", []) == []
+
+
+def test_dssgd_refuses_an_upload_of_empty_bytes(tmp_path):
+    """Empty bytes made numpy raise EOFError, which stopped the server."""
+    summary, rows = attacked_run(tmp_path, ["protocol=dssgd", "train.local_steps=2"], "train.dssgd", EMPTY)
+    assert len(rows) == 2 and summary["rejected_uploads"] == 2
+    assert all(r["node"] == ATTACKER and "cannot be read as an array" in r["reason"] for row in rows for r in row["rejected"])
+
+
+def test_features_refuses_an_upload_of_empty_bytes(tmp_path):
+    """A features upload chunk of empty bytes (EOFError) stopped the server; now the chunk is refused."""
+    def empty_upload(content):
+        if "arrays" in content.array_records:  # the upload replies (the autoencoder replies carry metrics only)
+            EMPTY(content)
+
+    summary, _ = attacked_run(tmp_path, FEATURES, "train.features", empty_upload)
+    uploads = [r for r in summary["rejections"] if r["phase"] == "upload"]
+    assert uploads and all(r["node"] == ATTACKER and "cannot be read as an array" in r["reason"] for r in uploads)
+
+
+def test_the_normalize_phase_leaves_out_a_site_claiming_infinitely_many_pixels(tmp_path):
+    """An infinite count (int(inf): OverflowError) stopped the server; now that site is the phase's failure."""
+    summary, rows = attacked_run(tmp_path, [*FEDAVG, "dataset.normalization=federated"], "query.normalize", metric("count", float("inf")))
+    assert len(rows) == 2 and summary["phases"]["normalize"]["sites"] == 1
+    assert any(f"node {ATTACKER}" in failure for failure in summary["phases"]["normalize"]["failures"])
+
+
+def test_fedavg_trains_a_model_with_integer_buffers_past_round_one(tmp_path):
+    """Flower's average turned BatchNorm's int64 num_batches_tracked into float64, so every round-2 reply (int64 again)
+    was refused as another dtype and the run stopped; the average now keeps the model's dtypes."""
+    _, rows = attacked_run(tmp_path, ["protocol=fedavg", "model=resnet18", "train.local_steps=1"], "none", lambda content: None)
+    assert len(rows) == 2 and all(row["rejected"] == 0 for row in rows)

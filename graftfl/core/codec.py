@@ -71,11 +71,14 @@ def npy_array(data: bytes) -> np.ndarray:
     The values ``np.load(io.BytesIO(data), allow_pickle=False)`` returns, without its cost per
     call: numpy parses the header with a Python literal parser, about 30 us an array, and a
     model's headers are the same every round, so each distinct header is parsed once here.
-    Object arrays (pickles) are refused, as ``allow_pickle=False`` refuses them; a payload too
-    short for its header's shape raises ``ValueError``.
+    Object arrays (pickles) are refused, as ``allow_pickle=False`` refuses them; a payload that
+    is not ``.npy`` (numpy would open a zip archive) or too short for its header's shape raises
+    ``ValueError``.
     """
     view = memoryview(data)
-    if bytes(view[:6]) != b"\x93NUMPY" or len(view) < 10 or view[6] not in (1, 2):
+    if bytes(view[:6]) != b"\x93NUMPY":  # not np.load's fallback: it opens a payload starting "PK" as a zip archive
+        raise ValueError("not an .npy payload")
+    if len(view) < 10 or view[6] not in (1, 2):
         return np.load(io.BytesIO(data), allow_pickle=False)  # another format version: numpy's own reader (or its error)
     length_bytes = 2 if view[6] == 1 else 4
     start = 8 + length_bytes + int.from_bytes(view[8 : 8 + length_bytes], "little")

@@ -36,7 +36,7 @@ class ChannelMoments:
         """Rebuild and validate moments received from ``source`` (see :func:`validate_moments`)."""
         try:
             moments = cls(int(values["count"]), tuple(float(v) for v in values["sum"]), tuple(float(v) for v in values["sum_sq"]))
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise MomentsError(f"{source}: moments need count (int), sum and sum_sq (lists of float): {err}") from err
         validate_moments(moments, channels, source)
         return moments

@@ -34,9 +34,9 @@ from graftfl.core.selective import (
 from graftfl.core.wire import SERVER_ROUND
 from graftfl.protocols import ServerProtocol
 from graftfl.config import eval_where
-from graftfl.strategies.replies import claimed_partition
+from graftfl.strategies.replies import claimed_partition, untrusted_values
 from graftfl.strategies.utils import ServerRun, evaluate_at_sites, require_choice, wait_for_nodes
-from graftfl.strategies.wire_bytes import array_values, message_nbytes, messages_nbytes
+from graftfl.strategies.wire_bytes import message_nbytes, messages_nbytes
 
 PROTOCOL = "dssgd"
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class SelectiveServer:
         if not isinstance(reply.content.get("upload"), ArrayRecord):
             return "reply carries no upload (an ArrayRecord named 'upload')"
         try:
-            indices, values = decode_sparse({name: array_values(array) for name, array in reply.content["upload"].items()})
+            indices, values = decode_sparse({name: untrusted_values(array) for name, array in reply.content["upload"].items()})
         except (ValueError, TypeError) as err:
             return f"undecodable upload: {err}"
         reason = validate_upload(indices, values, self.num_params, self.max_upload, bound=self.cfg.protocol.clip)

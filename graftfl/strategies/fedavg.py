@@ -7,7 +7,7 @@ import logging
 from typing import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -117,7 +117,21 @@ class FedAvgWithMetrics(FedAvg):
             if "privacy" in reply.content:
                 partition_id = int(reply.content["metrics"]["partition-id"])
                 self.privacy_histories[str(partition_id)] = reply.content["privacy"]["history"]
-        return super().aggregate_train(server_round, averaged_by_flower(accepted))
+        arrays, metrics = super().aggregate_train(server_round, averaged_by_flower(accepted))
+        return in_model_dtypes(arrays, self.reference), metrics
+
+
+def in_model_dtypes(arrays: ArrayRecord | None, reference: dict[str, np.ndarray]) -> ArrayRecord | None:
+    """Flower's average with each array back in the model's dtype.
+
+    Flower multiplies every array by a float weight, so an integer buffer (BatchNorm's
+    ``num_batches_tracked``) comes back float64; the next round's replies, int64 again, would
+    then differ from the model sent and all be refused. Float arrays are returned as they are.
+    """
+    if arrays is None or all(arrays[key].dtype == str(reference[key].dtype) for key in arrays.keys()):
+        return arrays
+    return ArrayRecord({key: array if array.dtype == str(reference[key].dtype) else
+                        Array(np.asarray(np.rint(array.numpy())).astype(reference[key].dtype)) for key, array in arrays.items()})
 
 
 def round_row(server_round: int, evaluation: dict, client_rows: list[dict], bytes_down: int, wall_s: float, client_errors: list[str] = (),

@@ -58,6 +58,18 @@ def metrics_problem(content, counts: tuple[str, ...] = (), finite: tuple[str, ..
     return None
 
 
+def untrusted_values(array: Array) -> np.ndarray:
+    """The values of a site's ``Array``; ``ValueError`` for anything that is not a readable array.
+
+    Whatever numpy or Flower raises on a crafted payload (an empty one, a zip archive, a
+    header that lies) is a refusal, never an exception that stops the server.
+    """
+    try:
+        return array_values(array)
+    except Exception as err:  # noqa: BLE001  (untrusted bytes: any failure to read them is the same refusal)
+        raise ValueError(f"cannot be read as an array ({type(err).__name__})") from err
+
+
 def array_problem(name: str, array: Array, shape: tuple[int, ...], dtype: str) -> str | None:
     """Why ``array`` is not a finite ``dtype`` array of ``shape``, or None.
 
@@ -65,9 +77,9 @@ def array_problem(name: str, array: Array, shape: tuple[int, ...], dtype: str) -
     and send another, which the average would then try to broadcast.
     """
     try:
-        values = array_values(array)
-    except (ValueError, TypeError, EOFError, SyntaxError) as err:
-        return f"{name} cannot be read as an array ({type(err).__name__})"
+        values = untrusted_values(array)
+    except ValueError as err:
+        return f"{name} {err}"
     if (tuple(array.shape), array.dtype, values.shape, str(values.dtype)) != (tuple(shape), dtype, tuple(shape), dtype):
         return f"{name} is {values.dtype}{list(values.shape)} (declared {array.dtype}{list(array.shape)}), expected {dtype}{list(shape)}"
     if values.dtype.kind in "fc" and not np.isfinite(values).all():
@@ -121,7 +133,7 @@ def reply_problem(content: RecordDict, reference: dict[str, np.ndarray], max_exa
         problem = array_problem(f"array '{key}'", arrays[key], expected.shape, str(expected.dtype))
         if problem is not None:
             return problem
-        values = array_values(arrays[key])
+        values = untrusted_values(arrays[key])
         if max_update_norm is not None:
             difference = values.astype(np.float64) - expected.astype(np.float64)
             squared_distance += float(np.sum(difference * difference))

@@ -137,13 +137,17 @@ class DedupCoordinator:
             if not isinstance(text, str) or len(text) > MAX_REPORT_CHARS:
                 raise ValueError("reply to 'finish' lacks a report (JSON string, at most 1 MiB)")
             report = json.loads(text)
+            if not isinstance(report, dict) or not all(isinstance(report.get(key, {}), dict) for key in ("pairs", "errors")):
+                raise ValueError("the report must be a JSON object whose 'pairs' and 'errors' are objects")
             pairs = {}
-            for peer, result in dict(report.get("pairs", {})).items():
+            for peer, result in report.get("pairs", {}).items():
                 if int(peer) not in range(rank):
                     raise ValueError(f"report names pair with site {peer}, not a lower-ranked site")
+                if f"response.{int(peer)}" not in message or not isinstance(result, dict):
+                    raise ValueError(f"report names pair with site {peer}, whose response it was not sent, or not as an object")
                 pairs[int(peer)] = {key: _count(result.get(key), key) for key in ("overlap_patients", "matched_images", "dropped_records")}
                 pairs[int(peer)]["seconds"] = _seconds(result.get("seconds"))
-            for peer, why in dict(report.get("errors", {})).items():
+            for peer, why in report.get("errors", {}).items():
                 self.pair_errors[(int(peer), rank)] = f"site {rank} refused the messages of site {peer}: {str(why)[:500]}"
             self.reports[rank] = {"pairs": pairs, **{key: _count(report.get(key), key) for key in ("records", "patients", "dropped_records")}}
 

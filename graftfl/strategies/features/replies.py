@@ -14,6 +14,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from graftfl.strategies.features.store import InvalidChunk
+from graftfl.strategies.replies import untrusted_values
 
 SCORE_FIELDS = ("correct_by_class", "count_by_class", "error_sum_by_class", "error_count_by_class")
 
@@ -54,7 +55,7 @@ def reply_arrays(reply: Message, names: tuple[str, ...]) -> dict[str, np.ndarray
     if missing:
         raise InvalidChunk(f"reply lacks arrays {missing}")
     try:
-        return {name: record[name].numpy() for name in names}
+        return {name: untrusted_values(record[name]).copy() for name in names}  # a writable copy, as Flower's .numpy() gave
     except (ValueError, TypeError) as err:
         raise InvalidChunk(f"undecodable arrays: {err}") from err
 
