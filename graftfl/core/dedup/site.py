@@ -141,6 +141,7 @@ class DedupSite:
             raise DedupProtocolError(f"dedup rank {rank!r} is not in [0, num_sites={num_sites!r})")
         psi = _psi()
         self._state = {"session": str(session), "rank": rank, "num_sites": num_sites}
+        self.results = {}  # a new session reports only its own pairs
         reply: dict[str, Any] = {"elements": len(self.elements), "records": self.num_records, "patients": self.num_patients}
         mac = self._salted.mac_key
         if rank > 0:
