@@ -130,12 +130,13 @@ def in_model_dtypes(arrays: ArrayRecord | None, reference: dict[str, np.ndarray]
     """
     if arrays is None or all(arrays[key].dtype == str(reference[key].dtype) for key in arrays.keys()):
         return arrays
-    def in_dtype(array: Array, dtype: np.dtype) -> Array:
-        values = array.numpy()
-        return Array(np.asarray(np.rint(values) if dtype.kind in "iub" else values).astype(dtype))  # counters: the nearest count
-
-    return ArrayRecord({key: array if array.dtype == str(reference[key].dtype) else in_dtype(array, reference[key].dtype)
+    return ArrayRecord({key: array if array.dtype == str(reference[key].dtype) else _in_dtype(array, reference[key].dtype)
                         for key, array in arrays.items()})
+
+
+def _in_dtype(array: Array, dtype: np.dtype) -> Array:
+    values = array.numpy()
+    return Array(np.asarray(np.rint(values) if dtype.kind in "iub" else values).astype(dtype))  # a counter: the nearest count
 
 
 def round_row(server_round: int, evaluation: dict, client_rows: list[dict], bytes_down: int, wall_s: float, client_errors: list[str] = (),

@@ -52,7 +52,8 @@ def metrics_problem(content, counts: tuple[str, ...] = (), finite: tuple[str, ..
     for key in finite:
         if not math.isfinite(metrics[key]):
             return f"metric '{key}' is {metrics[key]}"
-    bad = [key for key in counts if claimed_whole_number(metrics, key) is None or claimed_whole_number(metrics, key) < 0]
+    whole = {key: claimed_whole_number(metrics, key) for key in counts}
+    bad = [key for key, value in whole.items() if value is None or value < 0]
     if bad:
         return f"{', '.join(bad)} must be whole numbers >= 0, got {[metrics[key] for key in bad]}"
     return None
@@ -133,9 +134,8 @@ def reply_problem(content: RecordDict, reference: dict[str, np.ndarray], max_exa
         problem = array_problem(f"array '{key}'", arrays[key], expected.shape, str(expected.dtype))
         if problem is not None:
             return problem
-        values = untrusted_values(arrays[key])
         if max_update_norm is not None:
-            difference = values.astype(np.float64) - expected.astype(np.float64)
+            difference = untrusted_values(arrays[key]).astype(np.float64) - expected.astype(np.float64)
             squared_distance += float(np.sum(difference * difference))
     if max_update_norm is not None and not math.sqrt(squared_distance) <= max_update_norm:  # also catches overflow to inf
         return f"update L2 norm {math.sqrt(squared_distance):.4g} exceeds protocol.max_update_norm={max_update_norm}"

@@ -32,8 +32,9 @@ def turn_reply_problem(reply: Message, max_steps: int, max_rows: int) -> str | N
     """Why a training turn's reply is refused (the turn then counts as failed), or None.
 
     A site is untrusted: a missing metrics record, a count that is not a whole number (NaN)
-    or a list where a number belongs stopped the server; ``samples`` weighs the site's parts in ``handoff=average``, so
-    it may not exceed the rows the turn could have sent (``steps`` x ``max_rows``).
+    or a list where a number belongs stopped the server. ``samples`` weighs the site's parts
+    in ``handoff=average``, so it may not exceed the rows the turn could have sent
+    (``steps`` x ``max_rows``).
     """
     problem = metrics_problem(reply.content, counts=("partition-id", "steps", "samples"), finite=("client_flops",))
     if problem is not None:
@@ -42,7 +43,6 @@ def turn_reply_problem(reply: Message, max_steps: int, max_rows: int) -> str | N
     if steps > max_steps or samples > steps * max_rows:
         return f"{steps} steps / {samples:.3g} samples exceed the turn's {max_steps} batches of at most {max_rows} rows"
     return None
-
 
 
 @dataclass
