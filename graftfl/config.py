@@ -15,6 +15,7 @@ from typing import Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from graftfl.core.frozen_config import FrozenConfig, plain
+from graftfl.core.wire import max_frame_rows
 from graftfl.protocols import load_phase, load_protocol, phase_names, protocol_names
 
 GROUPS = ("protocol", "dataset", "model", "privacy", "partition", "dedup", "experiment")
@@ -287,7 +288,7 @@ def _require_poisson_batches_fit(cfg: DictConfig) -> None:
     """DP-SGD draws Poisson batches; the split data plane takes at most max(train, eval) batch size rows per frame."""
     from scipy.stats import poisson
 
-    expected, cap = int(cfg.train.batch_size), max(int(cfg.train.batch_size), int(cfg.eval.batch_size))
+    expected, cap = int(cfg.train.batch_size), max_frame_rows(cfg)
     _require(float(poisson.sf(cap, expected)) < 1e-9,
              f"privacy=dpsgd draws Poisson batches of train.batch_size={expected} rows on average, and the data plane refuses a "
              f"frame of more than max(train.batch_size, eval.batch_size)={cap} rows; raise eval.batch_size (e.g. to {4 * expected + 64})")

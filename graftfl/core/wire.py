@@ -55,3 +55,8 @@ def max_frame_bytes(cfg) -> int:
     never the config: this is where the one becomes the other.
     """
     return int(float(cfg.protocol.max_frame_mb) * MEBIBYTE)
+
+
+def max_frame_rows(cfg) -> int:
+    """The most rows one data-plane frame may hold: a training batch or an evaluation batch, the larger."""
+    return max(int(cfg.train.batch_size), int(cfg.eval.batch_size))

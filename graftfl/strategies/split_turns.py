@@ -37,7 +37,7 @@ from graftfl.core.meter import metrics_row
 from graftfl.core.split import MiddleStage, TopStage, activation_shape, cut_points, model_parts, split_at_cut
 from graftfl.config import eval_where
 from graftfl.core.train import optimizer_from_config
-from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, SERVER_ROUND, SITE_TURN_KEY, max_frame_bytes
+from graftfl.core.wire import DATA_PLANE_ADDRESS, DATA_PLANE_TOKEN, SERVER_ROUND, SITE_TURN_KEY, max_frame_bytes, max_frame_rows
 from graftfl.strategies.split_config import serves_in_memory, stage_threads
 from graftfl.strategies.split_handoff import HandoffState, parts_signature, turn_reply_problem
 from graftfl.strategies.replies import claimed_whole_number, metrics_problem
@@ -64,7 +64,7 @@ def start_data_plane(cfg, stage) -> DataPlaneServer:
         bind_address=cfg.protocol.bind_address,
         advertise_address=cfg.protocol.advertise_address,
         wire_dtype=cfg.protocol.wire_dtype,
-        max_batch=max(int(cfg.train.batch_size), int(cfg.eval.batch_size)),
+        max_batch=max_frame_rows(cfg),
         max_frame_bytes=max_frame_bytes(cfg),
         server_cert=tls.get("server_cert"),
         server_key=tls.get("server_key"),
@@ -199,16 +199,15 @@ class SplitRunner:
 
     def client_turn(self, node: int, round_number: int, index: int) -> dict | None:
         """Run one client's training turn; returns its metrics row, or None when the turn failed (the round goes on)."""
-        turn = self.plane.open_turn(label=f"round {round_number} node {node}", accept=frame_kinds(self.stage, "train"),
-                                    max_batches=train_batch_cap(self.cfg, self.run))
+        max_batches = train_batch_cap(self.cfg, self.run)
+        turn = self.plane.open_turn(label=f"round {round_number} node {node}", accept=frame_kinds(self.stage, "train"), max_batches=max_batches)
         steps_before = self.stage.steps
         message, bytes_down = self.message(node, "train", turn, round_number, **{"turn-index": index})
         started = time.monotonic()
         reply, failure = send_one(self.grid, message, float(self.cfg.protocol.turn_timeout_s))
         self.plane.close_turn(turn)
         if failure is None:
-            max_steps, max_rows = train_batch_cap(self.cfg, self.run), max(int(self.cfg.train.batch_size), int(self.cfg.eval.batch_size))
-            problem = turn_reply_problem(reply, max_steps, max_rows) or self.handoff.problem(reply)
+            problem = turn_reply_problem(reply, max_batches, max_frame_rows(self.cfg)) or self.handoff.problem(reply)
             failure = None if problem is None else f"refused reply: {problem}"
         if failure is not None:
             record = {
